@@ -1,0 +1,512 @@
+"""Quantization codecs for outer-gradient payloads sent over the network.
+
+A codec turns a float tensor into self-describing bytes and back. ``encode`` takes
+any shape of fp32/fp16/bf16 (contiguous or not) and flattens it; ``decode`` returns a
+1-D fp32 tensor of the expected length **or raises CodecError** -- it never returns
+garbage. Everything is dequantized to fp32; accumulation is the caller's business.
+
+Wire format (every codec, all integers little endian)::
+
+    offset  size  field
+    0       2     magic  b"SD"
+    2       1     version (1)
+    3       1     format_id (table below)
+    4       8     numel (uint64)
+    12      4     CRC32 (zlib.crc32) of the payload = bytes [16:]
+    16      ...   payload
+
+Block formats (int8, fp4) split the flattened vector into blocks of 128 elements
+(the last one zero-padded internally, never on the wire) and send the payload as
+``[fp32 scale per block][codes]``; scale = block absmax. Blocks are independent, so
+splitting a vector at multiples of ``block_size`` and encoding the parts decodes to
+exactly the same values as encoding the whole.
+
+Formats (one table, ``CODECS``); bytes per value exclude the 16-byte header.
+Error bounds are per element; ``s`` is the element's block scale (block absmax),
+``slop`` is float rounding of the scale arithmetic, ~2^-22 relative plus a few
+subnormal ulps (2^-149) absolute:
+
+=======  ==  ===============  ===================================================
+name     id  bytes per value  |x - q| bound
+=======  ==  ===============  ===================================================
+fp32     1   4                0 (exact)
+fp16     2   2                |x| * 2^-11 for |x| >= 2^-14 (normal range),
+                              2^-25 below (subnormal spacing 2^-24 / 2);
+                              |x| > 65504 rounding to inf -> CodecError on encode
+int8     3   1 + 4/128        s/254 + slop   (q = round(127 * x/s) in [-127, 127])
+fp4      4   0.5 + 4/128      max(|x|/3, s * 2^-7) + slop
+=======  ==  ===============  ===================================================
+
+fp4 is E3M0: a nibble ``sign<<3 | k``; k = 0 is zero, k in 1..7 is 2^(k-7), so
+``q = ±s * {0, 2^-6, ..., 2^-1, 1}``. Exactly: r = x * fp32(1/s) in fp32 (in a block
+with 0 < s < 2^-100, where 1/s could overflow, x and s are first scaled by 2^64, which
+is exact), then |r| is rounded to nearest in the linear domain: between 2^j and
+2^(j+1) at 1.5*2^j (ties up), between 0 and 2^-6 at 2^-7 (ties up). Hence the bound:
+just below/above 1.5*2^j the error is 0.5*2^j <= |r|/3, and below 2^-6 it is at most
+2^-7 (in units of s). Zero encodes as nibble 0 (never -0); nibble 8 decodes to 0. Two
+values per byte, element 2i in the low nibble; an odd count leaves the last high
+nibble 0. int8 is q = round_half_even(x * fp32(127/s)) (same tiny-scale rule) and
+decodes as fp32(q/127) * s, which cannot overflow.
+
+Decode rejects (CodecError naming the problem): a payload shorter than the header or
+than ``wire_size`` ("truncated") or longer ("oversized"), bad magic, unknown version,
+a payload of another format (naming it), a numel other than the expected one, a CRC
+mismatch, NaN/Inf/negative scales, int8 code -128, non-finite fp32/fp16 values.
+Decoded int8/fp4 values are finite whenever the scales are (|code| <= 1 per scale).
+
+Implementation: plain torch, vectorized; block formats run over chunks of
+``_CHUNK`` elements with reused scratch buffers so every pass stays in cache and no
+full-size temporaries are allocated. fp4 encode uses the fp32 bit pattern of r:
+``(bits >> 22) + 512`` is sign/exponent/first-mantissa-bit, i.e. exactly the
+linear rounding decision, looked up in a 1024-entry table; decode looks a packed
+byte up in a 256-entry table of fp32 pairs and multiplies by the block scale.
+Scales and values are stored in host byte order, which must be little endian.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import warnings
+import zlib
+from abc import ABC, abstractmethod
+
+import torch
+
+__all__ = ["CodecError", "Codec", "CODECS", "get_codec", "HEADER_SIZE", "MAGIC", "VERSION"]
+
+if sys.byteorder != "little":  # pragma: no cover - payloads are defined little endian
+    raise ImportError("p2p_diloco.codecs assumes a little-endian host")
+
+MAGIC = b"SD"
+VERSION = 1
+_HEADER = struct.Struct("<2sBBQI")
+HEADER_SIZE = _HEADER.size  # 16
+_ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CHUNK = 1 << 17  # elements per in-cache pass of the block codecs (multiple of 128)
+
+
+class CodecError(ValueError):
+    """Raised for any invalid payload or input; message names the problem."""
+
+
+class Codec(ABC):
+    """Encode a float tensor to bytes and decode it back with validation.
+
+    Guarantee: ``decode`` either returns a fresh 1-D fp32 tensor of exactly ``numel``
+    finite values or raises CodecError; it never writes to the input buffer. Codecs are
+    stateless and thread-safe (scratch buffers live for one call only).
+    """
+
+    name: str
+    format_id: int
+    block_size: int
+    bits_per_value: float
+
+    # ---- public API -------------------------------------------------------------
+    def wire_size(self, numel: int) -> int:
+        """Exact byte count of ``encode`` for ``numel`` elements, header included."""
+        return HEADER_SIZE + self._payload_size(_check_numel(numel))
+
+    def encode(self, x: torch.Tensor) -> bytes:
+        flat = _flatten(x)
+        numel = flat.numel()
+        buf = _fresh(self.wire_size(numel), torch.uint8)
+        payload = buf[HEADER_SIZE:]
+        self._encode_payload(flat, payload)
+        view = memoryview(buf.numpy())
+        crc = zlib.crc32(view[HEADER_SIZE:])
+        _HEADER.pack_into(view, 0, MAGIC, VERSION, self.format_id, numel, crc)
+        return view.tobytes()
+
+    def decode(self, data: bytes | bytearray | memoryview, numel: int) -> torch.Tensor:
+        numel = _check_numel(numel)
+        view = _as_byte_view(data)
+        size = len(view)
+        if size < HEADER_SIZE:
+            raise CodecError(
+                f"{self.name} payload truncated: {size} bytes, shorter than the {HEADER_SIZE}-byte header"
+            )
+        magic, version, format_id, header_numel, crc = _HEADER.unpack_from(view, 0)
+        if magic != MAGIC:
+            raise CodecError(f"bad magic {magic!r} (expected {MAGIC!r}): not a p2p_diloco codec payload")
+        if version != VERSION:
+            raise CodecError(f"unsupported codec version {version} (this decoder reads version {VERSION})")
+        if format_id != self.format_id:
+            other = _NAME_BY_ID.get(format_id, f"unknown format id {format_id}")
+            raise CodecError(f"format mismatch: payload is {other}, decoder is {self.name}")
+        if header_numel != numel:
+            raise CodecError(f"numel mismatch: header says {header_numel}, expected {numel}")
+        expected = self.wire_size(numel)
+        if size != expected:
+            kind = "truncated" if size < expected else "oversized"
+            raise CodecError(f"{self.name} payload {kind}: {size} bytes, expected {expected} for numel={numel}")
+        actual_crc = zlib.crc32(view[HEADER_SIZE:])
+        if actual_crc != crc:
+            raise CodecError(f"CRC mismatch: header {crc:#010x}, payload {actual_crc:#010x} (corrupted payload)")
+        with warnings.catch_warnings():  # read-only buffer: we never write to it
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.frombuffer(view, dtype=torch.uint8, offset=HEADER_SIZE) if numel else _EMPTY_U8
+        return self._decode_payload(payload, numel)
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """Same values as ``decode(encode(x), x.numel())`` without header, CRC or bytes copies."""
+        flat = _flatten(x)
+        payload = torch.empty(self._payload_size(flat.numel()), dtype=torch.uint8)
+        self._encode_payload(flat, payload)
+        return self._decode_payload(payload, flat.numel())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} id={self.format_id} {self.bits_per_value} bits/value>"
+
+    # ---- per-format hooks ---------------------------------------------------------
+    @abstractmethod
+    def _payload_size(self, numel: int) -> int: ...
+
+    @abstractmethod
+    def _encode_payload(self, flat: torch.Tensor, payload: torch.Tensor) -> None:
+        """Write the payload for 1-D float ``flat`` into uint8 ``payload``; CodecError if not finite."""
+
+    @abstractmethod
+    def _decode_payload(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        """Validate and dequantize a CRC-checked uint8 payload to a fresh 1-D fp32 tensor."""
+
+
+# ---- element formats ------------------------------------------------------------------
+
+
+class Fp32Codec(Codec):
+    name, format_id, block_size, bits_per_value = "fp32", 1, 1, 32.0
+
+    def _payload_size(self, numel: int) -> int:
+        return 4 * numel
+
+    def _encode_payload(self, flat, payload):
+        values = payload.view(torch.float32)
+        values.copy_(flat)
+        if not _all_finite(values):
+            raise CodecError("input contains NaN or Inf")
+
+    def _decode_payload(self, payload, numel):
+        out = _fresh(numel)
+        out.copy_(payload.view(torch.float32))
+        if not _all_finite(out):
+            raise CodecError("fp32 payload contains NaN or Inf")
+        return out
+
+
+class Fp16Codec(Codec):
+    name, format_id, block_size, bits_per_value = "fp16", 2, 1, 16.0
+
+    def _payload_size(self, numel: int) -> int:
+        return 2 * numel
+
+    def _encode_payload(self, flat, payload):
+        values = payload.view(torch.float16)
+        values.copy_(flat)
+        if not _all_finite(values):
+            if not _all_finite(flat):
+                raise CodecError("input contains NaN or Inf")
+            biggest = flat.abs().max().item()
+            raise CodecError(f"input value {biggest:g} is beyond the fp16 range (max 65504) and would become inf")
+
+    def _decode_payload(self, payload, numel):
+        out = _fresh(numel)
+        out.copy_(payload.view(torch.float16))
+        if not _all_finite(out):
+            raise CodecError("fp16 payload contains NaN or Inf")
+        return out
+
+
+# ---- block formats --------------------------------------------------------------------
+
+
+class _BlockCodec(Codec):
+    """Blockwise absmax scaling: payload = fp32 scale per block of 128, then codes."""
+
+    block_size = 128
+    code_bits: int
+
+    def _payload_size(self, numel: int) -> int:
+        blocks = -(-numel // self.block_size)
+        return 4 * blocks + (numel * self.code_bits + 7) // 8
+
+    def _code_bytes(self, numel: int) -> int:
+        return (numel * self.code_bits + 7) // 8
+
+    def _split(self, payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = -(-numel // self.block_size)
+        return payload[: 4 * blocks].view(torch.float32), payload[4 * blocks :]
+
+    def _encode_payload(self, flat, payload):
+        numel = flat.numel()
+        scales, codes = self._split(payload, numel)
+        scratch = self._encode_scratch(min(numel, _CHUNK))
+        full = numel - numel % self.block_size
+        for start in range(0, full, _CHUNK):
+            stop = min(start + _CHUNK, full)
+            code_slice = codes[self._code_bytes(start) : self._code_bytes(stop)]
+            self._encode_chunk(flat[start:stop], scales[start // 128 : stop // 128], code_slice, scratch)
+        if full < numel:  # the last, partial block: zero-padded to a full one
+            padded = torch.zeros(self.block_size, dtype=torch.float32)
+            padded[: numel - full] = flat[full:]
+            padded_codes = torch.empty(self._code_bytes(self.block_size), dtype=torch.uint8)
+            self._encode_chunk(padded, scales[full // 128 :], padded_codes, scratch)
+            codes[self._code_bytes(full) :] = padded_codes[: codes.numel() - self._code_bytes(full)]
+        bad = ~torch.isfinite(scales)
+        if bad.any():
+            block = int(bad.nonzero()[0])
+            raise CodecError(f"input contains NaN or Inf (first in block {block}, elements {block * 128}..)")
+        tiny = (scales > 0) & (scales < _TINY_SCALE)
+        if tiny.any():
+            self._reencode_tiny_blocks(flat, tiny.nonzero().flatten(), codes)
+
+    def _reencode_tiny_blocks(self, flat, blocks, codes):
+        """Blocks whose scale is below 2^-100 (1/scale could overflow): encode them again
+        scaled up by 2^64, which is exact for every fp32 and leaves the stored scale as is."""
+        count, bytes_per_block = blocks.numel(), self._code_bytes(self.block_size)
+        position = blocks[:, None] * self.block_size + torch.arange(self.block_size)
+        inside = position < flat.numel()
+        src = torch.zeros(count, self.block_size, dtype=torch.float32)
+        src[inside] = flat[position[inside]] * _TINY_RESCALE
+        block_codes = torch.empty(count * bytes_per_block, dtype=torch.uint8)
+        scratch = self._encode_scratch(count * self.block_size)
+        self._encode_chunk(src.view(-1), torch.empty(count), block_codes, scratch)
+        code_position = blocks[:, None] * bytes_per_block + torch.arange(bytes_per_block)
+        inside = code_position < codes.numel()
+        codes[code_position[inside]] = block_codes.view(count, bytes_per_block)[inside]
+
+    def _decode_payload(self, payload, numel):
+        scales, codes = self._split(payload, numel)
+        bad = ~(scales >= 0) | ~torch.isfinite(scales)
+        if bad.any():
+            block = int(bad.nonzero()[0])
+            raise CodecError(
+                f"{self.name} payload has {int(bad.sum())} invalid block scale(s) (NaN, Inf or negative); "
+                f"first: block {block} = {scales[block].item()!r}"
+            )
+        self._check_codes(codes)
+        out = _fresh(numel)
+        scratch = self._decode_scratch(min(numel, _CHUNK))
+        full = numel - numel % self.block_size
+        for start in range(0, full, _CHUNK):
+            stop = min(start + _CHUNK, full)
+            code_slice = codes[self._code_bytes(start) : self._code_bytes(stop)]
+            self._decode_chunk(code_slice, scales[start // 128 : stop // 128], out[start:stop], scratch)
+        if full < numel:  # the last, partial block: codes zero-padded to a full one
+            padded_codes = torch.zeros(self._code_bytes(self.block_size), dtype=torch.uint8)
+            tail = codes[self._code_bytes(full) :]
+            padded_codes[: tail.numel()] = tail
+            padded_out = torch.empty(self.block_size, dtype=torch.float32)
+            self._decode_chunk(padded_codes, scales[full // 128 :], padded_out, scratch)
+            out[full:] = padded_out[: numel - full]
+        return out
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        """Reject code patterns no encoder produces (default: every pattern is valid)."""
+
+    @abstractmethod
+    def _encode_scratch(self, n: int) -> dict: ...
+
+    @abstractmethod
+    def _encode_chunk(self, src, scales_out, codes_out, scratch) -> None:
+        """src: 1-D float, length a multiple of 128; writes len/128 scales and the codes."""
+
+    @abstractmethod
+    def _decode_scratch(self, n: int) -> dict: ...
+
+    @abstractmethod
+    def _decode_chunk(self, codes, scales, out, scratch) -> None:
+        """codes for len(out) elements (multiple of 128) -> fp32 values into out."""
+
+
+def _block_scales(blocks, scales_out, scratch, numerator: torch.Tensor) -> torch.Tensor:
+    """scales_out = per-row absmax (NaN/Inf propagate); returns numerator / scale per row
+    (numerator for all-zero rows; may overflow for scales below 2^-100: the caller redoes those)."""
+    nb = blocks.shape[0]
+    lo, inv = scratch["lo"][:nb], scratch["inv"][:nb]
+    torch.amax(blocks, dim=1, out=scales_out)
+    torch.amin(blocks, dim=1, out=lo)
+    torch.maximum(scales_out, lo.neg_(), out=scales_out)
+    torch.where(scales_out > 0, scales_out, _ONE, out=inv)
+    torch.div(numerator, inv, out=inv)
+    return inv
+
+
+class Int8Codec(_BlockCodec):
+    name, format_id, bits_per_value, code_bits = "int8", 3, 8.25, 8
+
+    def _encode_scratch(self, n):
+        n = -(-n // 128) * 128
+        return {"r": torch.empty(n), "lo": torch.empty(n // 128), "inv": torch.empty(n // 128)}
+
+    def _encode_chunk(self, src, scales_out, codes_out, scratch):
+        n = src.numel()
+        blocks = src.view(-1, 128)
+        inv = _block_scales(blocks, scales_out, scratch, _127)
+        r = scratch["r"][:n]
+        torch.mul(blocks, inv[:, None], out=r.view(-1, 128))  # |r| <= 127 (+ rounding < 0.5)
+        r.round_()
+        codes_out.view(torch.int8).copy_(r)
+
+    def _check_codes(self, codes):
+        if codes.numel() and int(codes.view(torch.int8).min()) == -128:
+            raise CodecError("int8 payload contains code -128 (valid codes are -127..127)")
+
+    def _decode_scratch(self, n):
+        return {}
+
+    def _decode_chunk(self, codes, scales, out, scratch):
+        torch.div(codes.view(torch.int8), 127.0, out=out)  # |q/127| <= 1: cannot overflow below
+        out.view(-1, 128).mul_(scales[:, None])
+
+
+def _fp4_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode table: (fp32 bits >> 22) + 512 -> nibble. Decode table: byte -> (lo, hi) fp32 pair as int64."""
+    encode = torch.zeros(1024, dtype=torch.uint8)
+    for index in range(1024):
+        sign, magnitude = (index < 512), index % 512  # arithmetic shift: negative r gives index < 512
+        exponent, half = magnitude >> 1, magnitude & 1  # biased exponent, first mantissa bit
+        if exponent >= 127:
+            k = 7  # r >= 1 (only r == 1 occurs)
+        elif exponent >= 121:
+            k = min(exponent - 120 + half, 7)  # 2^j or, from 1.5 * 2^j up, 2^(j+1)
+        elif exponent == 120:
+            k = 1  # r in [2^-7, 2^-6) -> 2^-6
+        else:
+            k = 0
+        if exponent == 255:
+            k = 0  # NaN/Inf never reach here (scales are checked), keep the table total
+        encode[index] = (sign << 3 | k) if k else 0
+    values = [0.0] + [2.0 ** (k - 7) for k in range(1, 8)]
+    nibble = torch.tensor(values + [-v for v in values], dtype=torch.float32)
+    nibble[8] = 0.0
+    byte = torch.arange(256)
+    pairs = torch.stack([nibble[byte & 15], nibble[byte >> 4]], dim=1).contiguous()
+    return encode, pairs.view(torch.int64).view(256)
+
+
+_FP4_ENCODE, _FP4_DECODE = _fp4_tables()
+_FP4_ENCODE_X17 = _FP4_ENCODE * 17  # nibble in both halves of a byte (0..255), for packing
+
+
+class Fp4Codec(_BlockCodec):
+    name, format_id, bits_per_value, code_bits = "fp4", 4, 4.25, 4
+
+    def _encode_scratch(self, n):
+        n = -(-n // 128) * 128
+        return {
+            "r": torch.empty(n),
+            "nib": torch.empty(n, dtype=torch.uint8),
+            "lo": torch.empty(n // 128),
+            "inv": torch.empty(n // 128),
+        }
+
+    def _encode_chunk(self, src, scales_out, codes_out, scratch):
+        n = src.numel()
+        blocks = src.view(-1, 128)
+        inv = _block_scales(blocks, scales_out, scratch, _ONE)
+        r = scratch["r"][:n]
+        torch.mul(blocks, inv[:, None], out=r.view(-1, 128))  # |r| <= 1 (+ 1 ulp)
+        index = r.view(torch.int32)
+        torch.bitwise_right_shift(index, 22, out=index)
+        index.add_(512)
+        # table gives nibble*17 = nibble | nibble << 4; a little-endian int16 over two such
+        # bytes (a, b), shifted right by 4, has low byte a | b << 4: the packed pair.
+        nib = scratch["nib"][:n]
+        torch.index_select(_FP4_ENCODE_X17, 0, index, out=nib)
+        torch.bitwise_right_shift(nib.view(torch.int16), 4, out=codes_out)  # keeps the low byte
+
+    def _decode_scratch(self, n):
+        return {"index": torch.empty(-(-n // 128) * 64, dtype=torch.int32)}
+
+    def _decode_chunk(self, codes, scales, out, scratch):
+        index = scratch["index"][: codes.numel()]
+        index.copy_(codes)
+        torch.index_select(_FP4_DECODE, 0, index, out=out.view(torch.int64))
+        out.view(-1, 128).mul_(scales[:, None])
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+_EMPTY_U8 = torch.empty(0, dtype=torch.uint8)
+_ONE, _127 = torch.tensor(1.0), torch.tensor(127.0)
+_TINY_SCALE, _TINY_RESCALE = 2.0**-100, 2.0**64
+
+
+def _load_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return madvise
+    except (OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+_MADVISE = _load_madvise()
+_MADV_HUGEPAGE, _HUGE_PAGE = 14, 1 << 21
+
+
+def _fresh(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A new 1-D tensor. On Linux a large one is advised onto transparent huge pages
+    before first touch: faulting in 64 MB of 4 KB pages costs about as much as decoding it."""
+    out = torch.empty(numel, dtype=dtype)
+    size = numel * out.element_size()
+    if _MADVISE is not None and size >= 4 * _HUGE_PAGE:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        stop = (out.data_ptr() + size) // _HUGE_PAGE * _HUGE_PAGE
+        _MADVISE(start, stop - start, _MADV_HUGEPAGE)  # advisory: failure only costs speed
+    return out
+
+
+def _check_numel(numel) -> int:
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+        raise CodecError(f"numel must be a non-negative int, got {numel!r}")
+    return numel
+
+
+def _flatten(x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise CodecError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _ACCEPTED_DTYPES:
+        raise CodecError(f"unsupported dtype {x.dtype} (accepted: fp32, fp16, bf16)")
+    x = x.detach()
+    if x.device.type != "cpu":
+        x = x.cpu()
+    flat = x.reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.to(torch.float32)
+    return flat
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """One pass, no full-size temporary: min/max propagate NaN and show Inf."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _as_byte_view(data) -> memoryview:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CodecError(f"expected bytes, bytearray or memoryview, got {type(data).__name__}")
+    view = memoryview(data)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+CODECS: dict[str, Codec] = {codec.name: codec for codec in (Fp32Codec(), Fp16Codec(), Int8Codec(), Fp4Codec())}
+_NAME_BY_ID = {codec.format_id: codec.name for codec in CODECS.values()}
+
+
+def get_codec(name: str) -> Codec:
+    """The codec called ``name``; CodecError listing the known names otherwise."""
+    try:
+        return CODECS[name]
+    except (KeyError, TypeError):
+        raise CodecError(f"unknown codec {name!r}; known: {', '.join(CODECS)}") from None

@@ -1,0 +1,288 @@
+"""One-process simulator: M workers on the embedded task, every method on the same token budget.
+
+Methods (all see the same tokens: worker w reads shard w with the same seed):
+  data_parallel     one model, M times the batch (= gradients averaged every step)
+  diloco            the whole model is one fragment, fp32, blocking (tau = 0, alpha = 0)
+  streaming_diloco  P block fragments + 1, staggered, tau, alpha, a quantized codec
+  and variants (see METHODS).
+
+Wire bytes are counted from the encoded payloads of the simulated butterfly
+all-reduce (`LocalGroup`); data_parallel is charged a ring all-reduce of fp32
+gradients every step: 2 (M - 1) / M * 4 * N bytes per worker.
+Eval loss is the held-out loss of the anchor (global) parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .averaging import LocalGroup
+from .codecs import get_codec
+from .config import ConfigError, DiLoCoConfig
+from .data import BatchStream, Corpus
+from .inner import InnerTrainer
+from .model import build_model, evaluate, model_spec
+from .streaming import StreamingDiLoCo
+
+# name -> overrides of the base DiLoCoConfig; None marks data-parallel
+METHODS: dict[str, dict[str, Any] | None] = {
+    "data_parallel": None,
+    "diloco": dict(fragments=0, tau=0, alpha=0.0, codec="fp32"),
+    "streaming_diloco": dict(codec="fp4"),
+    "streaming_diloco_ef": dict(codec="fp4", error_feedback=True),
+    "streaming_diloco_fp32": dict(codec="fp32"),
+}
+DEFAULT_METHODS = ("data_parallel", "diloco", "streaming_diloco", "streaming_diloco_ef")
+# DiLoCoConfig values every method shares by default
+DEFAULT_BASE: dict[str, Any] = dict(outer_period=60, fragments=2, tau=1, alpha=0.5, outer_lr=0.7,
+                                    outer_momentum=0.9, warmup_steps=100)
+# each method's inner lr, the best of the sweep reported in the README
+DEFAULT_INNER_LR: dict[str, float] = {}
+
+
+@dataclass
+class SimSettings:
+    workers: int = 4
+    steps: int = 1500
+    batch_size: int = 4  # sequences per worker per inner step
+    model: str = "small"
+    eval_every: int = 100
+    eval_batches: int = 8
+    final_eval_batches: int = 32
+    data: list[str] = field(default_factory=list)
+    base: dict[str, Any] = field(default_factory=dict)  # DiLoCoConfig values shared by every method
+    inner_lr: dict[str, float] = field(default_factory=dict)  # per-method inner lr overrides
+
+    def config_for(self, method: str) -> DiLoCoConfig:
+        values = dict(self.base)
+        values.setdefault("total_steps", self.steps)
+        overrides = METHODS[method]
+        if overrides:
+            values.update(overrides)
+        if method in self.inner_lr:
+            values["inner_lr"] = self.inner_lr[method]
+        return DiLoCoConfig(**values)
+
+
+class SimulationFailed(RuntimeError):
+    """A method's process failed; the message says which and why."""
+
+
+def _ring_allreduce_bytes(numel: int, workers: int) -> int:
+    return 2 * (workers - 1) * 4 * numel // workers
+
+
+def run_method(method: str, settings: SimSettings, progress: Callable[[int, float], None] | None = None) -> dict:
+    """Train one method for `settings.steps` inner steps; return its summary."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    torch.set_num_threads(1)
+    config = settings.config_for(method)
+    spec = model_spec(settings.model)
+    corpus = Corpus.load(settings.data or None)
+    eval_batches = corpus.eval_batches(spec.seq_len, 16, settings.final_eval_batches)
+    streams = [BatchStream(corpus.shard(w, settings.workers), spec.seq_len, settings.batch_size,
+                           seed=config.seed * 1000 + w) for w in range(settings.workers)]
+    eval_model = build_model(spec, config.seed)
+    tokens_per_step = settings.workers * settings.batch_size * spec.seq_len
+    curve: list[tuple[int, float]] = []
+    start = time.time()
+    result: dict[str, Any] = {"config": config.to_dict()}
+
+    if METHODS[method] is None:
+        model = build_model(spec, config.seed)
+        trainer = InnerTrainer(model, config)
+        numel = sum(p.numel() for p in model.parameters())
+
+        def global_model():
+            return model
+
+        for step in range(1, settings.steps + 1):
+            loss = trainer.step(torch.cat([s.next() for s in streams]))
+            if step % settings.eval_every == 0 or step == settings.steps:
+                curve.append((step * tokens_per_step, evaluate(model, eval_batches[:settings.eval_batches])))
+            if progress:
+                progress(step, loss)
+        wire = _ring_allreduce_bytes(numel, settings.workers) * settings.steps
+        result.update(wire_bytes_per_worker=wire, wire_bytes_received_per_worker=wire)
+    else:
+        group = LocalGroup(settings.workers, get_codec(config.codec))
+        models = [build_model(spec, config.seed) for _ in range(settings.workers)]
+        trainers = [InnerTrainer(m, config) for m in models]
+        outer = [StreamingDiLoCo(m, config, group.member(w), run_id=f"sim-{method}") for w, m in enumerate(models)]
+
+        def global_model():
+            outer[0].load_anchors_into(eval_model)
+            return eval_model
+
+        for step in range(1, settings.steps + 1):
+            losses = [t.step(s.next()) for t, s in zip(trainers, streams)]
+            for o in outer:
+                o.record_tokens(settings.batch_size * spec.seq_len)
+            for o in outer:
+                o.start_due_rounds(step)
+            for o in outer:
+                o.finish_due_rounds(step)
+            if step == settings.steps:  # bring every fragment's last progress into the anchors
+                for o in outer:
+                    o.finish_in_flight()
+                for o in outer:
+                    o.start_final_rounds(step)
+                for o in outer:
+                    o.finish_in_flight()
+            if step % settings.eval_every == 0 or step == settings.steps:
+                curve.append((step * tokens_per_step, evaluate(global_model(), eval_batches[:settings.eval_batches])))
+            if progress:
+                progress(step, sum(losses) / len(losses))
+        consensus = all(torch.equal(a, b) for o in outer[1:] for a, b in zip(outer[0].anchors, o.anchors))
+        result.update(
+            wire_bytes_per_worker=max(group.bytes_sent),
+            wire_bytes_received_per_worker=max(group.bytes_received),
+            rounds_applied=outer[0].stats.applied,
+            rounds_failed=outer[0].stats.failed,
+            consensus=consensus,
+        )
+    result.update(
+        eval_loss=evaluate(global_model(), eval_batches),
+        tokens=settings.steps * tokens_per_step,
+        wall_s=round(time.time() - start, 2),
+        curve=curve,
+    )
+    return result
+
+
+def _worker(label: str, method: str, settings: SimSettings, queue) -> None:
+    try:
+        last = [0.0]
+
+        def progress(step: int, loss: float) -> None:
+            now = time.time()
+            if now - last[0] > 0.5 or step == settings.steps:
+                last[0] = now
+                queue.put(("progress", label, step, loss))
+
+        queue.put(("done", label, run_method(method, settings, progress)))
+    except BaseException as e:  # report, never hang the parent
+        queue.put(("error", label, f"{type(e).__name__}: {e}"))
+
+
+def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int) -> dict[str, dict]:
+    """Run (label, method, settings) jobs in `jobs` processes, with one progress bar each."""
+    from tqdm import tqdm
+
+    for _, method, settings in runs:
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        settings.config_for(method)  # refuse a bad config before starting anything
+        model_spec(settings.model)
+        if settings.data:
+            Corpus.load(settings.data, max_bytes=1)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    width = max(len(label) for label, _, _ in runs)
+    bars = {label: tqdm(total=s.steps, desc=label.rjust(width), position=i, leave=True, unit="step",
+                        mininterval=1.0)
+            for i, (label, _, s) in enumerate(runs)}
+    todo, running, results, errors = list(runs), {}, {}, {}
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                label, method, settings = todo.pop(0)
+                running[label] = ctx.Process(target=_worker, args=(label, method, settings, queue), daemon=True)
+                running[label].start()
+            try:
+                kind, label, *rest = queue.get(timeout=1.0)
+            except Exception:  # queue.Empty: check for workers that died without a word
+                for label, p in list(running.items()):
+                    if not p.is_alive():
+                        errors[label] = f"process exited with code {p.exitcode}"
+                        del running[label]
+                continue
+            if kind == "progress":
+                step, loss = rest
+                bars[label].n = step
+                bars[label].set_postfix(loss=f"{loss:.3f}")
+            else:
+                running.pop(label).join()
+                if kind == "done":
+                    results[label] = rest[0]
+                    bars[label].set_postfix(eval=f"{results[label]['eval_loss']:.4f}")
+                else:
+                    errors[label] = rest[0]
+    finally:
+        for p in running.values():
+            p.kill()
+        for b in bars.values():
+            b.close()
+    if errors:
+        raise SimulationFailed("; ".join(f"{label}: {e}" for label, e in errors.items()))
+    return results
+
+
+def simulate(methods: list[str], settings: SimSettings, jobs: int) -> dict:
+    start = time.time()
+    results = _run_all([(m, m, settings) for m in methods], jobs)
+    return {"settings": asdict(settings), "wall_s": round(time.time() - start, 2),
+            "methods": {m: results[m] for m in methods}}
+
+
+def sweep(methods: list[str], settings: SimSettings, inner_lrs: list[float], jobs: int) -> dict:
+    """Every method with every inner lr; `methods` holds each method's best, `sweep` all of them."""
+    start = time.time()
+    runs = []
+    for m in methods:
+        for lr in inner_lrs:
+            s = SimSettings(**{**asdict(settings), "inner_lr": {**settings.inner_lr, m: lr}})
+            runs.append((f"{m}@{lr:g}", m, s))
+    results = _run_all(runs, jobs)
+    table = {m: {f"{lr:g}": results[f"{m}@{lr:g}"]["eval_loss"] for lr in inner_lrs} for m in methods}
+    best = {m: min(inner_lrs, key=lambda lr: results[f"{m}@{lr:g}"]["eval_loss"]) for m in methods}
+    return {"settings": asdict(settings), "wall_s": round(time.time() - start, 2),
+            "sweep": {"inner_lr": inner_lrs, "eval_loss": table, "best_inner_lr": {m: best[m] for m in methods}},
+            "methods": {m: results[f"{m}@{best[m]:g}"] for m in methods}}
+
+
+def summary_table(report: dict) -> str:
+    methods = report["methods"]
+    dp = methods.get("data_parallel")
+    rows = [f"{'method':>22} {'eval_loss':>9} {'vs DP':>7} {'wire MB/worker':>14} {'DP/wire':>8} {'wall s':>7}"]
+    for name, r in methods.items():
+        vs = f"{100 * (r['eval_loss'] / dp['eval_loss'] - 1):+.1f}%" if dp else "-"
+        ratio = f"{dp['wire_bytes_per_worker'] / r['wire_bytes_per_worker']:.0f}x" if dp else "-"
+        rows.append(f"{name:>22} {r['eval_loss']:9.4f} {vs:>7} {r['wire_bytes_per_worker'] / 1e6:14.2f} "
+                    f"{ratio:>8} {r['wall_s']:7.0f}")
+    return "\n".join(rows)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in report["methods"].items():
+        xs, ys = zip(*r["curve"])
+        ax.plot([x / 1e6 for x in xs], ys, label=f"{name} ({r['eval_loss']:.3f})")
+    s = report["settings"]
+    ax.set_xlabel("tokens (millions, all workers)")
+    ax.set_ylabel("held-out loss of the global parameters (nats/byte)")
+    ax.set_title(f"{s['workers']} workers, {s['steps']} steps, model {s['model']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    lo = min(min(y for _, y in r["curve"]) for r in report["methods"].values())
+    ax.set_ylim(lo * 0.97, lo * 1.6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)

@@ -1,0 +1,181 @@
+"""Streaming DiLoCo: fragments, staggered schedule, outer Nesterov, overlap and merge.
+
+Plain torch; the network is reached only through a `FragmentAverager`.
+
+For each fragment k (offset o_k, period H, delay tau), after inner step t:
+  * start  when t >= o_k and (t - o_k) % H == 0: outer_grad = anchor_k - theta_k
+    (plus the carried quantization residual with error feedback) goes to the averager;
+  * finish at the start step + tau: take the weighted fp32 mean `avg`, then
+        m_k      <- mu * m_k + avg
+        anchor_k <- anchor_k - lr * (avg + mu * m_k)          (Nesterov)
+        theta_k  <- alpha * theta_k + (1 - alpha) * anchor_k  (merge)
+
+Guarantees:
+  * success: anchor_k and m_k change only by the outer step above, computed from
+    the mean every member of the group received, so peers that started equal stay
+    bit-identical.
+  * failure (the averager raises, or returns a mean of the wrong size or with a
+    non-finite value): anchor_k, m_k, the working parameters and the
+    error-feedback residual stay exactly as they were; the round is counted as
+    failed and the next round's outer gradient carries all progress since the
+    last applied round.
+  * crash: anchors and momenta only change inside `finish`, between two complete
+    tensor updates of one fragment; nothing here is persisted (see checkpoints).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .averaging import AveragingFailed, FragmentAverager, PendingAverage, RoundKey
+from .codecs import get_codec
+from .config import DiLoCoConfig
+from .fragments import Fragment, split_fragments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    key: RoundKey
+    start_step: int
+    pending: PendingAverage | None  # None: the averager refused to begin
+    tokens: int
+    residual_after: torch.Tensor | None  # error-feedback residual to keep if the round applies
+
+
+@dataclass
+class RoundStats:
+    started: list[int]
+    applied: list[int]
+    failed: list[int]
+    peers_last: list[int] = field(default_factory=list)
+
+
+class StreamingDiLoCo:
+    """The outer loop of one worker: owns the anchors and outer momenta of every fragment."""
+
+    def __init__(self, model: nn.Module, config: DiLoCoConfig, averager: FragmentAverager,
+                 run_id: str = "local"):
+        self.config = config
+        self.averager = averager
+        self.run_id = run_id
+        self.fragments: list[Fragment] = split_fragments(model, config.fragments)
+        self.offsets = config.offsets()
+        self.codec = get_codec(config.codec)
+        self.anchors = [f.flat() for f in self.fragments]
+        self.momenta = [torch.zeros_like(a) for a in self.anchors]
+        self.residuals = [torch.zeros_like(a) for a in self.anchors] if config.error_feedback else None
+        self.tokens_since_sync = [0] * len(self.fragments)
+        self.in_flight: dict[int, _InFlight] = {}
+        n = len(self.fragments)
+        self.stats = RoundStats([0] * n, [0] * n, [0] * n, [0] * n)
+
+    # -- schedule ---------------------------------------------------------
+    def round_at(self, fragment: int, step: int) -> int | None:
+        """The round fragment `fragment` starts after inner step `step`, or None."""
+        o, h = self.offsets[fragment], self.config.outer_period
+        if step >= o and (step - o) % h == 0:
+            return (step - o) // h
+        return None
+
+    def record_tokens(self, tokens: int) -> None:
+        for k in range(len(self.tokens_since_sync)):
+            self.tokens_since_sync[k] += tokens
+
+    # -- the two halves of a sync -------------------------------------------
+    def start_due_rounds(self, step: int) -> None:
+        for k in range(len(self.fragments)):
+            r = self.round_at(k, step)
+            if r is not None:
+                self._start(k, r, step)
+
+    def finish_due_rounds(self, step: int) -> None:
+        for k, flight in list(self.in_flight.items()):
+            if flight.start_step + self.config.tau <= step:
+                self._finish(k)
+
+    def sync(self, step: int) -> None:
+        """Both halves for a worker that averages alone in its process (start, then finish)."""
+        self.start_due_rounds(step)
+        self.finish_due_rounds(step)
+
+    def start_final_rounds(self, step: int) -> None:
+        """Start one more round for every fragment with progress since its last round started."""
+        for k in range(len(self.fragments)):
+            if k in self.in_flight or self.round_at(k, step) is not None:
+                continue
+            if step < self.offsets[k]:
+                r = 0
+            else:
+                r = (step - self.offsets[k]) // self.config.outer_period + 1
+            self._start(k, r, step)
+
+    def finish_in_flight(self) -> None:
+        for k in list(self.in_flight):
+            self._finish(k)
+
+    # -- internals -----------------------------------------------------------
+    def _start(self, k: int, round_: int, step: int) -> None:
+        if k in self.in_flight:  # cannot happen with a valid config; never overwrite a pending round
+            raise RuntimeError(f"fragment {k}: round {round_} due while round {self.in_flight[k].key.round} is in flight")
+        outer_grad = self.anchors[k] - self.fragments[k].flat()
+        residual_after = None
+        if self.residuals is not None:
+            outer_grad = outer_grad + self.residuals[k]
+            residual_after = outer_grad - self.codec.roundtrip(outer_grad)
+        key = RoundKey(self.run_id, k, round_)
+        weight = float(max(self.tokens_since_sync[k], 1))
+        self.tokens_since_sync[k] = 0
+        self.stats.started[k] += 1
+        try:
+            pending = self.averager.begin(key, outer_grad, weight)
+        except AveragingFailed as e:
+            log.warning("round could not start for fragment %d: %s", k, e)
+            pending = None
+        self.in_flight[k] = _InFlight(key, step, pending, int(weight), residual_after)
+
+    def _finish(self, k: int) -> None:
+        flight = self.in_flight.pop(k)
+        try:
+            if flight.pending is None:
+                raise AveragingFailed(f"{flight.key}: never started")
+            avg = flight.pending.result()
+            mean = avg.mean
+            if mean.dtype != torch.float32 or mean.numel() != self.anchors[k].numel():
+                raise AveragingFailed(f"{flight.key}: mean has {mean.numel()} {mean.dtype} values, "
+                                      f"expected {self.anchors[k].numel()} float32")
+            if not bool(torch.isfinite(mean).all()):
+                raise AveragingFailed(f"{flight.key}: mean holds non-finite values")
+        except AveragingFailed as e:
+            self.stats.failed[k] += 1
+            self.tokens_since_sync[k] += flight.tokens  # the next round carries this progress
+            log.warning("round not applied, fragment %d keeps its anchor: %s", k, e)
+            return
+        self._apply(k, mean.reshape(-1))
+        if self.residuals is not None and flight.residual_after is not None:
+            self.residuals[k] = flight.residual_after
+        self.stats.applied[k] += 1
+        self.stats.peers_last[k] = avg.peers
+
+    def _apply(self, k: int, avg: torch.Tensor) -> None:
+        cfg = self.config
+        mu, lr, alpha = cfg.outer_momentum, cfg.outer_lr, cfg.alpha
+        m = self.momenta[k]
+        m.mul_(mu).add_(avg)
+        self.anchors[k].sub_(lr * (avg + mu * m))
+        if alpha == 0.0:
+            merged = self.anchors[k]
+        else:
+            merged = alpha * self.fragments[k].flat() + (1.0 - alpha) * self.anchors[k]
+        self.fragments[k].assign(merged)
+
+    # -- global parameters -----------------------------------------------------
+    def load_anchors_into(self, model: nn.Module) -> None:
+        """Write the anchors (the global parameters) into another instance of the same model."""
+        for frag, anchor in zip(split_fragments(model, self.config.fragments), self.anchors):
+            frag.assign(anchor)

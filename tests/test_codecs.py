@@ -1,0 +1,406 @@
+"""Property tests of p2p_diloco.codecs against naive per-element references.
+
+The block references below are plain Python loops over numpy float32 scalars (IEEE,
+one rounding per operation), written from the format definition in the module
+docstring, not from the vectorized code: decoded values must match them to the bit.
+Error bounds are the ones derived in the module docstring, checked per element.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from p2p_diloco import codecs
+from p2p_diloco.codecs import CODECS, Codec, CodecError, get_codec
+
+NAMES = ["fp32", "fp16", "int8", "fp4"]
+BLOCK_NAMES = ["int8", "fp4"]
+F32 = np.float32
+FP16_MAX = 65504.0
+SLOP_REL, SLOP_ABS = 2.0**-20, 2.0**-140
+
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---- inputs -------------------------------------------------------------------------------
+
+finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+# mantissa * 2^exponent: several magnitudes per vector so blocks get very different scales
+scaled_f32 = st.builds(
+    lambda m, e: float(F32(m * 2.0**e)),
+    st.floats(-1.0, 1.0, width=32),
+    st.integers(-130, 100),
+)
+fp16_range = st.floats(-FP16_MAX, FP16_MAX, width=32)
+
+
+def vectors(elements=st.one_of(finite_f32, scaled_f32), max_size=400):
+    return hnp.arrays(np.float32, st.integers(0, max_size), elements=elements)
+
+
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).copy())
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().view(torch.int32).numpy()
+
+
+def assert_same_bits(actual: torch.Tensor, expected: np.ndarray) -> None:
+    """Bit equality, except that +0 and -0 are the same value."""
+    a, e = actual.numpy(), np.asarray(expected, dtype=np.float32)
+    assert a.shape == e.shape
+    same = (a.view(np.int32) == e.view(np.int32)) | ((a == 0) & (e == 0))
+    assert same.all(), f"first mismatch at {np.flatnonzero(~same)[0]}: {a[~same][:4]} vs {e[~same][:4]}"
+
+
+# ---- naive references ------------------------------------------------------------------
+
+
+def block_scales(values: np.ndarray) -> list[F32]:
+    return [F32(max((abs(F32(v)) for v in values[i : i + 128]), default=F32(0))) for i in range(0, len(values), 128)]
+
+
+def prescaled(block, scale: F32):
+    """The tiny-scale rule: 0 < scale < 2^-100 -> x and scale times 2^64 (exact)."""
+    if 0 < scale < 2.0**-100:
+        return [F32(F32(v) * F32(2.0**64)) for v in block], F32(scale * F32(2.0**64))
+    return [F32(v) for v in block], scale
+
+
+def reference_fp4(values: np.ndarray) -> np.ndarray:
+    out = []
+    for i, scale in zip(range(0, len(values), 128), block_scales(values)):
+        block, s = prescaled(values[i : i + 128], scale)
+        inv = F32(1) / s if s > 0 else F32(1)
+        for v in block:
+            r = abs(F32(v * inv))
+            if r < 2.0**-7:
+                k = 0
+            else:  # smallest k with r below the linear midpoint 1.5 * 2^(k-7); 7 otherwise
+                k = next((k for k in range(1, 7) if r < 1.5 * 2.0 ** (k - 7)), 7)
+            magnitude = F32(0) if k == 0 else F32(F32(2.0 ** (k - 7)) * scale)
+            out.append(-magnitude if v < 0 else magnitude)
+    return np.array(out, dtype=np.float32)
+
+
+def reference_int8(values: np.ndarray) -> np.ndarray:
+    out = []
+    for i, scale in zip(range(0, len(values), 128), block_scales(values)):
+        block, s = prescaled(values[i : i + 128], scale)
+        multiplier = F32(127) / s if s > 0 else F32(127)
+        for v in block:
+            q = round(float(F32(v * multiplier)))  # Python round: half to even
+            assert -127 <= q <= 127
+            out.append(F32(F32(F32(q) / F32(127)) * scale))
+    return np.array(out, dtype=np.float32)
+
+
+def reference(name: str, values: np.ndarray) -> np.ndarray:
+    if name == "fp32":
+        return values.astype(np.float32)
+    if name == "fp16":
+        return values.astype(np.float16).astype(np.float32)
+    return {"int8": reference_int8, "fp4": reference_fp4}[name](values)
+
+
+def error_bound(name: str, values: np.ndarray) -> np.ndarray:
+    """Per-element |x - q| bound of the module docstring (float64)."""
+    x = np.abs(values.astype(np.float64))
+    if name == "fp32":
+        return np.zeros_like(x)
+    if name == "fp16":
+        return np.maximum(x * 2.0**-11, 2.0**-25)
+    padded = np.zeros(-(-len(x) // 128) * 128)
+    padded[: len(x)] = x
+    s = np.repeat(padded.reshape(-1, 128).max(axis=1), 128)[: len(x)]
+    slop = (x + s) * SLOP_REL + SLOP_ABS
+    if name == "int8":
+        return s / 254 + slop
+    return np.maximum(x / 3, s * 2.0**-7) + slop
+
+
+def forge(codec: Codec, numel: int, payload: bytes, *, magic=codecs.MAGIC, version=codecs.VERSION, format_id=None):
+    """A payload with a correct CRC, so only the field under test is wrong."""
+    fid = codec.format_id if format_id is None else format_id
+    return struct.pack("<2sBBQI", magic, version, fid, numel, zlib.crc32(payload)) + payload
+
+
+# ---- round trips ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@PROPERTY
+@given(data=st.data())
+def test_decode_matches_reference_bit_for_bit_and_bound(name, data):
+    elements = fp16_range if name == "fp16" else st.one_of(finite_f32, scaled_f32)
+    values = data.draw(vectors(elements))
+    codec = get_codec(name)
+    x = as_tensor(values)
+    payload = codec.encode(x)
+    assert len(payload) == codec.wire_size(len(values))
+    decoded = codec.decode(payload, len(values))
+    assert decoded.dtype == torch.float32 and decoded.shape == (len(values),)
+    assert_same_bits(decoded, reference(name, values))
+    error = np.abs(decoded.numpy().astype(np.float64) - values.astype(np.float64))
+    assert (error <= error_bound(name, values)).all()
+    assert_same_bits(codec.roundtrip(x), decoded.numpy())
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+def test_reference_rounding_edges(name):
+    """Thresholds exactly: 2^-7 -> 2^-6, 1.5 * 2^j ties up, just below stays down."""
+    below = lambda v: float(np.nextafter(F32(v), F32(0)))  # noqa: E731
+    edges = [1.0, -1.0, 0.75, below(0.75), 0.375, below(0.375), 2.0**-7, below(2.0**-7), 1.5 * 2.0**-7, 0.0, -0.0]
+    edges += [k / 254 for k in range(0, 255, 7)] + [(k + 0.5) / 127 for k in range(0, 127, 9)]
+    values = np.array(edges, dtype=np.float32)
+    decoded = get_codec(name).roundtrip(as_tensor(values))
+    assert_same_bits(decoded, reference(name, values))
+    if name == "fp4":
+        expected = [1, -1, 1, 0.5, 0.5, 0.25, 2.0**-6, 0, 2.0**-6, 0, 0]
+        assert decoded[: len(expected)].tolist() == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "numel", [0, 1, 2, 3, 127, 128, 129, 255, 256, 257, 1000, codecs._CHUNK - 1, codecs._CHUNK + 1, 2 * codecs._CHUNK + 129]
+)
+def test_lengths_and_wire_size(name, numel):
+    codec = get_codec(name)
+    x = torch.randn(numel)
+    payload = codec.encode(x)
+    assert len(payload) == codec.wire_size(numel)
+    if numel % codec.block_size == 0:
+        assert codec.wire_size(numel) - codecs.HEADER_SIZE == numel * codec.bits_per_value / 8
+    decoded = codec.decode(payload, numel)
+    assert decoded.shape == (numel,)
+    if numel <= 1000:
+        assert_same_bits(decoded, reference(name, x.numpy()))
+    else:
+        error = (decoded - x).abs().double().numpy()
+        assert (error <= error_bound(name, x.numpy())).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zeros(name):
+    codec = get_codec(name)
+    for numel in (1, 128, 300):
+        decoded = codec.decode(codec.encode(torch.zeros(numel)), numel)
+        assert torch.equal(decoded, torch.zeros(numel))
+    decoded = codec.decode(codec.encode(-torch.zeros(200)), 200)
+    assert (decoded == 0).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-42, 1e30])
+def test_tiny_and_huge_magnitudes(name, magnitude):
+    codec = get_codec(name)
+    values = (np.random.default_rng(0).standard_normal(300) * magnitude).astype(np.float32)
+    x = as_tensor(values)
+    if name == "fp16" and magnitude > FP16_MAX:
+        with pytest.raises(CodecError, match="fp16 range"):
+            codec.encode(x)
+        return
+    decoded = codec.decode(codec.encode(x), 300)
+    assert_same_bits(decoded, reference(name, values))
+    error = np.abs(decoded.numpy().astype(np.float64) - values.astype(np.float64))
+    assert (error <= error_bound(name, values)).all()
+    if name in BLOCK_NAMES:  # the block absmax itself comes back exactly
+        for i in range(0, 300, 128):
+            j = i + int(np.argmax(np.abs(values[i : i + 128])))
+            assert decoded[j].item() == values[j]
+
+
+def test_fp16_range_edge():
+    codec = get_codec("fp16")
+    assert codec.roundtrip(torch.tensor([65504.0, -65519.0])).tolist() == [65504.0, -65504.0]
+    with pytest.raises(CodecError, match="fp16 range"):
+        codec.encode(torch.tensor([1.0, 65520.0]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_contiguous_and_low_precision_inputs(name):
+    codec = get_codec(name)
+    base = torch.randn(70, 33)
+    for x in (base.t(), base[::3, 1::2], base.t()[5:, ::4], base.unsqueeze(0).expand(2, 70, 33)):
+        assert not x.is_contiguous()
+        assert codec.encode(x) == codec.encode(x.contiguous())
+        assert_same_bits(codec.roundtrip(x), codec.decode(codec.encode(x.contiguous()), x.numel()).numpy())
+    for dtype in (torch.float16, torch.bfloat16):
+        low = base.to(dtype)
+        assert codec.encode(low) == codec.encode(low.float())
+    with pytest.raises(CodecError, match="dtype"):
+        codec.encode(base.double())
+    with pytest.raises(CodecError, match="dtype"):
+        codec.encode(torch.arange(10))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FEW
+@given(values=vectors(fp16_range, max_size=700), cuts=st.lists(st.integers(0, 6), max_size=4))
+def test_split_at_block_multiples_decodes_identically(name, values, cuts):
+    codec = get_codec(name)
+    x = as_tensor(values)
+    whole = codec.roundtrip(x)
+    bounds = sorted({min(c * codec.block_size * (1 if name in BLOCK_NAMES else 37), len(values)) for c in cuts})
+    edges = [0, *bounds, len(values)]
+    parts = [codec.decode(codec.encode(x[a:b]), b - a) for a, b in zip(edges, edges[1:])]
+    assert_same_bits(torch.cat(parts), whole.numpy())
+
+
+@FEW
+@given(values=vectors(max_size=600))
+def test_fp4_values_are_signed_powers_of_two_times_the_block_scale(values):
+    codec = get_codec("fp4")
+    payload = codec.encode(as_tensor(values))
+    blocks = -(-len(values) // 128)
+    scales = np.frombuffer(payload, dtype="<f4", count=blocks, offset=codecs.HEADER_SIZE)
+    assert scales.tolist() == [float(s) for s in block_scales(values)]
+    decoded = codec.decode(payload, len(values)).numpy()
+    for i, value in enumerate(decoded):
+        s = scales[i // 128]
+        allowed = {0.0} | {float(sign * F32(F32(2.0 ** (k - 7)) * s)) for k in range(1, 8) for sign in (1, -1)}
+        assert float(value) in allowed
+
+
+def test_fp4_packing_layout():
+    codec = get_codec("fp4")
+    payload = codec.encode(torch.tensor([1.0, -0.5, 0.0, 2.0**-6, -1.0]))
+    codes = payload[codecs.HEADER_SIZE + 4 :]
+    # nibbles: 1 -> 0x7, -0.5 -> 0x8|6 = 0xE, 0 -> 0x0, 2^-6 -> 0x1, -1 -> 0xF, padding 0
+    assert codes == bytes([0xE7, 0x10, 0x0F])
+
+
+# ---- invalid input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FEW
+@given(data=st.data())
+def test_nan_or_inf_anywhere_in_input_is_rejected(name, data):
+    numel = data.draw(st.integers(1, 400))
+    position = data.draw(st.integers(0, numel - 1))
+    bad = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    x = torch.randn(numel)
+    x[position] = bad
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        get_codec(name).encode(x)
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        get_codec(name).roundtrip(x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FEW
+@given(data=st.data())
+def test_any_flipped_byte_is_rejected(name, data):
+    codec = get_codec(name)
+    numel = data.draw(st.integers(0, 300))
+    payload = bytearray(codec.encode(torch.randn(numel)))
+    position = data.draw(st.integers(0, len(payload) - 1))
+    payload[position] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(CodecError):
+        codec.decode(bytes(payload), numel)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@FEW
+@given(data=st.data())
+def test_truncated_and_oversized_are_rejected_by_name(name, data):
+    codec = get_codec(name)
+    numel = data.draw(st.integers(0, 300))
+    payload = codec.encode(torch.randn(numel))
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    with pytest.raises(CodecError, match="truncated"):
+        codec.decode(payload[:cut], numel)
+    extra = data.draw(st.binary(min_size=1, max_size=64))
+    with pytest.raises(CodecError, match="oversized"):
+        codec.decode(payload + extra, numel)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_format_numel_magic_version(name):
+    codec = get_codec(name)
+    payload = codec.encode(torch.randn(200))
+    for other in NAMES:
+        if other != name:
+            with pytest.raises(CodecError, match=f"payload is {name}, decoder is {other}"):
+                get_codec(other).decode(payload, 200)
+    body = payload[codecs.HEADER_SIZE :]
+    with pytest.raises(CodecError, match="unknown format id 99"):
+        codec.decode(forge(codec, 200, body, format_id=99), 200)
+    with pytest.raises(CodecError, match="numel mismatch: header says 200, expected 199"):
+        codec.decode(payload, 199)
+    with pytest.raises(CodecError, match="magic"):
+        codec.decode(forge(codec, 200, body, magic=b"XX"), 200)
+    with pytest.raises(CodecError, match="version"):
+        codec.decode(forge(codec, 200, body, version=codecs.VERSION + 1), 200)
+    with pytest.raises(CodecError, match="CRC"):
+        codec.decode(payload[:-1] + bytes([payload[-1] ^ 1]), 200)
+    assert_same_bits(codec.decode(forge(codec, 200, body), 200), codec.decode(payload, 200).numpy())
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -1.0, -1e-30])
+def test_invalid_scale_with_valid_crc_is_rejected(name, scale):
+    codec = get_codec(name)
+    body = bytearray(codec.encode(torch.randn(300))[codecs.HEADER_SIZE :])
+    struct.pack_into("<f", body, 4 * 2, scale)  # third block's scale
+    with pytest.raises(CodecError, match="block scale.*block 2"):
+        codec.decode(forge(codec, 300, bytes(body)), 300)
+
+
+def test_int8_code_minus_128_is_rejected():
+    codec = get_codec("int8")
+    body = bytearray(codec.encode(torch.randn(130))[codecs.HEADER_SIZE :])
+    body[2 * 4 + 129] = 0x80
+    with pytest.raises(CodecError, match="-128"):
+        codec.decode(forge(codec, 130, bytes(body)), 130)
+
+
+@pytest.mark.parametrize("name,dtype", [("fp32", "<f4"), ("fp16", "<f2")])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_values_with_valid_crc_are_rejected(name, dtype, bad):
+    codec = get_codec(name)
+    values = np.ones(10, dtype=dtype)
+    values[7] = bad
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        codec.decode(forge(codec, 10, values.tobytes()), 10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_buffer_types_and_arguments(name):
+    codec = get_codec(name)
+    x = torch.randn(257)
+    payload = codec.encode(x)
+    expected = codec.decode(payload, 257)
+    for data in (bytearray(payload), memoryview(payload), memoryview(b"pad" + payload)[3:]):
+        assert torch.equal(codec.decode(data, 257), expected)
+    with pytest.raises(CodecError, match="bytes"):
+        codec.decode("not bytes", 257)
+    with pytest.raises(CodecError, match="numel"):
+        codec.decode(payload, -1)
+    with pytest.raises(CodecError, match="numel"):
+        codec.wire_size(-1)
+    with pytest.raises(CodecError, match="Tensor"):
+        codec.encode([1.0, 2.0])
+
+
+def test_table_of_formats():
+    assert list(CODECS) == NAMES
+    assert len({codec.format_id for codec in CODECS.values()}) == len(CODECS)
+    assert {name: CODECS[name].bits_per_value for name in NAMES} == {"fp32": 32, "fp16": 16, "int8": 8.25, "fp4": 4.25}
+    assert {name: CODECS[name].block_size for name in NAMES} == {"fp32": 1, "fp16": 1, "int8": 128, "fp4": 128}
+    for name in NAMES:
+        assert get_codec(name) is CODECS[name] and get_codec(name).name == name
+    with pytest.raises(CodecError, match="fp32, fp16, int8, fp4"):
+        get_codec("fp8")

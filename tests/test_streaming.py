@@ -1,0 +1,243 @@
+"""The Streaming DiLoCo core against a naive reference loop, bit for bit in fp32, and its failure guarantee."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from p2p_diloco.averaging import AveragingFailed, FragmentAverage, FragmentAverager, LocalGroup, PendingAverage
+from p2p_diloco.codecs import get_codec
+from p2p_diloco.config import DiLoCoConfig
+from p2p_diloco.fragments import split_fragments
+from p2p_diloco.inner import InnerTrainer
+from p2p_diloco.model import build_model, model_spec
+from p2p_diloco.streaming import StreamingDiLoCo
+
+SPEC = model_spec("tiny")
+
+
+def batches(worker: int, steps: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + worker)
+    return [torch.randint(0, 256, (2, SPEC.seq_len + 1), generator=g) for _ in range(steps)]
+
+
+def reference_fragment_names(model, P):
+    """Naive: block i of model.model.layers goes to fragment i % P, the rest to fragment P."""
+    names = [[] for _ in range(P + 1)]
+    block_param = {}
+    for i, layer in enumerate(model.model.layers):
+        for n, p in layer.named_parameters():
+            block_param[id(p)] = (i, f"model.layers.{i}.{n}")
+    for i, layer in enumerate(model.model.layers):
+        for n, _ in layer.named_parameters():
+            names[i % P].append(f"model.layers.{i}.{n}")
+    for n, p in model.named_parameters():
+        if id(p) not in block_param:
+            names[P].append(n)
+    return names
+
+
+def test_fragments_are_strided_blocks_plus_the_rest():
+    spec = model_spec("small")  # 4 blocks
+    model = build_model(spec, 0)
+    for P in (1, 2, 4):
+        frags = split_fragments(model, P)
+        assert [list(f.names) for f in frags] == reference_fragment_names(model, P)
+        assert sum(f.numel for f in frags) == sum(p.numel() for p in model.parameters())
+    whole = split_fragments(model, 0)
+    assert len(whole) == 1 and whole[0].numel == sum(p.numel() for p in model.parameters())
+
+
+def test_offsets_spread_over_the_period():
+    assert DiLoCoConfig(outer_period=12, fragments=2, tau=1).offsets() == [4, 8, 12]
+    assert DiLoCoConfig(outer_period=100, fragments=3, tau=1).offsets() == [25, 50, 75, 100]
+    assert DiLoCoConfig(outer_period=10, fragments=0, tau=0).offsets() == [10]
+
+
+def naive_run(config: DiLoCoConfig, workers: int, steps: int):
+    """A plain loop over tensors: per-parameter anchors, a hand-written schedule and outer step."""
+    models = [build_model(SPEC, config.seed) for _ in range(workers)]
+    trainers = [InnerTrainer(m, config) for m in models]
+    data = [batches(w, steps) for w in range(workers)]
+    P = config.fragments
+    names = reference_fragment_names(models[0], P)
+    H, n_frag = config.outer_period, P + 1
+    offsets = [(k + 1) * H // n_frag for k in range(n_frag)]
+    starts = {k: {o + j * H for j in range(steps) if o + j * H <= steps} for k, o in enumerate(offsets)}
+    params = [dict(m.named_parameters()) for m in models]
+    anchor = {n: p.detach().clone().float() for n, p in params[0].items()}
+    momentum = {n: torch.zeros_like(a) for n, a in anchor.items()}
+    pending = {}
+    log = []
+    for t in range(1, steps + 1):
+        for w in range(workers):
+            trainers[w].step(data[w][t - 1])
+        for k in range(n_frag):
+            if t in starts[k]:
+                pending[k] = (t, [{n: anchor[n] - params[w][n].detach() for n in names[k]} for w in range(workers)])
+        for k in list(pending):
+            t0, deltas = pending[k]
+            if t0 + config.tau == t:
+                del pending[k]
+                log.append((t, k))
+                for n in names[k]:
+                    avg = torch.zeros_like(anchor[n])
+                    for w in range(workers):
+                        avg += deltas[w][n] * (1.0 / workers)
+                    momentum[n] = config.outer_momentum * momentum[n] + avg
+                    anchor[n] = anchor[n] - config.outer_lr * (avg + config.outer_momentum * momentum[n])
+                    for w in range(workers):
+                        with torch.no_grad():
+                            params[w][n].copy_(config.alpha * params[w][n] + (1 - config.alpha) * anchor[n])
+    return anchor, momentum, params, log
+
+
+def core_run(config: DiLoCoConfig, workers: int, steps: int, group: LocalGroup | None = None):
+    group = group or LocalGroup(workers, get_codec(config.codec))
+    models = [build_model(SPEC, config.seed) for _ in range(workers)]
+    trainers = [InnerTrainer(m, config) for m in models]
+    outer = [StreamingDiLoCo(m, config, group.member(w)) for w, m in enumerate(models)]
+    data = [batches(w, steps) for w in range(workers)]
+    log = []
+    for t in range(1, steps + 1):
+        for w in range(workers):
+            trainers[w].step(data[w][t - 1])
+            outer[w].record_tokens(1)
+        before = list(outer[0].stats.applied)
+        for o in outer:
+            o.start_due_rounds(t)
+        for o in outer:
+            o.finish_due_rounds(t)
+        log += [(t, k) for k in range(len(before)) if outer[0].stats.applied[k] > before[k]]
+    return outer, models, log
+
+
+@pytest.mark.parametrize("tau,alpha", [(0, 0.0), (1, 0.5), (2, 0.3)])
+def test_core_matches_naive_reference_bit_for_bit(tau, alpha):
+    config = DiLoCoConfig(outer_period=9, fragments=2, tau=tau, alpha=alpha, outer_lr=0.7, codec="fp32",
+                          warmup_steps=3, total_steps=40, inner_lr=3e-3)
+    steps = 31
+    anchor, momentum, params, ref_log = naive_run(config, workers=3, steps=steps)
+    outer, models, log = core_run(config, workers=3, steps=steps)
+    assert log == ref_log and len(log) >= 9
+    names = reference_fragment_names(models[0], 2)
+    for k, frag_names in enumerate(names):
+        flat_ref = torch.cat([anchor[n].reshape(-1) for n in frag_names])
+        flat_mom = torch.cat([momentum[n].reshape(-1) for n in frag_names])
+        for o in outer:
+            assert torch.equal(o.anchors[k], flat_ref)
+            assert torch.equal(o.momenta[k], flat_mom)
+    for w, m in enumerate(models):
+        for n, p in m.named_parameters():
+            assert torch.equal(p.detach(), params[w][n].detach()), n
+
+
+def snapshot(o: StreamingDiLoCo):
+    return ([a.clone() for a in o.anchors], [m.clone() for m in o.momenta],
+            [f.flat() for f in o.fragments], copy.deepcopy(o.residuals))
+
+
+def assert_same(a, b):
+    for xs, ys in zip(a[:3], b[:3]):
+        for x, y in zip(xs, ys):
+            assert torch.equal(x, y)
+    if a[3] is not None:
+        for x, y in zip(a[3], b[3]):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_failed_round_leaves_anchor_momentum_and_params_untouched(error_feedback):
+    config = DiLoCoConfig(outer_period=6, fragments=1, tau=1, alpha=0.5, codec="fp4",
+                          error_feedback=error_feedback, warmup_steps=1, total_steps=30, inner_lr=3e-3)
+    failing = {("local", 0, 1)}
+    group = LocalGroup(2, get_codec("fp4"), fail=lambda key: (key.run_id, key.fragment, key.round) in failing)
+    models = [build_model(SPEC, 0) for _ in range(2)]
+    trainers = [InnerTrainer(m, config) for m in models]
+    outer = [StreamingDiLoCo(m, config, group.member(w)) for w, m in enumerate(models)]
+    data = [batches(w, 20) for w in range(2)]
+    checked = False
+    for t in range(1, 21):
+        for w in range(2):
+            trainers[w].step(data[w][t - 1])
+        for o in outer:
+            o.start_due_rounds(t)
+        if t == 9:  # fragment 0 (offset 3) started round 1 at t=9; it fails at its finish
+            before = [snapshot(o) for o in outer]
+            for o in outer:
+                o.finish_due_rounds(t + 1)
+            for o, b in zip(outer, before):
+                assert_same(snapshot(o), b)
+                assert o.stats.failed == [1, 0]
+            checked = True
+            continue
+        for o in outer:
+            o.finish_due_rounds(t)
+    assert checked
+    assert outer[0].stats.applied[0] >= 2  # rounds after the failed one apply again
+    for a, b in zip(outer[0].anchors, outer[1].anchors):
+        assert torch.equal(a, b)
+
+
+class _BadAverager(FragmentAverager):
+    def __init__(self, mean_fn=None, raise_on_begin=False):
+        self.mean_fn, self.raise_on_begin = mean_fn, raise_on_begin
+
+    def begin(self, key, outer_grad, weight):
+        if self.raise_on_begin:
+            raise AveragingFailed("no peers")
+        mean_fn = self.mean_fn
+
+        class P(PendingAverage):
+            def result(self):
+                return FragmentAverage(mean_fn(outer_grad), 2, weight)
+        return P()
+
+
+@pytest.mark.parametrize("averager", [
+    _BadAverager(lambda g: torch.full_like(g, float("nan"))),
+    _BadAverager(lambda g: torch.full_like(g, float("inf"))),
+    _BadAverager(lambda g: g[:-1].clone()),
+    _BadAverager(lambda g: g.double()),
+    _BadAverager(raise_on_begin=True),
+], ids=["nan", "inf", "short", "float64", "begin-fails"])
+def test_untrustworthy_average_is_a_failure(averager):
+    config = DiLoCoConfig(outer_period=4, fragments=1, tau=0, alpha=0.5, codec="fp32", warmup_steps=1)
+    model = build_model(SPEC, 0)
+    trainer = InnerTrainer(model, config)
+    o = StreamingDiLoCo(model, config, averager)
+    for t, b in enumerate(batches(0, 2), start=1):
+        trainer.step(b)
+        o.record_tokens(10)
+    before = snapshot(o)
+    o.sync(2)  # fragment 0 has offset 2
+    assert_same(snapshot(o), before)
+    assert o.stats.failed[0] == 1 and o.stats.applied[0] == 0
+    assert o.tokens_since_sync[0] == 20  # the next round still carries this progress
+
+
+def test_final_rounds_bring_all_progress_into_the_anchors():
+    config = DiLoCoConfig(outer_period=6, fragments=2, tau=1, alpha=0.5, codec="fp32", warmup_steps=1)
+    outer, models, _ = core_run(config, workers=2, steps=10)
+    for o in outer:
+        o.finish_in_flight()
+    for o in outer:
+        o.start_final_rounds(10)
+    for o in outer:
+        o.finish_in_flight()
+    assert not outer[0].in_flight
+    # every fragment had a round that started at step 10
+    assert [s for s in outer[0].stats.applied] == [3, 2, 2]
+    for a, b in zip(outer[0].anchors, outer[1].anchors):
+        assert torch.equal(a, b)
+
+
+def test_anchors_load_into_an_eval_model():
+    config = DiLoCoConfig(outer_period=6, fragments=2, tau=1, codec="fp32", warmup_steps=1)
+    outer, models, _ = core_run(config, workers=2, steps=8)
+    eval_model = build_model(SPEC, 123)
+    outer[0].load_anchors_into(eval_model)
+    for frag, anchor in zip(split_fragments(eval_model, 2), outer[0].anchors):
+        assert torch.equal(frag.flat(), anchor)
