@@ -28,20 +28,20 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--workers", default=4, show_default=True, help="Simulated workers M.")
-@click.option("--steps", default=1500, show_default=True, help="Inner steps per worker (the token budget).")
+@click.option("--steps", default=3000, show_default=True, help="Inner steps per worker (the token budget).")
 @click.option("--methods", default=None, help="Comma-separated methods [default: data_parallel,diloco,"
               "streaming_diloco,streaming_diloco_ef]; also streaming_diloco_fp32.")
-@click.option("--model", default="small", show_default=True, help="Model preset: tiny, small, base.")
+@click.option("--model", default="small", show_default=True, help="Model preset: tiny, small (0.2M), base (0.8M), large (4.8M).")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per worker per inner step.")
-@click.option("--outer-period", "-H", default=None, type=int, help="H, inner steps between syncs of a fragment.")
-@click.option("--fragments", default=None, type=int, help="P, block fragments for streaming methods.")
-@click.option("--tau", default=None, type=int, help="Overlap delay in inner steps.")
-@click.option("--alpha", default=None, type=float, help="Merge weight of the local parameters.")
-@click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate.")
-@click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum.")
-@click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps.")
-@click.option("--inner-lr", default=None, help="Inner AdamW lr for every method, or a comma list to sweep: each "
-              "method runs with each value and reports its best.")
+@click.option("--outer-period", "-H", default=None, type=int, help="H, inner steps between syncs of a fragment [default: 60].")
+@click.option("--fragments", default=None, type=int, help="P, block fragments for streaming methods [default: 2].")
+@click.option("--tau", default=None, type=int, help="Overlap delay in inner steps [default: 1].")
+@click.option("--alpha", default=None, type=float, help="Merge weight of the local parameters [default: 0.5].")
+@click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7].")
+@click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9].")
+@click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100].")
+@click.option("--inner-lr", default=None, help="Inner AdamW lr for every method [default: each method's best of "
+              "the README sweep], or a comma list to sweep: each method runs with each value and reports its best.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
 @click.option("--eval-every", default=100, show_default=True, help="Inner steps between eval points of the curve.")
@@ -79,6 +79,9 @@ def simulate(workers, steps, methods, model, batch_size, outer_period, fragments
     except sim.SimulationFailed as e:
         raise click.ClickException(str(e)) from None
     click.echo()
+    if "sweep" in report:
+        click.echo(sim.sweep_table(report))
+        click.echo()
     click.echo(sim.summary_table(report))
     if json_path:
         sim.write_json(report, json_path)

@@ -1,7 +1,8 @@
 """The embedded default model: a small Llama built from a transformers config, byte-level.
 
 No weights are downloaded: the model is initialised from the run's seed. Presets
-are named; `tiny` is for tests, `small` (0.8M parameters) is the default.
+are named: `tiny` (tests), `small` (0.2M parameters, the default), `base` (0.8M),
+`large` (4.8M).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ class ModelSpec:
 
 PRESETS: dict[str, ModelSpec] = {
     "tiny": ModelSpec(hidden_size=32, layers=2, heads=2, intermediate_size=64, seq_len=32),
-    "small": ModelSpec(hidden_size=128, layers=4, heads=4, intermediate_size=344, seq_len=128),
-    "base": ModelSpec(hidden_size=256, layers=6, heads=8, intermediate_size=688, seq_len=256),
+    "small": ModelSpec(hidden_size=64, layers=4, heads=4, intermediate_size=172, seq_len=128),
+    "base": ModelSpec(hidden_size=128, layers=4, heads=4, intermediate_size=344, seq_len=128),
+    "large": ModelSpec(hidden_size=256, layers=6, heads=8, intermediate_size=688, seq_len=256),
 }
 
 

@@ -49,7 +49,7 @@ DEFAULT_INNER_LR: dict[str, float] = {}
 @dataclass
 class SimSettings:
     workers: int = 4
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 4  # sequences per worker per inner step
     model: str = "small"
     eval_every: int = 100
@@ -257,6 +257,15 @@ def summary_table(report: dict) -> str:
         ratio = f"{dp['wire_bytes_per_worker'] / r['wire_bytes_per_worker']:.0f}x" if dp else "-"
         rows.append(f"{name:>22} {r['eval_loss']:9.4f} {vs:>7} {r['wire_bytes_per_worker'] / 1e6:14.2f} "
                     f"{ratio:>8} {r['wall_s']:7.0f}")
+    return "\n".join(rows)
+
+
+def sweep_table(report: dict) -> str:
+    sw = report["sweep"]
+    lrs = [f"{lr:g}" for lr in sw["inner_lr"]]
+    rows = [f"{'inner lr sweep':>22} " + " ".join(f"{lr:>9}" for lr in lrs) + "  best"]
+    for m, losses in sw["eval_loss"].items():
+        rows.append(f"{m:>22} " + " ".join(f"{losses[lr]:9.4f}" for lr in lrs) + f"  {sw['best_inner_lr'][m]:g}")
     return "\n".join(rows)
 
 
