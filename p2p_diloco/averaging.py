@@ -55,10 +55,25 @@ class PendingAverage(ABC):
         """Wait for the average; raise AveragingFailed if there is none to apply."""
 
 
+@dataclass
+class AgreedState:
+    """A fragment's global state after a round, as the peers that applied it hold it."""
+
+    anchor: torch.Tensor
+    momentum: torch.Tensor
+
+
 class FragmentAverager(ABC):
     @abstractmethod
     def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
         """Start averaging `outer_grad` (flat fp32) for `key`; return at once."""
+
+    def applied(self, key: RoundKey, anchor: torch.Tensor, momentum: torch.Tensor) -> None:
+        """This peer now holds the agreed state of `key` (for serving peers that missed the round)."""
+
+    def recover(self, key: RoundKey) -> AgreedState | None:
+        """After a failed round: the state the peers that applied `key` agree on, verified, or None."""
+        return None
 
 
 def butterfly_parts(numel: int, members: int, block: int) -> list[tuple[int, int]]:

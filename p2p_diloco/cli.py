@@ -18,6 +18,30 @@ def _floats(text: str) -> list[float]:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def diloco_options(f):
+    """The Streaming DiLoCo knobs shared by simulate, host and local-swarm."""
+    for decorator in reversed([
+        click.option("--outer-period", "-H", default=None, type=int,
+                     help="H, inner steps between syncs of a fragment [default: 60]."),
+        click.option("--fragments", default=None, type=int, help="P, block fragments [default: 2]."),
+        click.option("--tau", default=None, type=int, help="Overlap delay in inner steps [default: 1]."),
+        click.option("--alpha", default=None, type=float, help="Merge weight of the local parameters [default: 0.5]."),
+        click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7]."),
+        click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9]."),
+        click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100]."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+_DILOCO_KEYS = ("outer_period", "fragments", "tau", "alpha", "outer_lr", "outer_momentum", "warmup_steps")
+
+
+def _pop_diloco(kwargs: dict) -> dict:
+    """The DiLoCo values the user gave (None = keep the default)."""
+    return {k: v for k in _DILOCO_KEYS if (v := kwargs.pop(k)) is not None}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
@@ -33,13 +57,7 @@ def main(verbose: bool) -> None:
               "streaming_diloco,streaming_diloco_ef]; also streaming_diloco_fp32.")
 @click.option("--model", default="small", show_default=True, help="Model preset: tiny, small (0.2M), base (0.8M), large (4.8M).")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per worker per inner step.")
-@click.option("--outer-period", "-H", default=None, type=int, help="H, inner steps between syncs of a fragment [default: 60].")
-@click.option("--fragments", default=None, type=int, help="P, block fragments for streaming methods [default: 2].")
-@click.option("--tau", default=None, type=int, help="Overlap delay in inner steps [default: 1].")
-@click.option("--alpha", default=None, type=float, help="Merge weight of the local parameters [default: 0.5].")
-@click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7].")
-@click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9].")
-@click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100].")
+@diloco_options
 @click.option("--inner-lr", default=None, help="Inner AdamW lr for every method [default: each method's best of "
               "the README sweep], or a comma list to sweep: each method runs with each value and reports its best.")
 @click.option("--seed", default=0, show_default=True)
@@ -48,20 +66,15 @@ def main(verbose: bool) -> None:
 @click.option("--jobs", default=None, type=int, help="Methods run in parallel [default: CPU cores].")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON here.")
 @click.option("--plot", "plot_path", default=None, help="PNG of eval loss against tokens [default: next to --json].")
-def simulate(workers, steps, methods, model, batch_size, outer_period, fragments, tau, alpha, outer_lr,
-             outer_momentum, warmup_steps, inner_lr, seed, data, eval_every, jobs, json_path, plot_path):
+def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, eval_every, jobs, json_path,
+             plot_path, **diloco):
     """Compare data-parallel, DiLoCo and Streaming DiLoCo in one process on the same token budget."""
     from . import simulate as sim
 
     method_list = [m.strip() for m in methods.split(",")] if methods else list(sim.DEFAULT_METHODS)
-    base = dict(seed=seed)
-    for name, value in [("outer_period", outer_period), ("fragments", fragments), ("tau", tau),
-                        ("alpha", alpha), ("outer_lr", outer_lr), ("outer_momentum", outer_momentum),
-                        ("warmup_steps", warmup_steps)]:
-        if value is not None:
-            base[name] = value
+    base = dict(seed=seed, **_pop_diloco(diloco))
     settings = sim.SimSettings(workers=workers, steps=steps, batch_size=batch_size, model=model,
-                               eval_every=eval_every, data=list(data), base={**sim.DEFAULT_BASE, **base},
+                               eval_every=eval_every, data=list(data), base=base,
                                inner_lr=dict(sim.DEFAULT_INNER_LR))
     if workers < 1 or steps < 1 or batch_size < 1 or eval_every < 1:
         raise click.UsageError("--workers, --steps, --batch-size and --eval-every must be >= 1")
@@ -90,6 +103,168 @@ def simulate(workers, steps, methods, model, batch_size, outer_period, fragments
     if plot_path:
         sim.plot(report, plot_path)
         click.echo(f"plot: {plot_path}")
+
+
+def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout, target_group_size,
+                data, diloco_values):
+    from .config import DiLoCoConfig
+    from .model import model_spec
+    from .records import RecordError, RunConfig, check_run_id
+
+    try:
+        check_run_id(run_id)
+        values = dict(diloco_values, codec=codec, seed=seed, total_steps=total_steps)
+        if inner_lr is not None:
+            values["inner_lr"] = inner_lr
+        config = DiLoCoConfig(**values)
+        spec = model_spec(model)
+    except (ConfigError, RecordError) as e:
+        raise click.UsageError(str(e)) from None
+    if batch_size < 1 or round_timeout <= 0 or (target_group_size is not None and target_group_size < 2):
+        raise click.UsageError("--batch-size must be >= 1, --round-timeout > 0, --target-group-size >= 2")
+    return RunConfig(run_id, config, spec, batch_size, data or "Python standard library sources", float(round_timeout),
+                     target_group_size)
+
+
+def run_options(f):
+    """What a run is: published by the host, built by local-swarm."""
+    for decorator in reversed([
+        click.option("--run-id", default="default", show_default=True, help="Names the run; namespaces DHT keys."),
+        click.option("--model", default="small", show_default=True, help="Model preset: tiny, small, base, large."),
+        click.option("--batch-size", default=4, show_default=True, help="Sequences per peer per inner step."),
+        click.option("--inner-lr", default=None, type=float, help="Inner AdamW lr [default: the README sweep's best]."),
+        click.option("--codec", default="fp4", show_default=True, type=click.Choice(["fp32", "fp16", "int8", "fp4"]),
+                     help="Payload format on the wire."),
+        click.option("--seed", default=0, show_default=True, help="Initial parameters of the run."),
+        click.option("--round-timeout", default=60.0, show_default=True,
+                     help="Seconds a peer waits for a round's group and all-reduce."),
+        click.option("--target-group-size", default=None, type=int,
+                     help="Peers a group waits for before it starts at once [default: whoever comes in time]."),
+        diloco_options,
+    ]):
+        f = decorator(f)
+    return f
+
+
+@main.command()
+@run_options
+@click.option("--total-steps", default=3000, show_default=True, help="Length of the inner lr schedule.")
+@click.option("--initial-peers", multiple=True, help="Join an existing DHT (several hosts may serve one run).")
+@click.option("--host-maddrs", multiple=True, help="Listen addresses [default: /ip4/127.0.0.1/tcp/0]; "
+              "e.g. /ip4/0.0.0.0/tcp/31337 to accept peers from other machines.")
+@click.option("--identity", "identity_path", default=None, help="Key file: keeps the peer id (and address) "
+              "across restarts; created if missing.")
+@click.option("--run-config", "run_config_path", default=None, hidden=True, help="A msgpack RunConfig (local-swarm).")
+@click.option("--maddrs-file", default=None, hidden=True, help="Write the visible addresses here (local-swarm).")
+def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size, total_steps,
+         initial_peers, host_maddrs, identity_path, run_config_path, maddrs_file, **diloco):
+    """Bootstrap DHT node for a run: publishes the run config and stays up until Ctrl-C."""
+    from .records import RecordError, RunConfig
+    from .swarm.host import run_host
+
+    if run_config_path:
+        try:
+            with open(run_config_path, "rb") as f:
+                run = RunConfig.decode(f.read())
+        except (OSError, RecordError) as e:
+            raise click.UsageError(f"--run-config {run_config_path}: {e}") from None
+    else:
+        run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout,
+                          target_group_size, None, _pop_diloco(diloco))
+    run_host(run, list(initial_peers), list(host_maddrs), identity_path, maddrs_file)
+
+
+@main.command()
+@click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any live peer of the run.")
+@click.option("--run-id", default="default", show_default=True)
+@click.option("--steps", default=None, type=int, help="Inner steps to train [default: until Ctrl-C].")
+@click.option("--bandwidth", default=None, type=float, help="Declared bandwidth, for load balancing.")
+@click.option("--client-mode", is_flag=True, help="For peers that cannot accept incoming connections.")
+@click.option("--host-maddrs", multiple=True, help="Listen addresses [default: /ip4/127.0.0.1/tcp/0].")
+@click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
+@click.option("--summary", "summary_path", default=None, help="Write a JSON summary here at the end.")
+@click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice].")
+@click.option("--progress-json", is_flag=True, hidden=True)
+@click.option("--final-sync", is_flag=True, hidden=True)
+def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data, summary_path, threads,
+         progress_json, final_sync):
+    """Train with a run: read its config from the DHT, average fragments with its peers."""
+    from .records import RecordError
+    from .swarm.peer import JoinOptions, run_peer
+
+    if steps is not None and steps < 1:
+        raise click.UsageError("--steps must be >= 1")
+    opts = JoinOptions(list(initial_peers), run_id, steps, bandwidth, client_mode,
+                       list(host_maddrs) or ["/ip4/127.0.0.1/tcp/0"], list(data), summary_path, progress_json,
+                       final_sync, threads)
+    try:
+        summary = run_peer(opts)
+    except (RecordError, TimeoutError, ConfigError) as e:
+        raise click.ClickException(str(e)) from None
+    if not progress_json:
+        click.echo(f"done: {summary['inner_steps']} steps, rounds {summary['rounds']}, "
+                   f"eval loss {summary['eval_loss']:.4f}, sent {summary['wire_bytes_sent'] / 1e6:.2f} MB")
+
+
+@main.command("local-swarm")
+@click.option("--peers", default=4, show_default=True, help="Trainer processes.")
+@click.option("--steps", default=1200, show_default=True, help="Inner steps per trainer.")
+@run_options
+@click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
+@click.option("--timeout", default=1800.0, show_default=True, help="Give up after this many seconds.")
+@click.option("--json", "json_path", default=None, help="Write the summary as JSON here.")
+def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size,
+                data, timeout, json_path, **diloco):
+    """A host and N trainers as separate processes on 127.0.0.1."""
+    import json
+
+    from .swarm.local_swarm import LocalSwarm
+
+    if peers < 1 or steps < 1:
+        raise click.UsageError("--peers and --steps must be >= 1")
+    run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
+                      target_group_size or (peers if peers >= 2 else None), None, _pop_diloco(diloco))
+    swarm = LocalSwarm(run, peers, steps, data=list(data))
+    try:
+        report = swarm.run_all(timeout)
+    except (RuntimeError, TimeoutError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo()
+    click.echo(f"{'peer':>54} {'steps':>6} {'rounds':>10} {'eval_loss':>9} {'sent MB':>8} {'recv MB':>8}")
+    for p in report["peers"]:
+        click.echo(f"{p['peer_id']:>54} {p['inner_steps']:6d} {'/'.join(map(str, p['rounds'])):>10} "
+                   f"{p['eval_loss']:9.4f} {p['wire_bytes_sent'] / 1e6:8.2f} {p['wire_bytes_received'] / 1e6:8.2f}")
+    click.echo(f"consensus: {report['consensus']}   wall: {report['wall_s']:.0f}s   logs: {report['workdir']}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+        click.echo(f"report: {json_path}")
+
+
+@main.command()
+@click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any live peer of the run.")
+@click.option("--run-id", default="default", show_default=True)
+def status(initial_peers, run_id):
+    """Who is in the run: step, rounds, throughput and bytes, read from the DHT."""
+    from .records import RecordError
+    from .swarm.dht import fetch_progress, fetch_run_config, start_dht
+
+    dht = start_dht(list(initial_peers), client_mode=True)
+    try:
+        try:
+            run = fetch_run_config(dht, run_id, timeout=10)
+            click.echo(f"run {run.run_id}: model {run.model.to_dict()}, H={run.diloco.outer_period}, "
+                       f"fragments={run.diloco.fragments}, codec={run.diloco.codec}")
+        except (RecordError, TimeoutError) as e:
+            click.echo(f"run config: {e}", err=True)
+        peers = fetch_progress(dht, run_id)
+        click.echo(f"{len(peers)} peer(s)")
+        for p in peers:
+            click.echo(f"  {p.peer_id}  step {p.step:6d}  rounds {'/'.join(map(str, p.rounds)):>10}  "
+                       f"{p.tokens_per_s:8.0f} tok/s  sent {p.bytes_sent / 1e6:8.2f} MB  "
+                       f"recv {p.bytes_received / 1e6:8.2f} MB")
+    finally:
+        dht.shutdown()
 
 
 if __name__ == "__main__":

@@ -39,9 +39,6 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "streaming_diloco_fp32": dict(codec="fp32"),
 }
 DEFAULT_METHODS = ("data_parallel", "diloco", "streaming_diloco", "streaming_diloco_ef")
-# DiLoCoConfig values every method shares by default
-DEFAULT_BASE: dict[str, Any] = dict(outer_period=60, fragments=2, tau=1, alpha=0.5, outer_lr=0.7,
-                                    outer_momentum=0.9, warmup_steps=100)
 # each method's inner lr, the best of the sweep reported in the README
 DEFAULT_INNER_LR: dict[str, float] = {}
 
@@ -196,6 +193,7 @@ def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int) -> dict[str, d
                 label, method, settings = todo.pop(0)
                 running[label] = ctx.Process(target=_worker, args=(label, method, settings, queue), daemon=True)
                 running[label].start()
+                bars[label].reset()  # the rate and elapsed time count from now, not from when the bar was made
             try:
                 kind, label, *rest = queue.get(timeout=1.0)
             except Exception:  # queue.Empty: check for workers that died without a word

@@ -15,8 +15,11 @@ Guarantees:
     the mean every member of the group received, so peers that started equal stay
     bit-identical.
   * failure (the averager raises, or returns a mean of the wrong size or with a
-    non-finite value): anchor_k, m_k, the working parameters and the
-    error-feedback residual stay exactly as they were; the round is counted as
+    non-finite value): if the averager can hand over the state the peers that
+    applied the round agree on (verified by hash; `FragmentAverager.recover`),
+    this peer adopts it (anchor_k, m_k) and merges as after a success, so it stays
+    in step; otherwise anchor_k, m_k, the working parameters and the
+    error-feedback residual stay exactly as they were, the round is counted as
     failed and the next round's outer gradient carries all progress since the
     last applied round.
   * crash: anchors and momenta only change inside `finish`, between two complete
@@ -54,6 +57,7 @@ class RoundStats:
     applied: list[int]
     failed: list[int]
     peers_last: list[int] = field(default_factory=list)
+    recovered: list[int] = field(default_factory=list)  # applied rounds taken from the swarm after a local failure
 
 
 class StreamingDiLoCo:
@@ -73,7 +77,7 @@ class StreamingDiLoCo:
         self.tokens_since_sync = [0] * len(self.fragments)
         self.in_flight: dict[int, _InFlight] = {}
         n = len(self.fragments)
-        self.stats = RoundStats([0] * n, [0] * n, [0] * n, [0] * n)
+        self.stats = RoundStats([0] * n, [0] * n, [0] * n, [0] * n, [0] * n)
 
     # -- schedule ---------------------------------------------------------
     def round_at(self, fragment: int, step: int) -> int | None:
@@ -152,6 +156,9 @@ class StreamingDiLoCo:
             if not bool(torch.isfinite(mean).all()):
                 raise AveragingFailed(f"{flight.key}: mean holds non-finite values")
         except AveragingFailed as e:
+            if self._adopt_agreed_state(k, flight.key):
+                log.warning("round failed here (%s); adopted the agreed state of %s from the swarm", e, flight.key)
+                return
             self.stats.failed[k] += 1
             self.tokens_since_sync[k] += flight.tokens  # the next round carries this progress
             log.warning("round not applied, fragment %d keeps its anchor: %s", k, e)
@@ -161,13 +168,40 @@ class StreamingDiLoCo:
             self.residuals[k] = flight.residual_after
         self.stats.applied[k] += 1
         self.stats.peers_last[k] = avg.peers
+        self.averager.applied(flight.key, self.anchors[k], self.momenta[k])
+
+    def _adopt_agreed_state(self, k: int, key: RoundKey) -> bool:
+        try:
+            state = self.averager.recover(key)
+        except AveragingFailed as e:
+            log.warning("could not recover %s from the swarm: %s", key, e)
+            return False
+        if state is None:
+            return False
+        n = self.anchors[k].numel()
+        for name, t in (("anchor", state.anchor), ("momentum", state.momentum)):
+            if t.dtype != torch.float32 or t.numel() != n or not bool(torch.isfinite(t).all()):
+                log.warning("refusing recovered %s of %s: %d %s values, expected %d finite float32",
+                            name, key, t.numel(), t.dtype, n)
+                return False
+        self.anchors[k] = state.anchor.reshape(-1).clone()
+        self.momenta[k] = state.momentum.reshape(-1).clone()
+        self._merge(k)
+        self.stats.applied[k] += 1
+        self.stats.recovered[k] += 1
+        self.averager.applied(key, self.anchors[k], self.momenta[k])
+        return True
 
     def _apply(self, k: int, avg: torch.Tensor) -> None:
         cfg = self.config
-        mu, lr, alpha = cfg.outer_momentum, cfg.outer_lr, cfg.alpha
+        mu, lr = cfg.outer_momentum, cfg.outer_lr
         m = self.momenta[k]
         m.mul_(mu).add_(avg)
         self.anchors[k].sub_(lr * (avg + mu * m))
+        self._merge(k)
+
+    def _merge(self, k: int) -> None:
+        alpha = self.config.alpha
         if alpha == 0.0:
             merged = self.anchors[k]
         else:

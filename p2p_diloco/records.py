@@ -1,0 +1,157 @@
+"""Records peers publish in the DHT, encoded with msgpack, versioned and validated on read.
+
+A record is a msgpack map with `v` (the protocol version) and `kind`. Reading
+checks the version, the kind, every field's type and range; a record that fails
+raises `RecordError` naming the field, and callers log it and ignore the record
+(a malformed record never crashes a peer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+from .config import ConfigError, DiLoCoConfig
+from .model import ModelSpec
+
+PROTOCOL_VERSION = 1
+MAX_RECORD_BYTES = 16 * 1024  # DHT values must stay far below hivemind's 64 KiB limit
+
+
+class RecordError(ValueError):
+    """A record from the DHT or a peer is malformed; the message names the problem."""
+
+
+def _unpack(data: Any, kind: str) -> dict:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise RecordError(f"{kind} record: expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(f"{kind} record: {len(data)} bytes, more than the {MAX_RECORD_BYTES} allowed")
+    try:
+        obj = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several types for garbage
+        raise RecordError(f"{kind} record: not valid msgpack ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise RecordError(f"{kind} record: expected a map, got {type(obj).__name__}")
+    version = obj.get("v")
+    if version != PROTOCOL_VERSION:
+        raise RecordError(f"{kind} record: protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}")
+    if obj.get("kind") != kind:
+        raise RecordError(f"{kind} record: kind is {obj.get('kind')!r}")
+    return obj
+
+
+def _pack(kind: str, body: dict) -> bytes:
+    data = msgpack.packb({"v": PROTOCOL_VERSION, "kind": kind, **body}, use_bin_type=True)
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(f"{kind} record: {len(data)} bytes, more than the {MAX_RECORD_BYTES} allowed")
+    return data
+
+
+def _get(obj: dict, kind: str, name: str, types: type | tuple[type, ...]) -> Any:
+    if name not in obj:
+        raise RecordError(f"{kind} record: missing field {name!r}")
+    value = obj[name]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise RecordError(f"{kind} record: field {name!r} must be {types}, got bool")
+    if not isinstance(value, types):
+        raise RecordError(f"{kind} record: field {name!r} must be {types}, got {type(value).__name__}")
+    return value
+
+
+def _count(obj: dict, kind: str, name: str) -> int:
+    value = _get(obj, kind, name, int)
+    if value < 0:
+        raise RecordError(f"{kind} record: field {name!r} is negative")
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every peer of a run must agree on; published by the host under the run id."""
+
+    run_id: str
+    diloco: DiLoCoConfig
+    model: ModelSpec
+    batch_size: int
+    data: str  # a description of the data, for humans; every peer reads its own
+    round_timeout: float = 60.0  # seconds a peer waits for a round's group and all-reduce
+    target_group_size: int | None = None  # a group forms at once when this many peers are in it
+
+    def encode(self) -> bytes:
+        return _pack("run_config", {"run_id": self.run_id, "diloco": self.diloco.to_dict(),
+                                    "model": self.model.to_dict(), "batch_size": self.batch_size,
+                                    "data": self.data, "round_timeout": self.round_timeout,
+                                    "target_group_size": self.target_group_size})
+
+    @classmethod
+    def decode(cls, data: Any) -> "RunConfig":
+        kind = "run_config"
+        obj = _unpack(data, kind)
+        run_id = _get(obj, kind, "run_id", str)
+        check_run_id(run_id)
+        try:
+            diloco = DiLoCoConfig.from_dict(_get(obj, kind, "diloco", dict))
+        except ConfigError as e:
+            raise RecordError(f"{kind} record: bad diloco config: {e}") from None
+        spec = _get(obj, kind, "model", dict)
+        try:
+            model = ModelSpec(**spec)
+        except TypeError as e:
+            raise RecordError(f"{kind} record: bad model spec: {e}") from None
+        for name, value in asdict(model).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RecordError(f"{kind} record: model {name} must be a positive integer, got {value!r}")
+        batch_size = _count(obj, kind, "batch_size")
+        if batch_size < 1:
+            raise RecordError(f"{kind} record: batch_size must be >= 1")
+        round_timeout = _get(obj, kind, "round_timeout", (int, float))
+        if not math.isfinite(round_timeout) or round_timeout <= 0:
+            raise RecordError(f"{kind} record: round_timeout must be a positive number")
+        target = obj.get("target_group_size")
+        if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 2):
+            raise RecordError(f"{kind} record: target_group_size must be nil or an integer >= 2")
+        return cls(run_id, diloco, model, batch_size, _get(obj, kind, "data", str), float(round_timeout), target)
+
+
+@dataclass(frozen=True)
+class PeerProgress:
+    """What a trainer tells the swarm about itself, refreshed every few seconds."""
+
+    peer_id: str
+    step: int
+    rounds: list[int] = field(default_factory=list)  # rounds applied, per fragment
+    tokens_per_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    loss: float | None = None
+
+    def encode(self) -> bytes:
+        return _pack("peer_progress", asdict(self))
+
+    @classmethod
+    def decode(cls, data: Any) -> "PeerProgress":
+        kind = "peer_progress"
+        obj = _unpack(data, kind)
+        rounds = _get(obj, kind, "rounds", list)
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rounds):
+            raise RecordError(f"{kind} record: rounds must be a list of non-negative integers")
+        tps = _get(obj, kind, "tokens_per_s", (int, float))
+        if not math.isfinite(tps) or tps < 0:
+            raise RecordError(f"{kind} record: tokens_per_s must be a finite number >= 0")
+        loss = obj.get("loss")
+        if loss is not None and (not isinstance(loss, (int, float)) or isinstance(loss, bool)):
+            raise RecordError(f"{kind} record: loss must be a number or nil")
+        return cls(_get(obj, kind, "peer_id", str), _count(obj, kind, "step"), list(rounds), float(tps),
+                   _count(obj, kind, "bytes_sent"), _count(obj, kind, "bytes_received"),
+                   None if loss is None else float(loss))
+
+
+def check_run_id(run_id: str) -> str:
+    """Run ids namespace DHT keys and averager prefixes: letters, digits, '-' and '_' only."""
+    if not run_id or len(run_id) > 64 or not all(c.isalnum() or c in "-_" for c in run_id):
+        raise RecordError(f"run id {run_id!r}: use 1-64 letters, digits, '-' or '_'")
+    return run_id

@@ -1,0 +1,425 @@
+"""The core's `FragmentAverager` over hivemind: its DHT and matchmaking, our codecs and our butterfly.
+
+Why not hivemind's own all-reduce (SPEC.md §3, measured): its tensors travel
+through a closed protobuf enum, so our codecs cannot; a failed sender or reducer
+is dropped silently and `step()` still "succeeds"; and it adds each peer's delta
+to its own unquantized tensor, so peers end with different values. We keep
+hivemind's matchmaking (one `DecentralizedAverager` per fragment, group bits =
+the round, so a group only ever holds one run, fragment and round) and replace
+`_aggregate_with_group`:
+
+* every member checks the gathered metadata (run, fragment, round, codec, size,
+  weight); any mismatch fails the round for the whole group, naming the peer;
+* the vector is cut into one part per non-client member (by declared bandwidth,
+  at codec block boundaries); each member sends its encoded part to that part's
+  reducer over `rpc_codec_part`; the reducer decodes and validates each
+  contribution, accumulates in fp32 weighted by tokens, encodes the mean once
+  and streams the same bytes back to every member, itself included;
+* a member writes the result only when every part arrived and decoded:
+  all or nothing. Any failure raises, so `step()` fails and the core keeps its
+  anchor.
+
+Bytes sent and received are the payload bytes that crossed the wire.
+
+A peer whose round failed while others applied it catches up: every peer that
+applies a round publishes the round's state hash (sha256 of anchor and momentum)
+in the DHT and keeps a copy of that state to serve; the peer that missed it picks
+the majority hash, downloads the state from a peer holding it over
+`rpc_fragment_state`, checks the hash, and adopts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import logging
+import math
+import signal
+import time
+from typing import AsyncIterator
+
+import msgpack
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.averaging.partition import AllreduceException
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import aiter_with_timeout, anext, enter_asynchronously
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.streaming import combine_from_streaming
+
+from ..averaging import AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage, RoundKey
+from ..codecs import Codec, CodecError, get_codec
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 19
+_CLIENT_MODE = 1  # hivemind.averaging.averager.AveragingMode.CLIENT
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (no orphaned averagers or p2pd)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: orphans are then possible after a SIGKILL of the parent
+        pass
+
+
+def block_aligned_parts(numel: int, fractions: list[float], block: int) -> list[tuple[int, int]]:
+    """Cut [0, numel) by `fractions` (summing to 1) with inner boundaries on `block` multiples."""
+    blocks = math.ceil(numel / block)
+    bounds, acc = [0], 0.0
+    for f in fractions[:-1]:
+        acc += f
+        bounds.append(min(numel, round(acc * blocks) * block))
+    bounds.append(numel)
+    for i in range(1, len(bounds)):
+        bounds[i] = max(bounds[i], bounds[i - 1])
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class _Reduction:
+    """The reducer's side of one part of one round: every member's payload in, one encoded mean out."""
+
+    def __init__(self, codec: Codec, numel: int, peers: list[PeerID], weights: list[float], me: PeerID):
+        self.codec, self.numel, self.me = codec, numel, me
+        self.peers = peers
+        self.weights = dict(zip(peers, weights))
+        self.total_weight = float(sum(weights))
+        self.parts: dict[PeerID, torch.Tensor] = {}
+        self.bytes_in = 0
+        self.result: asyncio.Future[bytes] = asyncio.get_event_loop().create_future()
+
+    def add(self, peer: PeerID, weight: float, payload: bytes) -> None:
+        if self.result.done():
+            return
+        try:
+            if peer not in self.weights or peer in self.parts:
+                raise AllreduceException(f"unexpected or duplicate part from {peer}")
+            if weight != self.weights[peer]:
+                raise AllreduceException(f"peer {peer} sent weight {weight}, declared {self.weights[peer]}")
+            self.parts[peer] = self.codec.decode(payload, self.numel)
+            if peer != self.me:
+                self.bytes_in += len(payload)
+        except (CodecError, AllreduceException) as e:
+            self.fail(AllreduceException(f"refused part from {peer}: {e}"))
+            return
+        if len(self.parts) == len(self.peers):
+            acc = torch.zeros(self.numel, dtype=torch.float32)
+            for p in self.peers:  # a fixed order: the group order
+                acc += self.parts[p] * (self.weights[p] / self.total_weight)
+            self.parts.clear()
+            self.result.set_result(self.codec.encode(acc))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.result.done():
+            self.result.set_exception(error)
+
+
+class CodecAverager(DecentralizedAverager):
+    """One fragment's averager process. Every peer of a run must use this class (RPC names embed it)."""
+
+    _rpc_handlers = None  # hivemind collects rpc_* per class; a subclass must not inherit the parent's list
+
+    def __init__(self, numel: int, codec_name: str, **kwargs):
+        self.codec_name = codec_name
+        self.numel = numel
+        super().__init__([torch.zeros(numel, dtype=torch.float32)], **kwargs)
+
+    def run(self):
+        die_with_parent()
+        super().run()
+
+    # -- serving and fetching a round's agreed state (runs as hivemind's get_current_state) ---------
+    served: tuple[dict, list[torch.Tensor]] | None = None  # set in the peer's main process
+
+    def get_current_state(self):
+        """Called in the peer's main process when another peer downloads this fragment's state."""
+        served = self.served
+        if served is None:
+            return {"none": True}, []
+        return served
+
+    async def _download_from(self, peer: str, timeout: float, future) -> None:
+        """Averager process: fetch (metadata, anchor bytes, momentum bytes) from one chosen peer."""
+        try:
+            stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            metadata, tensors, current = None, [], []
+            async for msg in aiter_with_timeout(stream, timeout=timeout):
+                if msg.metadata:
+                    metadata = msg.metadata
+                if msg.tensor_part.dtype and current:  # a dtype marks the first chunk of the next tensor
+                    tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+                    current = []
+                current.append(msg.tensor_part)
+            if current:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+            future.set_result((metadata, tensors))  # tensors, not protobufs: they cross a process boundary
+        except BaseException as e:
+            if not future.done():
+                future.set_exception(e)
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, weight: float | None = None,
+                                    **kwargs) -> dict:
+        codec = get_codec(self.codec_name)
+        peers = list(group_info.peer_ids)
+        me = peers.index(self.peer_id)
+        try:
+            bandwidths, modes, user = zip(*map(self.serializer.loads, group_info.gathered))
+            meta = [self.serializer.loads(u) for u in user]
+        except Exception as e:
+            raise AllreduceException(f"malformed group metadata: {e}") from None
+        mine = meta[me]
+        for peer, m in zip(peers, meta):
+            if not isinstance(m, dict):
+                raise AllreduceException(f"peer {peer} sent no round metadata")
+            for field in ("run", "fragment", "round", "codec", "numel"):
+                if m.get(field) != mine.get(field):
+                    raise AllreduceException(f"group mismatch: peer {peer} has {field}={m.get(field)!r}, "
+                                             f"this peer {mine.get(field)!r}; refusing to mix")
+            w = m.get("weight")
+            if not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+                raise AllreduceException(f"peer {peer} declared weight {w!r}")
+        total_weight = float(sum(m["weight"] for m in meta))
+        reducers = [i for i, mode in enumerate(modes) if mode != _CLIENT_MODE]
+        if not reducers:
+            raise AllreduceException("no member can reduce (all in client mode)")
+        loop = asyncio.get_event_loop()
+        counts = await loop.run_in_executor(  # hivemind's LP: elements per reducer by declared bandwidth
+            None, load_balance_peers, self.numel, [float(bandwidths[i] or 0) or 1.0 for i in reducers], 0)
+        parts = block_aligned_parts(self.numel, [c / max(sum(counts), 1) for c in counts], codec.block_size)
+        owner_part = {reducers[j]: parts[j] for j in range(len(reducers))}
+        timeout = self._allreduce_timeout
+        sent = received = 0
+
+        reduction = None
+        if me in owner_part:
+            lo, hi = owner_part[me]
+            reduction = _Reduction(codec, hi - lo, peers, [float(m["weight"]) for m in meta], self.peer_id)
+        self._running_groups[group_info.group_id].set_result(reduction)
+
+        async with enter_asynchronously(self.get_tensors()) as tensors:
+            flat = tensors[0].view(-1)
+            out = torch.empty_like(flat)
+
+            async def exchange(owner: int) -> None:
+                nonlocal sent, received
+                lo, hi = owner_part[owner]
+                payload = await loop.run_in_executor(None, codec.encode, flat[lo:hi])
+                if owner == me:
+                    reduction.add(self.peer_id, float(mine["weight"]), payload)
+                    mean = await asyncio.wait_for(asyncio.shield(reduction.result), timeout)
+                else:
+                    stub = type(self).get_stub(self._p2p, peers[owner], namespace=self.prefix)
+                    sent += len(payload)
+                    stream = await stub.rpc_codec_part(self._chunks(group_info.group_id, float(mine["weight"]), payload))
+                    pieces = []
+                    async for msg in aiter_with_timeout(stream, timeout):
+                        if msg.code != averaging_pb2.AVERAGED_PART:
+                            raise AllreduceException(f"reducer {peers[owner]} answered "
+                                                     f"{averaging_pb2.MessageCode.Name(msg.code)}")
+                        pieces.append(msg.tensor_part.buffer)
+                    mean = b"".join(pieces)
+                    received += len(mean)
+                try:
+                    out[lo:hi] = await loop.run_in_executor(None, codec.decode, mean, hi - lo)
+                except CodecError as e:
+                    raise AllreduceException(f"mean from {peers[owner]} refused: {e}") from None
+
+            try:
+                await asyncio.gather(*(exchange(owner) for owner in owner_part))
+            except BaseException as e:
+                if reduction is not None:
+                    reduction.fail(AllreduceException(f"this reducer's round failed: {e!r}"))
+                raise AllreduceException(f"round failed: {e!r}") from e
+            if reduction is not None:  # every other member sent us its part and takes our encoded mean
+                sent += len(reduction.result.result()) * (len(peers) - 1)
+                received += reduction.bytes_in
+            flat.copy_(out)  # all or nothing
+        return {"peers": len(peers), "weight": total_weight, "sent": sent, "received": received}
+
+    @staticmethod
+    async def _chunks(group_id: bytes, weight: float, payload: bytes) -> AsyncIterator[averaging_pb2.AveragingData]:
+        for i in range(0, max(len(payload), 1), CHUNK_BYTES):
+            yield averaging_pb2.AveragingData(
+                code=averaging_pb2.PART_FOR_AVERAGING, group_id=group_id if i == 0 else b"", weight=weight,
+                tensor_part=runtime_pb2.Tensor(buffer=payload[i:i + CHUNK_BYTES]))
+
+    async def rpc_codec_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                             ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """A group member sends us its encoded part; we answer with the encoded mean of that part."""
+        first = await anext(stream)
+        if first.group_id not in self._running_groups:
+            await self._pending_groups_registered.wait()
+        future = self._running_groups.get(first.group_id)
+        if future is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        reduction: _Reduction | None = await future
+        if reduction is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        try:
+            expected = reduction.codec.wire_size(reduction.numel)
+            buf = bytearray(first.tensor_part.buffer)
+            async for msg in aiter_with_timeout(stream, self._allreduce_timeout):
+                buf += msg.tensor_part.buffer
+                if len(buf) > expected:
+                    break
+            reduction.add(context.remote_id, first.weight, bytes(buf))
+            mean = await asyncio.wait_for(asyncio.shield(reduction.result), self._allreduce_timeout)
+        except Exception as e:
+            reduction.fail(AllreduceException(f"part from {context.remote_id}: {e!r}"))
+            yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
+            return
+        for i in range(0, len(mean), CHUNK_BYTES):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
+                                              tensor_part=runtime_pb2.Tensor(buffer=mean[i:i + CHUNK_BYTES]))
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """hivemind's own all-reduce is refused: our peers only speak rpc_codec_part."""
+        yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+
+
+class SwarmAverager(FragmentAverager):
+    """One `CodecAverager` per fragment, all on one DHT; `begin` starts a round in the background."""
+
+    def __init__(self, dht, run_id: str, fragment_sizes: list[int], codec_name: str, *, round_timeout: float,
+                 target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
+                 bandwidth: float | None = None, client_mode: bool = False):
+        self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
+        self.dht = dht
+        self.peer_id = str(dht.peer_id)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        previous = signal.getsignal(signal.SIGINT)
+        self.averagers = [
+            CodecAverager(numel, codec_name, dht=dht, prefix=f"{run_id}_f{k}", start=True,
+                          target_group_size=target_group_size, min_group_size=2,
+                          min_matchmaking_time=min_matchmaking_time,
+                          request_timeout=min(1.0, min_matchmaking_time / 2),
+                          allreduce_timeout=round_timeout, next_chunk_timeout=round_timeout,
+                          bandwidth=bandwidth, client_mode=client_mode, declare_state_period=3600)
+            for k, numel in enumerate(fragment_sizes)]
+        signal.signal(signal.SIGINT, previous)  # hivemind makes the creating process ignore Ctrl-C
+
+    def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
+        if key.run_id != self.run_id:
+            raise AveragingFailed(f"{key}: this averager serves run {self.run_id}")
+        av = self.averagers[key.fragment]
+        with av.get_tensors() as tensors:
+            tensors[0].copy_(outer_grad.reshape(-1))
+        av.set_group_bits(format(key.round % (1 << 16), "016b"))
+        meta = {"run": key.run_id, "fragment": key.fragment, "round": key.round, "codec": self.codec_name,
+                "numel": int(outer_grad.numel()), "weight": float(weight)}
+        control = av.step(gather=meta, weight=float(weight), wait=False, timeout=self.round_timeout,
+                          allow_retries=False)
+        return _SwarmPending(self, av, key, control, time.time())
+
+    def applied(self, key: RoundKey, anchor: torch.Tensor, momentum: torch.Tensor) -> None:
+        digest = state_hash(anchor, momentum)
+        meta = {"run": key.run_id, "fragment": key.fragment, "round": key.round, "sha256": digest}
+        self.averagers[key.fragment].served = (meta, [anchor.clone(), momentum.clone()])
+        self.dht.store(f"{self.run_id}_f{key.fragment}_hashes", msgpack.packb([key.round, digest]),
+                       expiration_time=get_dht_time() + 3600, subkey=self.peer_id, return_future=True)
+
+    def recover(self, key: RoundKey) -> AgreedState | None:
+        """The majority's state for `key`, downloaded from a peer that holds it and checked against its hash."""
+        deadline = time.monotonic() + min(15.0, self.round_timeout / 2)
+        while not (donors := self._donors(key)):  # the peers that applied it may still be publishing
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.5)
+        digest, peers = donors
+        av = self.averagers[key.fragment]
+        for peer in peers:
+            try:
+                future = MPFuture()
+                av._outer_pipe.send(("_download_from", [], dict(peer=peer, timeout=self.round_timeout,
+                                                                  future=future)))
+                metadata, tensors = future.result(timeout=self.round_timeout * 2)
+                state = _decode_state(av, metadata, tensors, key, digest)
+                log.warning("recovered %s from %s", key, peer)
+                return state
+            except Exception as e:  # try the next donor
+                log.warning("could not recover %s from %s: %r", key, peer, e)
+        return None
+
+    def _donors(self, key: RoundKey) -> tuple[str, list[str]] | None:
+        found = self.dht.get(f"{self.run_id}_f{key.fragment}_hashes", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return None
+        by_hash: dict[str, list[str]] = {}
+        for peer, item in found.value.items():
+            try:
+                round_, digest = msgpack.unpackb(item.value)
+            except Exception:
+                log.warning("ignoring a malformed hash record from %s", peer)
+                continue
+            if round_ == key.round and isinstance(digest, str) and peer != self.peer_id:
+                by_hash.setdefault(digest, []).append(str(peer))
+        if not by_hash:
+            return None
+        digest = max(by_hash, key=lambda d: len(by_hash[d]))
+        return digest, by_hash[digest]
+
+    def shutdown(self) -> None:
+        for av in self.averagers:
+            try:
+                av.shutdown()
+            except Exception as e:  # shutting down must not raise over a dead averager
+                log.debug("averager shutdown: %s", e)
+
+
+class _SwarmPending(PendingAverage):
+    def __init__(self, owner: SwarmAverager, av: CodecAverager, key: RoundKey, control, started: float):
+        self.owner, self.av, self.key, self.control, self.started = owner, av, key, control, started
+
+    def result(self) -> FragmentAverage:
+        try:
+            gathered = self.control.result(timeout=self.owner.round_timeout * 2 + 5)
+        except Exception as e:
+            raise AveragingFailed(f"{self.key}: {type(e).__name__}: {e}") from None
+        stats = _round_stats(gathered, self.av.peer_id)
+        if stats is None:
+            raise AveragingFailed(f"{self.key}: the averager returned no round statistics")
+        self.owner.bytes_sent += stats["sent"]
+        self.owner.bytes_received += stats["received"]
+        with self.av.get_tensors() as tensors:
+            mean = tensors[0].clone()
+        return FragmentAverage(mean, int(stats["peers"]), float(stats["weight"]))
+
+
+def _round_stats(gathered, peer_id) -> dict | None:
+    if isinstance(gathered, dict) and {"peers", "weight", "sent", "received"} <= set(gathered):
+        return gathered
+    return None
+
+
+def state_hash(anchor: torch.Tensor, momentum: torch.Tensor) -> str:
+    h = hashlib.sha256(anchor.contiguous().numpy().tobytes())
+    h.update(momentum.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _decode_state(av: CodecAverager, metadata: bytes | None, tensors, key: RoundKey, digest: str) -> AgreedState:
+    if not metadata:
+        raise AveragingFailed("the donor has no state for this fragment")
+    meta = av.serializer.loads(metadata)
+    if not isinstance(meta, dict) or meta.get("round") != key.round or meta.get("sha256") != digest \
+            or meta.get("run") != key.run_id or meta.get("fragment") != key.fragment:
+        raise AveragingFailed(f"the donor serves {meta!r}, not {key} with hash {digest[:12]}")
+    if len(tensors) != 2 or any(t.dtype != torch.float32 or t.numel() != av.numel for t in tensors):
+        raise AveragingFailed("the donor's state has the wrong shape or dtype")
+    anchor, momentum = (t.reshape(-1) for t in tensors)
+    if state_hash(anchor, momentum) != digest:
+        raise AveragingFailed("the downloaded state does not match the agreed hash")
+    return AgreedState(anchor, momentum)

@@ -1,0 +1,40 @@
+"""The host: a bootstrap DHT node that publishes the run config and stays up until stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+
+from ..records import RunConfig
+from .dht import CONFIG_TTL, publish_run_config, start_dht, visible_maddrs
+
+
+def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[str] | None,
+             identity_path: str | None, maddrs_file: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; re-publishes the config well before it expires."""
+    stop = threading.Event()
+    dht = start_dht(initial_peers, host_maddrs, identity_path=identity_path)
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        maddrs = visible_maddrs(dht)
+        if not publish_run_config(dht, run):
+            print("warning: the DHT did not accept the run config yet; retrying", file=sys.stderr)
+        if maddrs_file:
+            tmp = maddrs_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"maddrs": maddrs, "peer_id": str(dht.peer_id)}, f)
+            os.replace(tmp, maddrs_file)
+        print(f"hosting run {run.run_id!r} as {dht.peer_id}", flush=True)
+        for a in maddrs:
+            print(f"  {a}", flush=True)
+        print("join it from another machine with:", flush=True)
+        print(f"  p2p-diloco join --initial-peers {maddrs[0]} --run-id {run.run_id}", flush=True)
+        while not stop.wait(CONFIG_TTL / 4):
+            publish_run_config(dht, run)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        dht.shutdown()

@@ -1,0 +1,151 @@
+"""Real peers on 127.0.0.1: a multi-process swarm, refused group mismatches, malformed DHT records."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import msgpack
+import pytest
+import torch
+from hivemind.utils import get_dht_time
+
+from p2p_diloco.averaging import AveragingFailed, RoundKey
+from p2p_diloco.config import DiLoCoConfig
+from p2p_diloco.model import model_spec
+from p2p_diloco.records import PeerProgress, RecordError, RunConfig
+from p2p_diloco.swarm.averager import SwarmAverager
+from p2p_diloco.swarm.dht import fetch_progress, fetch_run_config, publish_run_config, start_dht, visible_maddrs
+
+
+def p2pd_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+@pytest.fixture
+def dhts():
+    started = []
+
+    def make(n: int):
+        first = start_dht()
+        started.append(first)
+        for _ in range(n - 1):
+            started.append(start_dht(visible_maddrs(first)))
+        return started[-n:]
+
+    yield make
+    for d in started:
+        d.shutdown()
+
+
+def test_local_swarm_of_three_peers(tmp_path):
+    before = p2pd_pids()
+    out = tmp_path / "swarm.json"
+    cmd = [sys.executable, "-m", "p2p_diloco.cli", "local-swarm", "--peers", "3", "--steps", "48", "--model", "tiny",
+           "-H", "12", "--warmup", "4", "--round-timeout", "30", "--timeout", "150", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["consensus"] is True
+    assert len(report["peers"]) == 3
+    losses = [p["eval_loss"] for p in report["peers"]]
+    assert max(losses) - min(losses) < 1e-6  # identical anchors, identical eval
+    assert max(losses) < 5.0  # an untrained byte model is at ln(256) = 5.55
+    for p in report["peers"]:
+        assert p["inner_steps"] == 48
+        assert min(p["rounds"]) >= 3 and sum(p["rounds_failed"]) == 0
+        assert p["wire_bytes_sent"] > 0 and p["wire_bytes_received"] > 0
+    assert p2pd_pids() <= before, "p2pd left behind"
+
+
+def test_group_mismatch_is_refused_never_mixed(dhts, caplog):
+    a, b = dhts(2)
+    avs = [SwarmAverager(d, "run1", [1000], codec, round_timeout=15, target_group_size=2, min_matchmaking_time=2)
+           for d, codec in zip((a, b), ("fp4", "int8"))]
+    try:
+        xs = [torch.full((1000,), 1.0), torch.full((1000,), 3.0)]
+        pend = [av.begin(RoundKey("run1", 0, 3), x, 1.0) for av, x in zip(avs, xs)]
+        for p in pend:
+            with pytest.raises(AveragingFailed, match="group mismatch.*codec"):
+                p.result()
+        for av, x in zip(avs, xs):  # the tensors were not touched
+            with av.averagers[0].get_tensors() as t:
+                assert torch.equal(t[0], x)
+        # rounds 1 and 65537 share the group bits; the gathered metadata still tells them apart
+        pend = [avs[0].begin(RoundKey("run1", 0, 1), xs[0], 1.0), avs[1].begin(RoundKey("run1", 0, 65537), xs[1], 1.0)]
+        for p in pend:
+            with pytest.raises(AveragingFailed, match="group mismatch"):
+                p.result()
+    finally:
+        for av in avs:
+            av.shutdown()
+
+
+def test_two_peers_average_exactly_in_fp32(dhts):
+    a, b = dhts(2)
+    avs = [SwarmAverager(d, "run1", [5000], "fp32", round_timeout=15, target_group_size=2) for d in (a, b)]
+    try:
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(5000, generator=g) for _ in range(2)]
+        pend = [av.begin(RoundKey("run1", 0, 0), x, w) for av, x, w in zip(avs, xs, (1.0, 3.0))]
+        results = [p.result() for p in pend]
+        assert torch.equal(results[0].mean, results[1].mean)
+        assert torch.allclose(results[0].mean, 0.25 * xs[0] + 0.75 * xs[1], atol=1e-6)
+        assert results[0].peers == 2 and results[0].weight == 4.0
+        assert avs[0].bytes_sent > 0.9 * 5000 * 4  # half the vector out, the other half's mean back
+    finally:
+        for av in avs:
+            av.shutdown()
+
+
+def test_malformed_dht_records_are_ignored_with_a_warning(dhts, caplog):
+    (dht,) = dhts(1)
+    good = PeerProgress("peerA", 10, [1], 5.0, 1, 2, 3.0)
+    exp = get_dht_time() + 60
+    dht.store("r_progress", good.encode(), expiration_time=exp, subkey="peerA")
+    dht.store("r_progress", b"\xc1garbage", expiration_time=exp, subkey="peerB")
+    dht.store("r_progress", PeerProgress("peerX", 1, [0]).encode(), expiration_time=exp, subkey="peerC")
+    with caplog.at_level(logging.WARNING):
+        assert fetch_progress(dht, "r") == [good]
+    assert "peerB" in caplog.text and "not valid msgpack" in caplog.text
+    assert "stored under 'peerC'" in caplog.text
+
+
+def test_a_config_of_another_protocol_version_is_refused(dhts):
+    (dht,) = dhts(1)
+    run = RunConfig("v2run", DiLoCoConfig(), model_spec("tiny"), 2, "stdlib")
+    assert publish_run_config(dht, run)
+    assert fetch_run_config(dht, "v2run") == run
+    obj = msgpack.unpackb(run.encode(), raw=False)
+    obj["v"] = 2
+    dht.store("v2run_config", msgpack.packb(obj), expiration_time=get_dht_time() + 120)
+    with pytest.raises(RecordError, match="protocol version 2"):
+        fetch_run_config(dht, "v2run")
+    cmd = [sys.executable, "-m", "p2p_diloco.cli", "join", "--initial-peers", visible_maddrs(dht)[0],
+           "--run-id", "v2run", "--steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "protocol version 2, this peer speaks 1" in proc.stderr
+
+
+def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts):
+    a, b, c = dhts(3)
+    avs = [SwarmAverager(d, "run1", [3000], "fp4", round_timeout=10) for d in (a, b, c)]
+    try:
+        key = RoundKey("run1", 0, 4)
+        anchor, momentum = torch.randn(3000), torch.randn(3000)
+        assert avs[2].recover(key) is None  # nobody has published this round yet
+        avs[0].applied(key, anchor, momentum)
+        avs[1].applied(key, anchor, momentum)
+        state = avs[2].recover(key)
+        assert state is not None
+        assert torch.equal(state.anchor, anchor) and torch.equal(state.momentum, momentum)
+        # a donor whose state changed since it published the hash is not trusted
+        avs[0].averagers[0].served[1][0].add_(1.0)
+        avs[1].averagers[0].served[1][0].add_(1.0)
+        assert avs[2].recover(key) is None
+    finally:
+        for av in avs:
+            av.shutdown()
