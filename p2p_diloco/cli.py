@@ -9,6 +9,7 @@ import sys
 import click
 
 from .config import ConfigError
+from .profiles import profile_option
 
 
 def _floats(text: str) -> list[float]:
@@ -147,6 +148,7 @@ def run_options(f):
 
 
 @main.command()
+@profile_option
 @run_options
 @click.option("--total-steps", default=3000, show_default=True, help="Length of the inner lr schedule.")
 @click.option("--initial-peers", multiple=True, help="Join an existing DHT (several hosts may serve one run).")
@@ -175,6 +177,7 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
 
 
 @main.command()
+@profile_option
 @click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any live peer of the run.")
 @click.option("--run-id", default="default", show_default=True)
 @click.option("--steps", default=None, type=int, help="Inner steps to train [default: until Ctrl-C].")
@@ -207,6 +210,7 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data
 
 
 @main.command("local-swarm")
+@profile_option
 @click.option("--peers", default=4, show_default=True, help="Trainer processes.")
 @click.option("--steps", default=1200, show_default=True, help="Inner steps per trainer.")
 @run_options
