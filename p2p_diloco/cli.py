@@ -24,7 +24,7 @@ def diloco_options(f):
     for decorator in reversed([
         click.option("--outer-period", "-H", default=None, type=int,
                      help="H, inner steps between syncs of a fragment [default: 60]."),
-        click.option("--fragments", default=None, type=int, help="P, block fragments [default: 2]."),
+        click.option("--fragments", default=None, type=int, help="P, block fragments [default: 4]."),
         click.option("--tau", default=None, type=int, help="Overlap delay in inner steps [default: 1]."),
         click.option("--alpha", default=None, type=float, help="Merge weight of the local parameters [default: 0.5]."),
         click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7]."),
@@ -56,7 +56,8 @@ def main(verbose: bool) -> None:
 @click.option("--steps", default=3000, show_default=True, help="Inner steps per worker (the token budget).")
 @click.option("--methods", default=None, help="Comma-separated methods [default: data_parallel,diloco,"
               "streaming_diloco,streaming_diloco_ef]; also streaming_diloco_fp32.")
-@click.option("--model", default="small", show_default=True, help="Model preset: tiny, small (0.2M), base (0.8M), large (4.8M).")
+@click.option("--model", default="small", show_default=True,
+              help="Model preset: tiny, small (0.2M), base (0.8M), large (4.8M).")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per worker per inner step.")
 @diloco_options
 @click.option("--inner-lr", default=None, help="Inner AdamW lr for every method [default: each method's best of "

@@ -12,7 +12,7 @@ from p2p_diloco.simulate import SimSettings, run_method
 def test_simulate_cli_writes_report_and_plot(tmp_path):
     out = tmp_path / "out.json"
     cmd = [sys.executable, "-m", "p2p_diloco.cli", "simulate", "--model", "tiny", "--workers", "2",
-           "--steps", "24", "-H", "6", "--warmup", "2", "--eval-every", "12", "--jobs", "2",
+           "--steps", "24", "-H", "6", "--fragments", "2", "--warmup", "2", "--eval-every", "12", "--jobs", "2",
            "--methods", "data_parallel,diloco,streaming_diloco", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

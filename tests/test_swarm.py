@@ -45,7 +45,7 @@ def test_local_swarm_of_three_peers(tmp_path):
     before = p2pd_pids()
     out = tmp_path / "swarm.json"
     cmd = [sys.executable, "-m", "p2p_diloco.cli", "local-swarm", "--peers", "3", "--steps", "48", "--model", "tiny",
-           "-H", "12", "--warmup", "4", "--round-timeout", "30", "--timeout", "150", "--json", str(out)]
+           "--fragments", "2", "-H", "12", "--warmup", "4", "--round-timeout", "30", "--timeout", "150", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
