@@ -126,7 +126,8 @@ class StreamingDiLoCo:
     # -- internals -----------------------------------------------------------
     def _start(self, k: int, round_: int, step: int) -> None:
         if k in self.in_flight:  # cannot happen with a valid config; never overwrite a pending round
-            raise RuntimeError(f"fragment {k}: round {round_} due while round {self.in_flight[k].key.round} is in flight")
+            raise RuntimeError(f"fragment {k}: round {round_} due while round "
+                               f"{self.in_flight[k].key.round} is in flight")
         outer_grad = self.anchors[k] - self.fragments[k].flat()
         residual_after = None
         if self.residuals is not None:

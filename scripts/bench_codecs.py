@@ -88,7 +88,8 @@ def main() -> None:
         rows.append(hivemind_row)
 
     print(f"{args.numel:,} fp32 elements ({4 * args.numel / 2**20:.0f} MiB), 1 thread, best of {args.repeats}")
-    header = f"{'codec':<28} {'encode ms':>9} {'decode ms':>9} {'enc+dec ms':>10} {'GB/s':>6} {'wire bytes':>12} {'x fp32':>7} {'rel err':>9}"
+    header = (f"{'codec':<28} {'encode ms':>9} {'decode ms':>9} {'enc+dec ms':>10} {'GB/s':>6} "
+              f"{'wire bytes':>12} {'x fp32':>7} {'rel err':>9}")
     print(header)
     print("-" * len(header))
     for row in rows:

@@ -173,7 +173,8 @@ def test_reference_rounding_edges(name):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
-    "numel", [0, 1, 2, 3, 127, 128, 129, 255, 256, 257, 1000, codecs._CHUNK - 1, codecs._CHUNK + 1, 2 * codecs._CHUNK + 129]
+    "numel",
+    [0, 1, 2, 3, 127, 128, 129, 255, 256, 257, 1000, codecs._CHUNK - 1, codecs._CHUNK + 1, 2 * codecs._CHUNK + 129]
 )
 def test_lengths_and_wire_size(name, numel):
     codec = get_codec(name)

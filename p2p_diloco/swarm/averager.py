@@ -219,7 +219,8 @@ class CodecAverager(DecentralizedAverager):
                 else:
                     stub = type(self).get_stub(self._p2p, peers[owner], namespace=self.prefix)
                     sent += len(payload)
-                    stream = await stub.rpc_codec_part(self._chunks(group_info.group_id, float(mine["weight"]), payload))
+                    chunks = self._chunks(group_info.group_id, float(mine["weight"]), payload)
+                    stream = await stub.rpc_codec_part(chunks)
                     pieces = []
                     async for msg in aiter_with_timeout(stream, timeout):
                         if msg.code != averaging_pb2.AVERAGED_PART:

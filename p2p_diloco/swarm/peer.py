@@ -21,6 +21,7 @@ import torch
 
 from ..data import BatchStream, Corpus
 from ..device import pick_device
+from ..fragments import split_fragments
 from ..inner import InnerTrainer
 from ..model import build_model, evaluate
 from ..records import PeerProgress
@@ -73,8 +74,6 @@ def run_peer(opts: JoinOptions) -> dict:
         seed = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little")
         stream = BatchStream(corpus.train, run.model.seq_len, run.batch_size, seed=seed)
         trainer = InnerTrainer(model, run.diloco)
-        from ..fragments import split_fragments
-
         sizes = [f.numel for f in split_fragments(model, run.diloco.fragments)]
         averager = SwarmAverager(dht, run.run_id, sizes, run.diloco.codec, round_timeout=run.round_timeout,
                                  target_group_size=run.target_group_size, bandwidth=opts.bandwidth,
@@ -93,7 +92,8 @@ def run_peer(opts: JoinOptions) -> dict:
             now = time.time()
             if now - last_report >= PROGRESS_EVERY_S or step == opts.steps:
                 last_report = now
-                progress = PeerProgress(peer_id, step, list(outer.stats.applied), step * tokens_per_step / (now - start),
+                progress = PeerProgress(peer_id, step, list(outer.stats.applied),
+                                        step * tokens_per_step / (now - start),
                                         averager.bytes_sent, averager.bytes_received, loss)
                 publish_progress(dht, run.run_id, progress)
                 _report(opts, progress, outer)
