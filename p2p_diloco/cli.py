@@ -67,7 +67,8 @@ def main(verbose: bool) -> None:
 @click.option("--eval-every", default=100, show_default=True, help="Inner steps between eval points of the curve.")
 @click.option("--jobs", default=None, type=int, help="Methods run in parallel [default: CPU cores].")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON here.")
-@click.option("--plot", "plot_path", default=None, help="PNG of eval loss against tokens [default: next to --json].")
+@click.option("--plot", "plot_path", default=None,
+              help="PNG of eval loss against tokens [default: next to --json, else ./simulate.png].")
 def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, eval_every, jobs, json_path,
              plot_path, **diloco):
     """Compare data-parallel, DiLoCo and Streaming DiLoCo in one process on the same token budget."""
@@ -102,6 +103,7 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
         sim.write_json(report, json_path)
         click.echo(f"report: {json_path}")
         plot_path = plot_path or os.path.splitext(json_path)[0] + ".png"
+    plot_path = plot_path or "simulate.png"
     if plot_path:
         sim.plot(report, plot_path)
         click.echo(f"plot: {plot_path}")
