@@ -54,7 +54,8 @@ from hivemind.utils.asyncio import aiter_with_timeout, anext, enter_asynchronous
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.streaming import combine_from_streaming
 
-from ..averaging import AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage, RoundKey
+from ..averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage, RoundKey,
+                         block_aligned_parts)
 from ..codecs import Codec, CodecError, get_codec
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,6 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:  # not Linux: orphans are then possible after a SIGKILL of the parent
         pass
-
-
-def block_aligned_parts(numel: int, fractions: list[float], block: int) -> list[tuple[int, int]]:
-    """Cut [0, numel) by `fractions` (summing to 1) with inner boundaries on `block` multiples."""
-    blocks = math.ceil(numel / block)
-    bounds, acc = [0], 0.0
-    for f in fractions[:-1]:
-        acc += f
-        bounds.append(min(numel, round(acc * blocks) * block))
-    bounds.append(numel)
-    for i in range(1, len(bounds)):
-        bounds[i] = max(bounds[i], bounds[i - 1])
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 class _Reduction:
@@ -389,20 +377,14 @@ class _SwarmPending(PendingAverage):
             gathered = self.control.result(timeout=self.owner.round_timeout * 2 + 5)
         except Exception as e:
             raise AveragingFailed(f"{self.key}: {type(e).__name__}: {e}") from None
-        stats = _round_stats(gathered, self.av.peer_id)
-        if stats is None:
+        stats = gathered
+        if not (isinstance(stats, dict) and {"peers", "weight", "sent", "received"} <= set(stats)):
             raise AveragingFailed(f"{self.key}: the averager returned no round statistics")
         self.owner.bytes_sent += stats["sent"]
         self.owner.bytes_received += stats["received"]
         with self.av.get_tensors() as tensors:
             mean = tensors[0].clone()
         return FragmentAverage(mean, int(stats["peers"]), float(stats["weight"]))
-
-
-def _round_stats(gathered, peer_id) -> dict | None:
-    if isinstance(gathered, dict) and {"peers", "weight", "sent", "received"} <= set(gathered):
-        return gathered
-    return None
 
 
 def state_hash(anchor: torch.Tensor, momentum: torch.Tensor) -> str:
