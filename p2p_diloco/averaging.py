@@ -16,6 +16,7 @@ Bytes are counted from the encoded payloads a member sends and receives.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -54,6 +55,10 @@ class PendingAverage(ABC):
     def result(self) -> FragmentAverage:
         """Wait for the average; raise AveragingFailed if there is none to apply."""
 
+    def done(self) -> bool:
+        """True when `result()` would return (or raise) without waiting."""
+        return True
+
 
 @dataclass
 class AgreedState:
@@ -63,16 +68,45 @@ class AgreedState:
     momentum: torch.Tensor
 
 
+def state_hash(anchor: torch.Tensor, momentum: torch.Tensor) -> str:
+    """The sha256 peers publish for a fragment's global state (anchor, then momentum, fp32 bytes)."""
+    h = hashlib.sha256(anchor.detach().contiguous().numpy().tobytes())
+    h.update(momentum.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What the other peers report for one fragment: the latest round they hold and its state hashes."""
+
+    round: int
+    digests: dict[str, int]  # state hash -> how many other peers hold it
+
+    def majority(self, own: str | None = None) -> str:
+        """The swarm's state for this round, this peer's own vote included; ties go to the smallest hash."""
+        votes = dict(self.digests)
+        if own is not None:
+            votes[own] = votes.get(own, 0) + 1
+        return min(votes, key=lambda d: (-votes[d], d))
+
+
 class FragmentAverager(ABC):
     @abstractmethod
     def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
         """Start averaging `outer_grad` (flat fp32) for `key`; return at once."""
 
-    def applied(self, key: RoundKey, anchor: torch.Tensor, momentum: torch.Tensor) -> None:
-        """This peer now holds the agreed state of `key` (for serving peers that missed the round)."""
+    def applied(self, key: RoundKey, anchor: torch.Tensor, momentum: torch.Tensor, digest: str) -> None:
+        """This peer now holds the state of `key` hashing to `digest` (to publish, and serve to peers that need it)."""
 
-    def recover(self, key: RoundKey) -> AgreedState | None:
-        """After a failed round: the state the peers that applied `key` agree on, verified, or None."""
+    def recover(self, key: RoundKey, digest: str | None = None) -> AgreedState | None:
+        """The state of `key` other peers hold (the one hashing to `digest`, else their most common), verified.
+
+        None when no peer can hand it over (after a failed or missed round, or a disagreement).
+        """
+        return None
+
+    def latest_agreed(self, fragment: int, upto: int) -> RoundReport | None:
+        """The latest round <= `upto` of `fragment` that other peers report holding (None: none)."""
         return None
 
 

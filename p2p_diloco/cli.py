@@ -110,7 +110,7 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
 
 
 def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout, target_group_size,
-                data, diloco_values):
+                matchmaking_time, data, diloco_values):
     from .config import DiLoCoConfig
     from .model import model_spec
     from .records import RecordError, RunConfig, check_run_id
@@ -126,8 +126,10 @@ def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, r
         raise click.UsageError(str(e)) from None
     if batch_size < 1 or round_timeout <= 0 or (target_group_size is not None and target_group_size < 2):
         raise click.UsageError("--batch-size must be >= 1, --round-timeout > 0, --target-group-size >= 2")
+    if not 0.5 <= matchmaking_time < round_timeout:
+        raise click.UsageError(f"--matchmaking-time must be >= 0.5 s and below --round-timeout ({round_timeout})")
     return RunConfig(run_id, config, spec, batch_size, data or "Python standard library sources", float(round_timeout),
-                     target_group_size)
+                     target_group_size, float(matchmaking_time))
 
 
 def run_options(f):
@@ -144,6 +146,8 @@ def run_options(f):
                      help="Seconds a peer waits for a round's group and all-reduce."),
         click.option("--target-group-size", default=None, type=int,
                      help="Peers a group waits for before it starts at once [default: whoever comes in time]."),
+        click.option("--matchmaking-time", default=3.0, show_default=True,
+                     help="Seconds a round's group waits for more peers before it starts (when not full)."),
         diloco_options,
     ]):
         f = decorator(f)
@@ -161,7 +165,8 @@ def run_options(f):
               "across restarts; created if missing.")
 @click.option("--run-config", "run_config_path", default=None, hidden=True, help="A msgpack RunConfig (local-swarm).")
 @click.option("--maddrs-file", default=None, hidden=True, help="Write the visible addresses here (local-swarm).")
-def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size, total_steps,
+def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size, matchmaking_time,
+         total_steps,
          initial_peers, host_maddrs, identity_path, run_config_path, maddrs_file, **diloco):
     """Bootstrap DHT node for a run: publishes the run config and stays up until Ctrl-C."""
     from .records import RecordError, RunConfig
@@ -175,7 +180,7 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
             raise click.UsageError(f"--run-config {run_config_path}: {e}") from None
     else:
         run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout,
-                          target_group_size, None, _pop_diloco(diloco))
+                          target_group_size, matchmaking_time, None, _pop_diloco(diloco))
     run_host(run, list(initial_peers), list(host_maddrs), identity_path, maddrs_file)
 
 
@@ -190,11 +195,18 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
 @click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
 @click.option("--summary", "summary_path", default=None, help="Write a JSON summary here at the end.")
 @click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice].")
+@click.option("--step-delay", default=0.0, type=click.FloatRange(min=0), show_default=True,
+              help="Sleep this many seconds after every inner step: a deliberately slow peer, for tests.")
 @click.option("--progress-json", is_flag=True, hidden=True)
 @click.option("--final-sync", is_flag=True, hidden=True)
+@click.option("--global-steps", default=None, type=click.IntRange(min=1), hidden=True,
+              help="Stop when the swarm clock reaches this step (local-swarm).")
+@click.option("--wait-for-peers", default=1, type=click.IntRange(min=1), hidden=True,
+              help="Start once this many peers are present (local-swarm).")
 def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data, summary_path, threads,
-         progress_json, final_sync):
+         step_delay, progress_json, final_sync, global_steps, wait_for_peers):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
+    from .averaging import AveragingFailed
     from .records import RecordError
     from .swarm.peer import JoinOptions, run_peer
 
@@ -202,10 +214,11 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data
         raise click.UsageError("--steps must be >= 1")
     opts = JoinOptions(list(initial_peers), run_id, steps, bandwidth, client_mode,
                        list(host_maddrs) or ["/ip4/127.0.0.1/tcp/0"], list(data), summary_path, progress_json,
-                       final_sync, threads)
+                       final_sync, threads, global_steps=global_steps, wait_for_peers=wait_for_peers,
+                       step_delay=step_delay)
     try:
         summary = run_peer(opts)
-    except (RecordError, TimeoutError, ConfigError) as e:
+    except (RecordError, TimeoutError, ConfigError, AveragingFailed) as e:
         raise click.ClickException(str(e)) from None
     if not progress_json:
         click.echo(f"done: {summary['inner_steps']} steps, rounds {summary['rounds']}, "
@@ -220,27 +233,37 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data
 @click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
 @click.option("--timeout", default=1800.0, show_default=True, help="Give up after this many seconds.")
 @click.option("--json", "json_path", default=None, help="Write the summary as JSON here.")
+@click.option("--slow-peer-delay", default=0.0, type=click.FloatRange(min=0), show_default=True,
+              help="The last peer sleeps this many seconds after every inner step (peers of different speeds).")
+@click.option("--late-peer-after", default=0.0, type=click.FloatRange(min=0), show_default=True,
+              help="The last peer joins this many seconds after the others started (a mid-run join).")
 def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size,
-                data, timeout, json_path, **diloco):
-    """A host and N trainers as separate processes on 127.0.0.1."""
+                matchmaking_time, data, timeout, json_path, slow_peer_delay, late_peer_after, **diloco):
+    """A host and N trainers as separate processes on 127.0.0.1, all stopping at global step --steps."""
     import json
 
     from .swarm.local_swarm import LocalSwarm
 
     if peers < 1 or steps < 1:
         raise click.UsageError("--peers and --steps must be >= 1")
+    if late_peer_after and peers < 2:
+        raise click.UsageError("--late-peer-after needs --peers >= 2 (someone must be there to join)")
     run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
-                      target_group_size or (peers if peers >= 2 else None), None, _pop_diloco(diloco))
-    swarm = LocalSwarm(run, peers, steps, data=list(data))
+                      target_group_size or (peers if peers >= 2 else None), matchmaking_time, None,
+                      _pop_diloco(diloco))
+    swarm = LocalSwarm(run, peers, steps, data=list(data), slow_peer_delay=slow_peer_delay,
+                       late_peer_after=late_peer_after)
     try:
         report = swarm.run_all(timeout)
     except (RuntimeError, TimeoutError) as e:
         raise click.ClickException(str(e)) from None
     click.echo()
-    click.echo(f"{'peer':>54} {'steps':>6} {'rounds':>10} {'eval_loss':>9} {'sent MB':>8} {'recv MB':>8}")
+    click.echo(f"{'peer':>54} {'steps':>6} {'rounds':>10} {'failed':>8} {'eval_loss':>9} {'sent MB':>8} "
+               f"{'recv MB':>8}")
     for p in report["peers"]:
         click.echo(f"{p['peer_id']:>54} {p['inner_steps']:6d} {'/'.join(map(str, p['rounds'])):>10} "
-                   f"{p['eval_loss']:9.4f} {p['wire_bytes_sent'] / 1e6:8.2f} {p['wire_bytes_received'] / 1e6:8.2f}")
+                   f"{sum(p['rounds_failed']):8d} {p['eval_loss']:9.4f} {p['wire_bytes_sent'] / 1e6:8.2f} "
+                   f"{p['wire_bytes_received'] / 1e6:8.2f}")
     click.echo(f"consensus: {report['consensus']}   wall: {report['wall_s']:.0f}s   logs: {report['workdir']}")
     if json_path:
         with open(json_path, "w") as f:

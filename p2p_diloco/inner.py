@@ -33,9 +33,17 @@ class InnerTrainer:
                                            weight_decay=config.inner_weight_decay)
         self.step_count = 0
 
-    def step(self, tokens: torch.Tensor) -> float:
-        """One forward/backward/AdamW step on a [batch, seq_len + 1] token window; returns the loss."""
+    def step(self, tokens: torch.Tensor, schedule_step: int | None = None) -> float:
+        """One forward/backward/AdamW step on a [batch, seq_len + 1] token window; returns the loss.
+
+        `schedule_step`: where the lr schedule stands (the swarm's global step);
+        a peer that joins late still warms its fresh AdamW state up over its own
+        first `warmup_steps` steps.
+        """
         lr = inner_lr(self.config, self.step_count)
+        if schedule_step is not None:
+            lr = min(inner_lr(self.config, max(schedule_step, self.config.warmup_steps)), lr) \
+                if self.step_count < self.config.warmup_steps else inner_lr(self.config, schedule_step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = lm_loss(self.model, tokens)

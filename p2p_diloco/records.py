@@ -80,12 +80,14 @@ class RunConfig:
     data: str  # a description of the data, for humans; every peer reads its own
     round_timeout: float = 60.0  # seconds a peer waits for a round's group and all-reduce
     target_group_size: int | None = None  # a group forms at once when this many peers are in it
+    matchmaking_time: float = 3.0  # seconds a group that is not full waits for more peers
 
     def encode(self) -> bytes:
         return _pack("run_config", {"run_id": self.run_id, "diloco": self.diloco.to_dict(),
                                     "model": self.model.to_dict(), "batch_size": self.batch_size,
                                     "data": self.data, "round_timeout": self.round_timeout,
-                                    "target_group_size": self.target_group_size})
+                                    "target_group_size": self.target_group_size,
+                                    "matchmaking_time": self.matchmaking_time})
 
     @classmethod
     def decode(cls, data: Any) -> "RunConfig":
@@ -114,7 +116,11 @@ class RunConfig:
         target = obj.get("target_group_size")
         if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 2):
             raise RecordError(f"{kind} record: target_group_size must be nil or an integer >= 2")
-        return cls(run_id, diloco, model, batch_size, _get(obj, kind, "data", str), float(round_timeout), target)
+        matchmaking = _get(obj, kind, "matchmaking_time", (int, float))
+        if not math.isfinite(matchmaking) or not 0.5 <= matchmaking < round_timeout:
+            raise RecordError(f"{kind} record: matchmaking_time must be >= 0.5 and below round_timeout")
+        return cls(run_id, diloco, model, batch_size, _get(obj, kind, "data", str), float(round_timeout), target,
+                   float(matchmaking))
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,10 @@ class PeerProgress:
     bytes_sent: int = 0
     bytes_received: int = 0
     loss: float | None = None
+    global_step: float = 0.0  # the swarm clock (swarm/clock.py) as this peer reads it at `time`
+    steps_per_s: float = 0.0  # inner steps per second of this peer
+    time: float = 0.0  # seconds since the epoch when this record was made
+    training: bool = True  # False while the peer waits for the swarm to start
 
     def encode(self) -> bytes:
         return _pack("peer_progress", asdict(self))
@@ -145,9 +155,15 @@ class PeerProgress:
         loss = obj.get("loss")
         if loss is not None and (not isinstance(loss, (int, float)) or isinstance(loss, bool)):
             raise RecordError(f"{kind} record: loss must be a number or nil")
+        numbers = {}
+        for name in ("global_step", "steps_per_s", "time"):
+            value = _get(obj, kind, name, (int, float))
+            if not math.isfinite(value) or value < 0:
+                raise RecordError(f"{kind} record: {name} must be a finite number >= 0")
+            numbers[name] = float(value)
         return cls(_get(obj, kind, "peer_id", str), _count(obj, kind, "step"), list(rounds), float(tps),
                    _count(obj, kind, "bytes_sent"), _count(obj, kind, "bytes_received"),
-                   None if loss is None else float(loss))
+                   None if loss is None else float(loss), training=_get(obj, kind, "training", bool), **numbers)
 
 
 def check_run_id(run_id: str) -> str:

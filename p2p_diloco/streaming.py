@@ -5,7 +5,7 @@ Plain torch; the network is reached only through a `FragmentAverager`.
 For each fragment k (offset o_k, period H, delay tau), after inner step t:
   * start  when t >= o_k and (t - o_k) % H == 0: outer_grad = anchor_k - theta_k
     (plus the carried quantization residual with error feedback) goes to the averager;
-  * finish at the start step + tau: take the weighted fp32 mean `avg`, then
+  * finish at the start step + tau (or later, see Overlap): take the weighted fp32 mean `avg`, then
         m_k      <- mu * m_k + avg
         anchor_k <- anchor_k - lr * (avg + mu * m_k)          (Nesterov)
         theta_k  <- alpha * theta_k + (1 - alpha) * anchor_k  (merge)
@@ -15,8 +15,9 @@ Guarantees:
     the mean every member of the group received, so peers that started equal stay
     bit-identical.
   * failure (the averager raises, or returns a mean of the wrong size or with a
-    non-finite value): if the averager can hand over the state the peers that
-    applied the round agree on (verified by hash; `FragmentAverager.recover`),
+    non-finite value): if other peers already report the round applied and the
+    averager can hand over the state they agree on (verified by hash;
+    `FragmentAverager.recover`),
     this peer adopts it (anchor_k, m_k) and merges as after a success, so it stays
     in step; otherwise anchor_k, m_k, the working parameters and the
     error-feedback residual stay exactly as they were, the round is counted as
@@ -24,6 +25,18 @@ Guarantees:
     last applied round.
   * crash: anchors and momenta only change inside `finish`, between two complete
     tensor updates of one fragment; nothing here is persisted (see checkpoints).
+  * missed rounds: each fragment remembers the round its anchor comes from. A
+    round r starts from round r - 1: when the peer holds an older anchor while the
+    swarm reports a newer one (it failed to recover, stalled, or joined late), it
+    first adopts the agreed state; if that is not available it sits the round
+    out rather than average against a stale anchor.
+
+Overlap: a round's result is taken at start + tau at the earliest; when the
+averager is not done by then (matchmaking waits for a late peer), training goes
+on and the result is taken as soon as it is ready, at the latest one step
+before the fragment's next round (start + H - 1), where the worker waits (the
+averager bounds that wait by its timeouts). With an averager that answers at
+once (the simulator) this is exactly start + tau.
 """
 
 from __future__ import annotations
@@ -34,12 +47,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .averaging import AveragingFailed, FragmentAverager, PendingAverage, RoundKey
+from .averaging import AveragingFailed, FragmentAverager, PendingAverage, RoundKey, state_hash
 from .codecs import get_codec
 from .config import DiLoCoConfig
 from .fragments import Fragment, split_fragments
 
 log = logging.getLogger(__name__)
+
+JOIN_ATTEMPTS = 5
 
 
 @dataclass
@@ -58,6 +73,7 @@ class RoundStats:
     failed: list[int]
     peers_last: list[int] = field(default_factory=list)
     recovered: list[int] = field(default_factory=list)  # applied rounds taken from the swarm after a local failure
+    resynced: list[int] = field(default_factory=list)  # states re-downloaded after disagreeing with the majority
 
 
 class StreamingDiLoCo:
@@ -75,9 +91,12 @@ class StreamingDiLoCo:
         self.momenta = [torch.zeros_like(a) for a in self.anchors]
         self.residuals = [torch.zeros_like(a) for a in self.anchors] if config.error_feedback else None
         self.tokens_since_sync = [0] * len(self.fragments)
+        self.base_round = [-1] * len(self.fragments)  # the round each anchor comes from (-1: the seed)
+        self.digests = [state_hash(a, m) for a, m in zip(self.anchors, self.momenta)]  # of (anchor, momentum)
+        self.max_delay = max(config.tau, config.outer_period - 1)  # finish before the fragment's next round
         self.in_flight: dict[int, _InFlight] = {}
         n = len(self.fragments)
-        self.stats = RoundStats([0] * n, [0] * n, [0] * n, [0] * n, [0] * n)
+        self.stats = RoundStats([0] * n, [0] * n, [0] * n, [0] * n, [0] * n, [0] * n)
 
     # -- schedule ---------------------------------------------------------
     def round_at(self, fragment: int, step: int) -> int | None:
@@ -100,12 +119,32 @@ class StreamingDiLoCo:
 
     def finish_due_rounds(self, step: int) -> None:
         for k, flight in list(self.in_flight.items()):
-            if flight.start_step + self.config.tau <= step:
+            if flight.start_step + self.config.tau > step:
+                continue
+            ready = flight.pending is None or flight.pending.done()
+            if ready or flight.start_step + self.max_delay <= step:
                 self._finish(k)
 
     def sync(self, step: int) -> None:
         """Both halves for a worker that averages alone in its process (start, then finish)."""
         self.start_due_rounds(step)
+        self.finish_due_rounds(step)
+
+    def advance(self, last: int, step: int) -> None:
+        """The clock moved from step `last` to `step` (a jump, for a slow or stalled worker).
+
+        Rounds due in between run as usual, except those more than one period old:
+        running them back to back would average nothing new and wait on groups that
+        are long gone, so they are sat out (the next round catches up).
+        """
+        for s in range(last + 1, step + 1):
+            if s <= step - self.config.outer_period:
+                for k in range(len(self.fragments)):
+                    r = self.round_at(k, s)
+                    if r is not None:
+                        self._sit_out(k, r, "the clock jumped past it")
+                continue
+            self.sync(s)
         self.finish_due_rounds(step)
 
     def start_final_rounds(self, step: int) -> None:
@@ -125,9 +164,10 @@ class StreamingDiLoCo:
 
     # -- internals -----------------------------------------------------------
     def _start(self, k: int, round_: int, step: int) -> None:
-        if k in self.in_flight:  # cannot happen with a valid config; never overwrite a pending round
-            raise RuntimeError(f"fragment {k}: round {round_} due while round "
-                               f"{self.in_flight[k].key.round} is in flight")
+        if k in self.in_flight:  # the previous round is overdue (a clock jump): take its result first
+            self._finish(k)
+        if not self._catch_up(k, round_):
+            return
         outer_grad = self.anchors[k] - self.fragments[k].flat()
         residual_after = None
         if self.residuals is not None:
@@ -157,7 +197,9 @@ class StreamingDiLoCo:
             if not bool(torch.isfinite(mean).all()):
                 raise AveragingFailed(f"{flight.key}: mean holds non-finite values")
         except AveragingFailed as e:
-            if self._adopt_agreed_state(k, flight.key):
+            report = self.averager.latest_agreed(k, flight.key.round)
+            if report is not None and report.round == flight.key.round and \
+                    self._adopt_agreed_state(k, flight.key, report.majority()):
                 log.warning("round failed here (%s); adopted the agreed state of %s from the swarm", e, flight.key)
                 return
             self.stats.failed[k] += 1
@@ -165,15 +207,83 @@ class StreamingDiLoCo:
             log.warning("round not applied, fragment %d keeps its anchor: %s", k, e)
             return
         self._apply(k, mean.reshape(-1))
+        self.base_round[k] = flight.key.round
         if self.residuals is not None and flight.residual_after is not None:
             self.residuals[k] = flight.residual_after
         self.stats.applied[k] += 1
         self.stats.peers_last[k] = avg.peers
-        self.averager.applied(flight.key, self.anchors[k], self.momenta[k])
+        self._publish(k, flight.key)
 
-    def _adopt_agreed_state(self, k: int, key: RoundKey) -> bool:
+    def _catch_up(self, k: int, round_: int) -> bool:
+        """Before round `round_`: bring this fragment to the swarm's state.
+
+        The others report the latest round they hold and its state hashes. A newer
+        round than ours: adopt it. The same round with a different hash than the
+        majority (a late joiner that missed a round in flight, a stale peer that
+        averaged against an older anchor): re-download the majority's state.
+        Returns False when the swarm already holds `round_` itself (its state was
+        adopted and there is nothing to start). When the state cannot be fetched
+        this peer takes part with what it has and tries again next round: nobody
+        ever waits for a state, so a swarm can never lock itself out of rounds.
+        """
+        report = self.averager.latest_agreed(k, round_)
+        if report is None or report.round < self.base_round[k]:
+            return True
+        own = self.digests[k]
+        if report.round == self.base_round[k]:
+            majority = report.majority(own)
+            if majority == own:
+                return True
+            log.warning("fragment %d: this peer's state of round %d (%s) disagrees with the swarm's (%s): "
+                        "re-downloading it", k, report.round, own[:12], majority[:12])
+            if self._adopt_agreed_state(k, RoundKey(self.run_id, k, report.round), majority, count=False):
+                self.stats.resynced[k] += 1
+            return True
+        if not self._adopt_agreed_state(k, RoundKey(self.run_id, k, report.round), report.majority()):
+            log.warning("fragment %d holds round %d, the swarm %d whose state could not be fetched: "
+                        "averaging round %d with this peer's state", k, self.base_round[k], report.round, round_)
+            return True
+        log.warning("fragment %d caught up to the swarm's round %d", k, report.round)
+        return report.round < round_
+
+    def _publish(self, k: int, key: RoundKey) -> None:
+        """This fragment now holds the agreed state of `key`: hash it once, tell the averager."""
+        self.digests[k] = state_hash(self.anchors[k], self.momenta[k])
+        self.averager.applied(key, self.anchors[k], self.momenta[k], self.digests[k])
+
+    def _sit_out(self, k: int, round_: int, why: str) -> None:
+        log.warning("fragment %d holds round %d; %s: sitting out round %d", k, self.base_round[k], why, round_)
+        self.stats.started[k] += 1
+        self.stats.failed[k] += 1
+
+    def adopt_swarm_state(self, step: int) -> list[int | None]:
+        """A joiner at global step `step`: take every fragment's latest agreed state from the swarm.
+
+        Anchors and momenta come from the swarm (verified by the averager); the
+        working parameters become the anchors. Returns the round each fragment now
+        holds (None: the swarm reports none, the fragment stays at the run's seed).
+        """
+        held: list[int | None] = []
+        for k in range(len(self.fragments)):
+            o, h = self.offsets[k], self.config.outer_period
+            for attempt in range(JOIN_ATTEMPTS):  # the donors may move on to the next round meanwhile
+                report = self.averager.latest_agreed(k, (step - o) // h + attempt) if step >= o else None
+                if report is None:
+                    held.append(None)
+                    break
+                key = RoundKey(self.run_id, k, report.round)
+                if self._adopt_agreed_state(k, key, report.majority(), count=False):
+                    self.fragments[k].assign(self.anchors[k])
+                    held.append(report.round)
+                    break
+            else:
+                raise AveragingFailed(f"could not download the swarm's state of fragment {k} "
+                                      f"in {JOIN_ATTEMPTS} attempts")
+        return held
+
+    def _adopt_agreed_state(self, k: int, key: RoundKey, digest: str | None = None, count: bool = True) -> bool:
         try:
-            state = self.averager.recover(key)
+            state = self.averager.recover(key, digest)
         except AveragingFailed as e:
             log.warning("could not recover %s from the swarm: %s", key, e)
             return False
@@ -187,10 +297,12 @@ class StreamingDiLoCo:
                 return False
         self.anchors[k] = state.anchor.reshape(-1).clone()
         self.momenta[k] = state.momentum.reshape(-1).clone()
+        self.base_round[k] = key.round
         self._merge(k)
-        self.stats.applied[k] += 1
-        self.stats.recovered[k] += 1
-        self.averager.applied(key, self.anchors[k], self.momenta[k])
+        if count:
+            self.stats.applied[k] += 1
+            self.stats.recovered[k] += 1
+        self._publish(k, key)
         return True
 
     def _apply(self, k: int, avg: torch.Tensor) -> None:

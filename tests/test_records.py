@@ -19,7 +19,8 @@ def test_run_config_round_trip():
 
 
 def test_peer_progress_round_trip():
-    p = PeerProgress("12D3KooXYZ", 120, [2, 1, 1], 1234.5, 10, 20, 3.2)
+    p = PeerProgress("12D3KooXYZ", 120, [2, 1, 1], 1234.5, 10, 20, 3.2, global_step=118.5, steps_per_s=9.6,
+                     time=1.8e9, training=False)
     assert PeerProgress.decode(p.encode()) == p
 
 
@@ -41,6 +42,7 @@ def _mutate(record: bytes, **changes) -> bytes:
     (dict(batch_size="4"), "field 'batch_size' must be"),
     (dict(batch_size=0), "batch_size must be >= 1"),
     (dict(round_timeout=float("nan")), "round_timeout"),
+    (dict(matchmaking_time=100.0), "matchmaking_time must be"),
     (dict(model={"hidden_size": 8}), "bad model spec"),
     (dict(diloco={"outer_period": 10, "tau": 9}), "bad diloco config: tau=9"),
     (dict(diloco={"bogus": 1}), "unknown config key"),
@@ -70,6 +72,10 @@ def test_garbage_is_refused(data, message):
     (dict(tokens_per_s=float("inf")), "tokens_per_s"),
     (dict(bytes_sent=True), "must be"),
     (dict(loss="low"), "loss must be"),
+    (dict(global_step=float("nan")), "global_step must be"),
+    (dict(steps_per_s=-1.0), "steps_per_s must be"),
+    (dict(time="now"), "field 'time' must be"),
+    (dict(training=1), "field 'training' must be"),
 ])
 def test_malformed_progress_is_refused(changes, message):
     good = PeerProgress("peer", 1, [0], 1.0, 0, 0, None).encode()

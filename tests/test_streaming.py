@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from p2p_diloco.averaging import AveragingFailed, FragmentAverage, FragmentAverager, LocalGroup, PendingAverage
+from p2p_diloco.averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, LocalGroup,
+                                  PendingAverage, RoundKey, RoundReport, state_hash)
 from p2p_diloco.codecs import get_codec
 from p2p_diloco.config import DiLoCoConfig
 from p2p_diloco.fragments import split_fragments
-from p2p_diloco.inner import InnerTrainer
+from p2p_diloco.inner import InnerTrainer, inner_lr
 from p2p_diloco.model import build_model, model_spec
 from p2p_diloco.streaming import StreamingDiLoCo
 
@@ -241,3 +242,106 @@ def test_anchors_load_into_an_eval_model():
     outer[0].load_anchors_into(eval_model)
     for frag, anchor in zip(split_fragments(eval_model, 2), outer[0].anchors):
         assert torch.equal(frag.flat(), anchor)
+
+
+class _Swarm(FragmentAverager):
+    """A scripted swarm: what the others report (round, hashes), the states they serve, rounds not done yet."""
+
+    def __init__(self):
+        self.reports: dict[int, RoundReport] = {}
+        self.states: dict[tuple[int, str], AgreedState] = {}
+        self.pending: list = []
+        self.ready = True
+        self.published: list[tuple[RoundKey, str]] = []
+
+    def begin(self, key, outer_grad, weight):
+        swarm = self
+
+        class P(PendingAverage):
+            def done(self):
+                return swarm.ready
+
+            def result(self):
+                return FragmentAverage(outer_grad.clone(), 1, weight)
+        self.pending.append(key)
+        return P()
+
+    def applied(self, key, anchor, momentum, digest):
+        self.published.append((key, digest))
+
+    def latest_agreed(self, fragment, upto):
+        report = self.reports.get(fragment)
+        return report if report is not None and report.round <= upto else None
+
+    def recover(self, key, digest=None):
+        return self.states.get((key.round, digest))
+
+
+def one_fragment_worker(swarm, outer_period=6):
+    config = DiLoCoConfig(outer_period=outer_period, fragments=0, tau=1, alpha=0.5, codec="fp32", warmup_steps=1)
+    model = build_model(SPEC, 0)
+    return StreamingDiLoCo(model, config, swarm), config
+
+
+def test_a_worker_behind_the_swarm_adopts_its_newer_state_before_averaging():
+    swarm = _Swarm()
+    o, config = one_fragment_worker(swarm)
+    n = o.anchors[0].numel()
+    state = AgreedState(torch.full((n,), 0.5), torch.full((n,), 0.25))
+    digest = state_hash(state.anchor, state.momentum)
+    swarm.reports[0] = RoundReport(4, {digest: 2})
+    swarm.states[(4, digest)] = state
+    o.sync(o.offsets[0] + 5 * 6)  # round 5 is due; this worker holds the seed (round -1)
+    assert o.base_round[0] == 4 and o.stats.recovered[0] == 1
+    assert swarm.pending == [RoundKey("local", 0, 5)]  # then it averages round 5 from the swarm's state
+    assert swarm.published[0] == (RoundKey("local", 0, 4), digest)  # it serves what it adopted
+
+
+def test_a_worker_that_disagrees_with_the_majority_downloads_its_state():
+    swarm = _Swarm()
+    o, _ = one_fragment_worker(swarm)
+    n = o.anchors[0].numel()
+    o.sync(o.offsets[0])  # round 0 applies alone (the scripted swarm echoes our own outer gradient)
+    o.sync(o.offsets[0] + 1)
+    assert o.base_round[0] == 0
+    majority = AgreedState(torch.zeros(n), torch.ones(n))
+    digest = state_hash(majority.anchor, majority.momentum)
+    swarm.reports[0] = RoundReport(0, {digest: 2})  # two others hold another state of round 0
+    swarm.states[(0, digest)] = majority
+    o.sync(o.offsets[0] + 6)
+    assert o.stats.resynced[0] == 1 and torch.equal(o.momenta[0], majority.momentum)
+    # with a single other peer the tie goes to the smaller hash, on both sides
+    assert RoundReport(0, {"b" * 64: 1}).majority("a" * 64) == "a" * 64
+    assert RoundReport(0, {"a" * 64: 1}).majority("b" * 64) == "a" * 64
+
+
+def test_a_round_not_done_yet_lets_training_go_on_until_the_next_one_is_due():
+    swarm = _Swarm()
+    swarm.ready = False
+    o, _ = one_fragment_worker(swarm)
+    start = o.offsets[0]
+    o.sync(start)
+    for s in range(start + 1, start + 5):
+        o.sync(s)
+        assert 0 in o.in_flight  # matchmaking is still going on: no wait
+    o.sync(start + 5)  # one step before the next round: take the result now
+    assert 0 not in o.in_flight and o.stats.applied[0] == 1
+
+
+def test_a_clock_jump_sits_out_rounds_older_than_a_period():
+    swarm = _Swarm()
+    o, _ = one_fragment_worker(swarm)
+    o.advance(0, o.offsets[0] + 3 * 6)  # rounds 0, 1, 2 and 3 were due; only round 3 is recent
+    assert swarm.pending == [RoundKey("local", 0, 3)]
+    assert o.stats.failed[0] == 3
+
+
+def test_a_late_joiner_warms_up_then_follows_the_swarm_schedule():
+    config = DiLoCoConfig(warmup_steps=10, total_steps=100, inner_lr=1e-2)
+    trainer = InnerTrainer(build_model(SPEC, 0), config)
+    lrs = []
+    for b in batches(0, 12):
+        trainer.step(b, schedule_step=80)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-3)  # its own warmup...
+    assert lrs[-1] == pytest.approx(inner_lr(config, 80))  # ...capped by the swarm's cosine

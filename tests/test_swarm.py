@@ -12,7 +12,7 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from p2p_diloco.averaging import AveragingFailed, RoundKey
+from p2p_diloco.averaging import AveragingFailed, RoundKey, state_hash
 from p2p_diloco.config import DiLoCoConfig
 from p2p_diloco.model import model_spec
 from p2p_diloco.records import PeerProgress, RecordError, RunConfig
@@ -41,24 +41,55 @@ def dhts():
         d.shutdown()
 
 
-def test_local_swarm_of_three_peers(tmp_path):
+def run_local_swarm(tmp_path, *args: str, timeout: float = 170) -> dict:
+    """`p2p-diloco local-swarm` as a user runs it; returns its JSON report; checks nothing is left behind."""
     before = p2pd_pids()
     out = tmp_path / "swarm.json"
-    cmd = [sys.executable, "-m", "p2p_diloco.cli", "local-swarm", "--peers", "3", "--steps", "48", "--model", "tiny",
-           "--fragments", "2", "-H", "12", "--warmup", "4", "--round-timeout", "30", "--timeout", "150", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    cmd = [sys.executable, "-m", "p2p_diloco.cli", "local-swarm", "--peers", "3", "--round-timeout", "30",
+           "--timeout", str(timeout - 20), "--json", str(out), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    assert p2pd_pids() <= before, "p2pd left behind"
+    return json.loads(out.read_text())
+
+
+def test_local_swarm_of_three_peers(tmp_path):
+    report = run_local_swarm(tmp_path, "--steps", "200", "-H", "40", "--fragments", "2")
     assert report["consensus"] is True
     assert len(report["peers"]) == 3
     losses = [p["eval_loss"] for p in report["peers"]]
     assert max(losses) - min(losses) < 1e-6  # identical anchors, identical eval
-    assert max(losses) < 5.0  # an untrained byte model is at ln(256) = 5.55
+    assert max(losses) < 4.0  # an untrained byte model is at ln(256) = 5.55
     for p in report["peers"]:
-        assert p["inner_steps"] == 48
-        assert min(p["rounds"]) >= 3 and sum(p["rounds_failed"]) == 0
+        assert p["global_step"] == 200
+        assert p["rounds"] == report["peers"][0]["rounds"] and min(p["rounds"]) >= 3
+        assert sum(p["rounds_failed"]) <= 1  # a round lost under load is caught up from the swarm
         assert p["wire_bytes_sent"] > 0 and p["wire_bytes_received"] > 0
-    assert p2pd_pids() <= before, "p2pd left behind"
+
+
+def test_a_slow_peer_does_not_hold_the_fast_ones_back(tmp_path):
+    report = run_local_swarm(tmp_path, "--steps", "300", "--slow-peer-delay", "0.2")
+    assert report["consensus"] is True
+    *fast, slow = report["peers"]
+    for p in report["peers"]:  # every peer took part in every round...
+        assert p["rounds"] == fast[0]["rounds"] and min(p["rounds"]) >= 3
+        assert sum(p["rounds_failed"]) <= 1
+    # ...while the fast ones trained at their own pace: they did not idle at the slow one's speed
+    assert slow["inner_steps"] < 0.4 * min(p["inner_steps"] for p in fast)
+    for p in fast:
+        assert p["inner_steps"] >= 0.8 * p["global_step"]
+
+
+def test_a_late_peer_joins_with_the_swarm_state(tmp_path):
+    report = run_local_swarm(tmp_path, "--steps", "700", "--late-peer-after", "12")
+    assert report["consensus"] is True
+    *first, late = report["peers"]
+    assert late["joined_at_step"] > 60 and late["rounds_held_at_join"]
+    assert all(r is not None for r in late["rounds_held_at_join"])  # it took every fragment from the swarm
+    assert min(late["rounds"]) >= 1  # and then averaged with it
+    assert late["time_to_join_s"] < 10
+    for p in first:
+        assert p["joined_at_step"] == 0 and min(p["rounds"]) >= 5
 
 
 def test_group_mismatch_is_refused_never_mixed(dhts, caplog):
@@ -137,8 +168,9 @@ def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts):
         key = RoundKey("run1", 0, 4)
         anchor, momentum = torch.randn(3000), torch.randn(3000)
         assert avs[2].recover(key) is None  # nobody has published this round yet
-        avs[0].applied(key, anchor, momentum)
-        avs[1].applied(key, anchor, momentum)
+        digest = state_hash(anchor, momentum)
+        avs[0].applied(key, anchor, momentum, digest)
+        avs[1].applied(key, anchor, momentum, digest)
         state = avs[2].recover(key)
         assert state is not None
         assert torch.equal(state.anchor, anchor) and torch.equal(state.momentum, momentum)

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import hashlib
 import logging
 import math
 import signal
 import time
+from collections import Counter
 from typing import AsyncIterator
 
 import msgpack
@@ -55,7 +55,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.streaming import combine_from_streaming
 
 from ..averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage, RoundKey,
-                         block_aligned_parts)
+                         RoundReport, block_aligned_parts, state_hash)
 from ..codecs import Codec, CodecError, get_codec
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,8 @@ class SwarmAverager(FragmentAverager):
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
                  bandwidth: float | None = None, client_mode: bool = False):
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
+        # a peer that misses its group (it came late) gives up after this, not after the whole round timeout
+        self.search_timeout = min(round_timeout, 3 * min_matchmaking_time)
         self.dht = dht
         self.peer_id = str(dht.peer_id)
         self.bytes_sent = 0
@@ -309,21 +311,21 @@ class SwarmAverager(FragmentAverager):
         av.set_group_bits(format(key.round % (1 << 16), "016b"))
         meta = {"run": key.run_id, "fragment": key.fragment, "round": key.round, "codec": self.codec_name,
                 "numel": int(outer_grad.numel()), "weight": float(weight)}
-        control = av.step(gather=meta, weight=float(weight), wait=False, timeout=self.round_timeout,
+        control = av.step(gather=meta, weight=float(weight), wait=False, timeout=self.search_timeout,
                           allow_retries=False)
         return _SwarmPending(self, av, key, control, time.time())
 
-    def applied(self, key: RoundKey, anchor: torch.Tensor, momentum: torch.Tensor) -> None:
-        digest = state_hash(anchor, momentum)
+    def applied(self, key: RoundKey, anchor: torch.Tensor, momentum: torch.Tensor, digest: str) -> None:
         meta = {"run": key.run_id, "fragment": key.fragment, "round": key.round, "sha256": digest}
         self.averagers[key.fragment].served = (meta, [anchor.clone(), momentum.clone()])
         self.dht.store(f"{self.run_id}_f{key.fragment}_hashes", msgpack.packb([key.round, digest]),
                        expiration_time=get_dht_time() + 3600, subkey=self.peer_id, return_future=True)
 
-    def recover(self, key: RoundKey) -> AgreedState | None:
-        """The majority's state for `key`, downloaded from a peer that holds it and checked against its hash."""
-        deadline = time.monotonic() + min(15.0, self.round_timeout / 2)
-        while not (donors := self._donors(key)):  # the peers that applied it may still be publishing
+    def recover(self, key: RoundKey, digest: str | None = None) -> AgreedState | None:
+        """The state of `key` (hashing to `digest`, else the most common), downloaded from a peer that holds it
+        and checked against its hash."""
+        deadline = time.monotonic() + min(3.0, self.round_timeout / 2)  # records may still be propagating
+        while not (donors := self._donors(key, digest)):
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.5)
@@ -342,22 +344,41 @@ class SwarmAverager(FragmentAverager):
                 log.warning("could not recover %s from %s: %r", key, peer, e)
         return None
 
-    def _donors(self, key: RoundKey) -> tuple[str, list[str]] | None:
-        found = self.dht.get(f"{self.run_id}_f{key.fragment}_hashes", latest=True)
-        if found is None or not isinstance(found.value, dict):
+    def latest_agreed(self, fragment: int, upto: int) -> RoundReport | None:
+        records = [(r, d) for r, d in self._hash_records(fragment).values() if r <= upto]
+        if not records:
             return None
-        by_hash: dict[str, list[str]] = {}
+        latest = max(r for r, _ in records)
+        return RoundReport(latest, dict(Counter(d for r, d in records if r == latest)))
+
+    def _hash_records(self, fragment: int) -> dict[str, tuple[int, str]]:
+        """Other peers' latest (round, state hash) of `fragment`; malformed records are logged and skipped."""
+        found = self.dht.get(f"{self.run_id}_f{fragment}_hashes", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        records = {}
         for peer, item in found.value.items():
             try:
                 round_, digest = msgpack.unpackb(item.value)
-            except Exception:
-                log.warning("ignoring a malformed hash record from %s", peer)
+                if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0 \
+                        or not isinstance(digest, str) or len(digest) != 64:
+                    raise ValueError(f"({round_!r}, {digest!r})")
+            except Exception as e:
+                log.warning("ignoring a malformed hash record from %s: %s", peer, e)
                 continue
-            if round_ == key.round and isinstance(digest, str) and peer != self.peer_id:
-                by_hash.setdefault(digest, []).append(str(peer))
-        if not by_hash:
+            if str(peer) != self.peer_id:
+                records[str(peer)] = (round_, digest)
+        return records
+
+    def _donors(self, key: RoundKey, digest: str | None) -> tuple[str, list[str]] | None:
+        by_hash: dict[str, list[str]] = {}
+        for peer, (round_, d) in self._hash_records(key.fragment).items():
+            if round_ == key.round:
+                by_hash.setdefault(d, []).append(peer)
+        if digest is None and by_hash:
+            digest = RoundReport(key.round, {d: len(p) for d, p in by_hash.items()}).majority()
+        if digest not in by_hash:
             return None
-        digest = max(by_hash, key=lambda d: len(by_hash[d]))
         return digest, by_hash[digest]
 
     def shutdown(self) -> None:
@@ -372,6 +393,9 @@ class _SwarmPending(PendingAverage):
     def __init__(self, owner: SwarmAverager, av: CodecAverager, key: RoundKey, control, started: float):
         self.owner, self.av, self.key, self.control, self.started = owner, av, key, control, started
 
+    def done(self) -> bool:
+        return self.control.done()
+
     def result(self) -> FragmentAverage:
         try:
             gathered = self.control.result(timeout=self.owner.round_timeout * 2 + 5)
@@ -385,12 +409,6 @@ class _SwarmPending(PendingAverage):
         with self.av.get_tensors() as tensors:
             mean = tensors[0].clone()
         return FragmentAverage(mean, int(stats["peers"]), float(stats["weight"]))
-
-
-def state_hash(anchor: torch.Tensor, momentum: torch.Tensor) -> str:
-    h = hashlib.sha256(anchor.contiguous().numpy().tobytes())
-    h.update(momentum.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _decode_state(av: CodecAverager, metadata: bytes | None, tensors, key: RoundKey, digest: str) -> AgreedState:

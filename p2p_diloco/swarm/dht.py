@@ -67,7 +67,15 @@ def publish_progress(dht: hivemind.DHT, run_id: str, progress: PeerProgress) -> 
 
 def fetch_progress(dht: hivemind.DHT, run_id: str) -> list[PeerProgress]:
     """Every peer's latest progress record; malformed ones are logged and skipped."""
-    found = dht.get(f"{run_id}_progress", latest=True)
+    return decode_progress(dht.get(f"{run_id}_progress", latest=True))
+
+
+def request_progress(dht: hivemind.DHT, run_id: str):
+    """`fetch_progress` without waiting: a future of the raw entry, for `decode_progress`."""
+    return dht.get(f"{run_id}_progress", latest=True, return_future=True)
+
+
+def decode_progress(found) -> list[PeerProgress]:
     if found is None or not isinstance(found.value, dict):
         return []
     peers = []

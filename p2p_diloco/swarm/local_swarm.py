@@ -31,8 +31,11 @@ class _Child:
 
 class LocalSwarm:
     def __init__(self, run: RunConfig, peers: int, steps: int, workdir: str | None = None,
-                 data: list[str] | None = None):
+                 data: list[str] | None = None, slow_peer_delay: float = 0.0, late_peer_after: float = 0.0):
+        """`steps`: the global step every trainer stops at; the last trainer may be slowed
+        (`slow_peer_delay` seconds of sleep per inner step) or join late (`late_peer_after` seconds)."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
+        self.slow_peer_delay, self.late_peer_after = slow_peer_delay, late_peer_after
         self.workdir = workdir or tempfile.mkdtemp(prefix="p2p-diloco-swarm-")
         self.children: list[_Child] = []
         self.progress: dict[int, dict] = {}
@@ -77,30 +80,43 @@ class LocalSwarm:
         start = time.time()
         try:
             maddr = self._start_host()
+            late = self.peers - 1 if self.late_peer_after > 0 else None
             trainers = []
-            for i in range(self.peers):
+
+            def spawn_trainer(i: int) -> None:
                 summary = os.path.join(self.workdir, f"peer{i}.json")
-                args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--steps", str(self.steps),
-                        "--summary", summary, "--progress-json", "--final-sync", "--threads", "1"]
+                args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id,
+                        "--global-steps", str(self.steps), "--summary", summary, "--progress-json", "--final-sync",
+                        "--threads", "1", "--wait-for-peers", str(self.peers if late is None else self.peers - 1)]
+                if i == self.peers - 1 and self.slow_peer_delay:
+                    args += ["--step-delay", str(self.slow_peer_delay)]
                 for d in self.data:
                     args += ["--data", d]
                 child = self._spawn(f"peer{i}", args, stdout=subprocess.PIPE)
                 threading.Thread(target=self._read_progress, args=(i, child), daemon=True).start()
                 trainers.append((child, summary))
+
+            for i in range(self.peers):
+                if i != late:
+                    spawn_trainer(i)
+            late_at = time.monotonic() + self.late_peer_after
             bars = [tqdm(total=self.steps, desc=f"peer{i}", position=i, unit="step", disable=not show_progress,
                          mininterval=0.5) for i in range(self.peers)]
             deadline = time.monotonic() + timeout
             try:
-                while any(c.proc.poll() is None for c, _ in trainers):
+                while any(c.proc.poll() is None for c, _ in trainers) or (late is not None and late_at is not None):
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"the swarm did not finish in {timeout:.0f}s; logs in {self.workdir}")
+                    if late is not None and late_at is not None and time.monotonic() >= late_at:
+                        spawn_trainer(late)
+                        late_at = None
                     for i, bar in enumerate(bars):
                         p = self.progress.get(i)
                         if p:
-                            bar.n = p["step"]
-                            bar.set_postfix_str(f"rounds {'/'.join(map(str, p['rounds']))} loss {p['loss']:.3f} "
-                                                f"{p['tokens_per_s']:.0f} tok/s sent {p['bytes_sent'] / 1e6:.2f} MB",
-                                                refresh=False)
+                            bar.n = p["global_step"]
+                            bar.set_postfix_str(f"inner {p['step']} rounds {'/'.join(map(str, p['rounds']))} "
+                                                f"loss {p['loss']:.3f} {p['tokens_per_s']:.0f} tok/s "
+                                                f"sent {p['bytes_sent'] / 1e6:.2f} MB", refresh=False)
                             bar.refresh()
                     time.sleep(0.5)
             finally:

@@ -27,18 +27,20 @@ from ..model import build_model, evaluate
 from ..records import PeerProgress
 from ..streaming import StreamingDiLoCo
 from .averager import SwarmAverager
-from .dht import fetch_run_config, publish_progress, start_dht
+from .clock import ClockReading, SwarmClock
+from .dht import decode_progress, fetch_progress, fetch_run_config, publish_progress, request_progress, start_dht
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EVERY_S = 2.0
+PROGRESS_EVERY_S = 1.0
+START_MARGIN_S = 2.0  # peers that wait for each other start this long after the last one arrived
 
 
 @dataclass
 class JoinOptions:
     initial_peers: list[str]
     run_id: str = "default"
-    steps: int | None = None  # None: until Ctrl-C
+    steps: int | None = None  # inner steps of this peer; None: until Ctrl-C
     bandwidth: float | None = None
     client_mode: bool = False
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
@@ -48,6 +50,9 @@ class JoinOptions:
     final_sync: bool = False  # one last round of every fragment at the last step (all peers stop together)
     threads: int | None = None
     config_timeout: float = 30.0
+    global_steps: int | None = None  # stop when the swarm clock reaches this step (local-swarm)
+    wait_for_peers: int = 1  # start training once this many peers are present (local-swarm)
+    step_delay: float = 0.0  # seconds of sleep after every inner step: a deliberately slow peer
 
 
 def anchor_hashes(outer: StreamingDiLoCo) -> list[str]:
@@ -77,37 +82,75 @@ def run_peer(opts: JoinOptions) -> dict:
         sizes = [f.numel for f in split_fragments(model, run.diloco.fragments)]
         averager = SwarmAverager(dht, run.run_id, sizes, run.diloco.codec, round_timeout=run.round_timeout,
                                  target_group_size=run.target_group_size, bandwidth=opts.bandwidth,
+                                 min_matchmaking_time=run.matchmaking_time,
                                  client_mode=opts.client_mode)
         outer = StreamingDiLoCo(model, run.diloco, averager, run_id=run.run_id)
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
         tokens_per_step = run.batch_size * run.model.seq_len
+
+        join_started = time.time()
+        clock = SwarmClock()
+        swarm = _wait_for_swarm(dht, run.run_id, peer_id, opts, stop)
+        joined = _join(outer, clock, swarm)
+        time_to_join = round(time.time() - join_started, 2)
+        if joined["rounds_held"]:
+            log.warning("joined a live run at global step %d in %.1fs; fragments at rounds %s",
+                        joined["step"], time_to_join, joined["rounds_held"])
+
         start = last_report = time.time()
+        clock.start(start)
+        first_step = g = int(clock.global_step(start))
+        if opts.global_steps is not None:
+            g = min(g, opts.global_steps)
         step, loss = 0, float("nan")
-        while not stop["now"] and (opts.steps is None or step < opts.steps):
-            loss = trainer.step(stream.next().to(device))
+        pending_readings = None
+
+        def progress(now: float, training: bool = True) -> PeerProgress:
+            return PeerProgress(peer_id, step, list(outer.stats.applied), step * tokens_per_step / max(now - start, 1e-9),
+                                averager.bytes_sent, averager.bytes_received, loss, clock.global_step(now),
+                                clock.steps_per_s, now, training)
+
+        while not stop["now"] and (opts.steps is None or step < opts.steps) \
+                and (opts.global_steps is None or g < opts.global_steps):
+            loss = trainer.step(stream.next().to(device), schedule_step=g)
+            if opts.step_delay:
+                time.sleep(opts.step_delay)
             step += 1
             outer.record_tokens(tokens_per_step)
-            outer.sync(step)
             now = time.time()
-            if now - last_report >= PROGRESS_EVERY_S or step == opts.steps:
+            target = clock.step_done(now)
+            if pending_readings is not None and pending_readings.done():
+                target = clock.observe(_readings(pending_readings, peer_id), now)
+                pending_readings = None
+            if opts.global_steps is not None:
+                target = min(target, opts.global_steps)
+            outer.advance(g, target)
+            g = max(g, target)
+            if now - last_report >= PROGRESS_EVERY_S:
                 last_report = now
-                progress = PeerProgress(peer_id, step, list(outer.stats.applied),
-                                        step * tokens_per_step / (now - start),
-                                        averager.bytes_sent, averager.bytes_received, loss)
-                publish_progress(dht, run.run_id, progress)
-                _report(opts, progress, outer)
+                record = progress(now)
+                publish_progress(dht, run.run_id, record)
+                if pending_readings is None:
+                    pending_readings = request_progress(dht, run.run_id)
+                _report(opts, record)
         outer.finish_in_flight()
         if opts.final_sync and not stop["now"]:
-            outer.start_final_rounds(step)
+            outer.start_final_rounds(g)
             outer.finish_in_flight()
         eval_model = build_model(run.model, run.diloco.seed)
         outer.load_anchors_into(eval_model)
         summary = {
             "peer_id": peer_id,
             "inner_steps": step,
+            "global_step": g,
+            "joined_at_step": first_step,
+            "time_to_join_s": time_to_join,
+            "rounds_held_at_join": joined["rounds_held"],
             "rounds": list(outer.stats.applied),
             "rounds_failed": list(outer.stats.failed),
+            "rounds_recovered": list(outer.stats.recovered),
+            "rounds_resynced": list(outer.stats.resynced),
             "eval_loss": evaluate(eval_model, eval_batches),
             "train_loss": loss,
             "wire_bytes_sent": averager.bytes_sent,
@@ -127,11 +170,58 @@ def run_peer(opts: JoinOptions) -> dict:
         dht.shutdown()
 
 
-def _report(opts: JoinOptions, p: PeerProgress, outer: StreamingDiLoCo) -> None:
+def _readings(future, peer_id: str) -> list[ClockReading]:
+    """The clock readings of the other peers that are training, from a finished `request_progress`."""
+    try:
+        records = decode_progress(future.result())
+    except Exception as e:  # a failed DHT lookup only delays alignment
+        log.warning("could not read the swarm's progress: %r", e)
+        return []
+    return [ClockReading(p.global_step, p.steps_per_s, p.time) for p in records
+            if p.training and p.peer_id != peer_id]
+
+
+def _wait_for_swarm(dht, run_id: str, peer_id: str, opts: JoinOptions, stop: dict) -> list[ClockReading]:
+    """Announce this peer; wait until `opts.wait_for_peers` peers are present or the run is under way.
+
+    Peers that wait for each other start together: at START_MARGIN_S after the
+    last one announced itself (every peer reads the same announcements).
+    Returns the clock readings of the peers already training (empty: this peer starts the run).
+    """
+    announced = time.time()
+    deadline = time.monotonic() + opts.config_timeout
+    while True:
+        publish_progress(dht, run_id, PeerProgress(peer_id, 0, time=announced, training=False))
+        records = fetch_progress(dht, run_id)
+        training = [ClockReading(p.global_step, p.steps_per_s, p.time) for p in records
+                    if p.training and p.peer_id != peer_id]
+        waiting = {p.peer_id: p.time for p in records if not p.training} | {peer_id: announced}
+        if training or stop["now"] or opts.wait_for_peers <= 1:
+            return training
+        if len(waiting) >= opts.wait_for_peers:
+            time.sleep(max(0.0, max(waiting.values()) + START_MARGIN_S - time.time()))
+            return []
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(waiting)} of {opts.wait_for_peers} peers showed up in "
+                               f"{opts.config_timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _join(outer: StreamingDiLoCo, clock: SwarmClock, swarm: list[ClockReading]) -> dict:
+    """Take the swarm's global step and state (anchors, momenta) when the run is under way."""
+    if not swarm:
+        return {"rounds_held": [], "step": 0}
+    step = clock.observe(swarm, time.time(), joining=True)
+    held = outer.adopt_swarm_state(step)
+    return {"rounds_held": held, "step": step}
+
+
+def _report(opts: JoinOptions, p: PeerProgress) -> None:
     if opts.progress_json:
-        print(json.dumps({"peer_id": p.peer_id, "step": p.step, "rounds": p.rounds, "loss": p.loss,
-                          "tokens_per_s": p.tokens_per_s, "bytes_sent": p.bytes_sent}), flush=True)
+        print(json.dumps({"peer_id": p.peer_id, "step": p.step, "global_step": int(p.global_step),
+                          "rounds": p.rounds, "loss": p.loss, "tokens_per_s": p.tokens_per_s,
+                          "bytes_sent": p.bytes_sent}), flush=True)
     else:
         rounds = "/".join(map(str, p.rounds))
-        print(f"step {p.step:6d}  rounds {rounds}  loss {p.loss:.4f}  {p.tokens_per_s:8.0f} tok/s  "
-              f"sent {p.bytes_sent / 1e6:8.2f} MB", file=sys.stderr, flush=True)
+        print(f"step {p.step:6d}  global {int(p.global_step):6d}  rounds {rounds}  loss {p.loss:.4f}  "
+              f"{p.tokens_per_s:8.0f} tok/s  sent {p.bytes_sent / 1e6:8.2f} MB", file=sys.stderr, flush=True)
