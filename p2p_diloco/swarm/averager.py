@@ -61,6 +61,9 @@ from ..codecs import Codec, CodecError, get_codec
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 19
+# a member that sends us a part of a group we are not in (we gave up matchmaking while the leader counted us
+# in) gets BAD_GROUP_ID after this long, instead of hanging until the round timeout
+GROUP_REGISTRATION_S = 5.0
 _CLIENT_MODE = 1  # hivemind.averaging.averager.AveragingMode.CLIENT
 
 
@@ -215,6 +218,8 @@ class CodecAverager(DecentralizedAverager):
                             raise AllreduceException(f"reducer {peers[owner]} answered "
                                                      f"{averaging_pb2.MessageCode.Name(msg.code)}")
                         pieces.append(msg.tensor_part.buffer)
+                    if not pieces:
+                        raise AllreduceException(f"reducer {peers[owner]} closed the stream without an answer")
                     mean = b"".join(pieces)
                     received += len(mean)
                 try:
@@ -245,13 +250,21 @@ class CodecAverager(DecentralizedAverager):
                              ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """A group member sends us its encoded part; we answer with the encoded mean of that part."""
         first = await anext(stream)
-        if first.group_id not in self._running_groups:
-            await self._pending_groups_registered.wait()
+        if first.group_id not in self._running_groups:  # the group may be registering right now; or never will
+            try:
+                await asyncio.wait_for(self._pending_groups_registered.wait(), GROUP_REGISTRATION_S)
+            except asyncio.TimeoutError:
+                pass
         future = self._running_groups.get(first.group_id)
         if future is None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
-        reduction: _Reduction | None = await future
+        try:
+            reduction: _Reduction | None = await future
+        except BaseException as e:  # this peer's side of the group failed before it could reduce
+            log.debug("group %s failed before reducing: %r", first.group_id.hex(), e)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
+            return
         if reduction is None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return

@@ -33,6 +33,7 @@ from .dht import decode_progress, fetch_progress, fetch_run_config, publish_prog
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 1.0
+TRAINER_NICENESS = 5
 START_MARGIN_S = 2.0  # peers that wait for each other start this long after the last one arrived
 
 
@@ -60,8 +61,6 @@ def anchor_hashes(outer: StreamingDiLoCo) -> list[str]:
 
 
 def run_peer(opts: JoinOptions) -> dict:
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     stop = {"now": False}
 
     def request_stop(signum, frame):
@@ -85,6 +84,11 @@ def run_peer(opts: JoinOptions) -> dict:
                                  min_matchmaking_time=run.matchmaking_time,
                                  client_mode=opts.client_mode)
         outer = StreamingDiLoCo(model, run.diloco, averager, run_id=run.run_id)
+        if opts.threads:
+            # only now: an averager process forked after set_num_threads trips torch's "Invalid thread pool"
+            # assert the first time one of its threads runs a parallel op
+            torch.set_num_threads(opts.threads)
+        _yield_cpu_to_network()
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
         tokens_per_step = run.batch_size * run.model.seq_len
@@ -168,6 +172,18 @@ def run_peer(opts: JoinOptions) -> dict:
         if averager is not None:
             averager.shutdown()
         dht.shutdown()
+
+
+def _yield_cpu_to_network() -> None:
+    """Lower this process's CPU priority, not that of its DHT, averagers and p2pd (started before, so unaffected).
+
+    Training keeps going while rounds are in flight; on a machine whose cores are
+    all busy training, the processes that move the bytes must not wait behind it.
+    """
+    try:
+        os.nice(TRAINER_NICENESS)
+    except OSError as e:  # not permitted or not supported: run at the same priority
+        log.debug("could not lower the trainer's priority: %s", e)
 
 
 def _readings(future, peer_id: str) -> list[ClockReading]:
