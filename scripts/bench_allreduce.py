@@ -26,7 +26,7 @@ from p2p_diloco.swarm.dht import start_dht, visible_maddrs
 
 def bench_ours(dhts, xs, codec: str, repeats: int, timeout: float) -> dict:
     avs = [SwarmAverager(d, "bench", [xs[0].numel()], codec, round_timeout=timeout, target_group_size=len(dhts),
-                         min_matchmaking_time=2.0) for d in dhts]
+                         min_matchmaking_time=2.0, search_timeout=timeout) for d in dhts]
     try:
         best, results = float("inf"), None
         for r in range(repeats):

@@ -43,6 +43,10 @@ def memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _mb(kb: int) -> float:
+    return round(kb / 1024, 1)
+
+
 def process_name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -81,9 +85,9 @@ def measure(fragments: int, model: str, settle_s: float, workdir: str) -> dict:
             raise RuntimeError(f"the trainer exited with code {trainer.returncode}")
         tree = [trainer.pid, *sorted(_descendants(trainer.pid))]
         rows = [(pid, process_name(pid), *memory_kb(pid)) for pid in tree]
-        return {"fragments": fragments, "averagers": fragments + 1 if fragments else 1, "processes": len(rows),
-                "rss_mb": round(sum(r[2] for r in rows) / 1024, 1), "pss_mb": round(sum(r[3] for r in rows) / 1024, 1),
-                "by_process": [{"pid": pid, "name": name, "rss_mb": round(rss / 1024, 1), "pss_mb": round(pss / 1024, 1)}
+        return {"fragments": fragments, "averagers": fragments + 1, "processes": len(rows),
+                "rss_mb": _mb(sum(r[2] for r in rows)), "pss_mb": _mb(sum(r[3] for r in rows)),
+                "by_process": [{"pid": pid, "name": name, "rss_mb": _mb(rss), "pss_mb": _mb(pss)}
                                for pid, name, rss, pss in rows]}
     finally:
         for p in procs:

@@ -94,8 +94,8 @@ def test_a_late_peer_joins_with_the_swarm_state(tmp_path):
 
 def test_group_mismatch_is_refused_never_mixed(dhts, caplog):
     a, b = dhts(2)
-    avs = [SwarmAverager(d, "run1", [1000], codec, round_timeout=15, target_group_size=2, min_matchmaking_time=2)
-           for d, codec in zip((a, b), ("fp4", "int8"))]
+    avs = [SwarmAverager(d, "run1", [1000], codec, round_timeout=30, target_group_size=2, min_matchmaking_time=2,
+                         search_timeout=30) for d, codec in zip((a, b), ("fp4", "int8"))]
     try:
         xs = [torch.full((1000,), 1.0), torch.full((1000,), 3.0)]
         pend = [av.begin(RoundKey("run1", 0, 3), x, 1.0) for av, x in zip(avs, xs)]
@@ -117,7 +117,8 @@ def test_group_mismatch_is_refused_never_mixed(dhts, caplog):
 
 def test_two_peers_average_exactly_in_fp32(dhts):
     a, b = dhts(2)
-    avs = [SwarmAverager(d, "run1", [5000], "fp32", round_timeout=15, target_group_size=2) for d in (a, b)]
+    avs = [SwarmAverager(d, "run1", [5000], "fp32", round_timeout=30, target_group_size=2, search_timeout=30)
+           for d in (a, b)]
     try:
         g = torch.Generator().manual_seed(0)
         xs = [torch.randn(5000, generator=g) for _ in range(2)]

@@ -296,10 +296,10 @@ class SwarmAverager(FragmentAverager):
 
     def __init__(self, dht, run_id: str, fragment_sizes: list[int], codec_name: str, *, round_timeout: float,
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
-                 bandwidth: float | None = None, client_mode: bool = False):
+                 bandwidth: float | None = None, client_mode: bool = False, search_timeout: float | None = None):
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
         # a peer that misses its group (it came late) gives up after this, not after the whole round timeout
-        self.search_timeout = min(round_timeout, 3 * min_matchmaking_time)
+        self.search_timeout = search_timeout or min(round_timeout, 3 * min_matchmaking_time)
         self.dht = dht
         self.peer_id = str(dht.peer_id)
         self.bytes_sent = 0

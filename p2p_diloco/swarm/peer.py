@@ -1,9 +1,12 @@
 """A trainer peer: reads the run config from the DHT, trains, averages fragments with the swarm.
 
 The loop reads like the simulator's: an inner step, then the Streaming DiLoCo
-schedule; the swarm sits behind `SwarmAverager`. Ctrl-C or SIGTERM stops after
-the current step: the round in flight is finished (or fails within its
-timeout), progress is withdrawn, and the summary is written.
+schedule, except that the schedule runs on the swarm's global step
+(`clock.SwarmClock`, shared by peers of any speed) rather than on this peer's
+own step count; the swarm sits behind `SwarmAverager`. A peer that finds the run
+under way takes the swarm's global step and state first. Ctrl-C or SIGTERM stops
+after the current step: the rounds in flight are finished (or fail within their
+timeouts) and the summary is written.
 """
 
 from __future__ import annotations
@@ -110,10 +113,10 @@ def run_peer(opts: JoinOptions) -> dict:
         step, loss = 0, float("nan")
         pending_readings = None
 
-        def progress(now: float, training: bool = True) -> PeerProgress:
-            return PeerProgress(peer_id, step, list(outer.stats.applied), step * tokens_per_step / max(now - start, 1e-9),
-                                averager.bytes_sent, averager.bytes_received, loss, clock.global_step(now),
-                                clock.steps_per_s, now, training)
+        def progress(now: float) -> PeerProgress:
+            tokens_per_s = step * tokens_per_step / max(now - start, 1e-9)
+            return PeerProgress(peer_id, step, list(outer.stats.applied), tokens_per_s, averager.bytes_sent,
+                                averager.bytes_received, loss, clock.global_step(now), clock.steps_per_s, now)
 
         while not stop["now"] and (opts.steps is None or step < opts.steps) \
                 and (opts.global_steps is None or g < opts.global_steps):
