@@ -126,8 +126,8 @@ def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, r
         raise click.UsageError(str(e)) from None
     if batch_size < 1 or round_timeout <= 0 or (target_group_size is not None and target_group_size < 2):
         raise click.UsageError("--batch-size must be >= 1, --round-timeout > 0, --target-group-size >= 2")
-    if not 0.5 <= matchmaking_time < round_timeout:
-        raise click.UsageError(f"--matchmaking-time must be >= 0.5 s and below --round-timeout ({round_timeout})")
+    if not 2.0 <= matchmaking_time < round_timeout:
+        raise click.UsageError(f"--matchmaking-time must be >= 2 s and below --round-timeout ({round_timeout})")
     return RunConfig(run_id, config, spec, batch_size, data or "Python standard library sources", float(round_timeout),
                      target_group_size, float(matchmaking_time))
 
@@ -197,6 +197,12 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
 @click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice].")
 @click.option("--step-delay", default=0.0, type=click.FloatRange(min=0), show_default=True,
               help="Sleep this many seconds after every inner step: a deliberately slow peer, for tests.")
+@click.option("--checkpoint-dir", default=None, help="Save this peer's state here (safetensors + metadata, "
+              "atomically) every --checkpoint-every applied rounds and on exit.")
+@click.option("--checkpoint-every", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Applied rounds (all fragments together) between two checkpoints.")
+@click.option("--resume", default=None, help="Start from the checkpoint in this directory (and keep saving there); "
+              "the swarm's newer state wins at each fragment's next round.")
 @click.option("--progress-json", is_flag=True, hidden=True)
 @click.option("--final-sync", is_flag=True, hidden=True)
 @click.option("--global-steps", default=None, type=click.IntRange(min=1), hidden=True,
@@ -204,9 +210,11 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
 @click.option("--wait-for-peers", default=1, type=click.IntRange(min=1), hidden=True,
               help="Start once this many peers are present (local-swarm).")
 def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data, summary_path, threads,
-         step_delay, progress_json, final_sync, global_steps, wait_for_peers):
+         step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, final_sync, global_steps,
+         wait_for_peers):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
     from .averaging import AveragingFailed
+    from .checkpoint import CheckpointError
     from .records import RecordError
     from .swarm.peer import JoinOptions, run_peer
 
@@ -215,10 +223,11 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data
     opts = JoinOptions(list(initial_peers), run_id, steps, bandwidth, client_mode,
                        list(host_maddrs) or ["/ip4/127.0.0.1/tcp/0"], list(data), summary_path, progress_json,
                        final_sync, threads, global_steps=global_steps, wait_for_peers=wait_for_peers,
-                       step_delay=step_delay)
+                       step_delay=step_delay, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                       resume=resume)
     try:
         summary = run_peer(opts)
-    except (RecordError, TimeoutError, ConfigError, AveragingFailed) as e:
+    except (RecordError, TimeoutError, ConfigError, AveragingFailed, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     if not progress_json:
         click.echo(f"done: {summary['inner_steps']} steps, rounds {summary['rounds']}, "

@@ -80,7 +80,9 @@ class RunConfig:
     data: str  # a description of the data, for humans; every peer reads its own
     round_timeout: float = 60.0  # seconds a peer waits for a round's group and all-reduce
     target_group_size: int | None = None  # a group forms at once when this many peers are in it
-    matchmaking_time: float = 3.0  # seconds a group that is not full waits for more peers
+    # seconds a group that is not full waits for more peers; >= 2, since requests to other peers get half of it,
+    # at most 1 s, and a new connection cut shorter under load puts that peer in libp2p's dial backoff
+    matchmaking_time: float = 3.0
 
     def encode(self) -> bytes:
         return _pack("run_config", {"run_id": self.run_id, "diloco": self.diloco.to_dict(),
@@ -117,8 +119,8 @@ class RunConfig:
         if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 2):
             raise RecordError(f"{kind} record: target_group_size must be nil or an integer >= 2")
         matchmaking = _get(obj, kind, "matchmaking_time", (int, float))
-        if not math.isfinite(matchmaking) or not 0.5 <= matchmaking < round_timeout:
-            raise RecordError(f"{kind} record: matchmaking_time must be >= 0.5 and below round_timeout")
+        if not math.isfinite(matchmaking) or not 2.0 <= matchmaking < round_timeout:
+            raise RecordError(f"{kind} record: matchmaking_time must be >= 2 and below round_timeout")
         return cls(run_id, diloco, model, batch_size, _get(obj, kind, "data", str), float(round_timeout), target,
                    float(matchmaking))
 

@@ -39,8 +39,10 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return [str(a) for a in dht.get_visible_maddrs()]
 
 
-def publish_run_config(dht: hivemind.DHT, run: RunConfig) -> bool:
-    return dht.store(f"{run.run_id}_config", run.encode(), expiration_time=get_dht_time() + CONFIG_TTL)
+def publish_run_config(dht: hivemind.DHT, run: RunConfig, wait: bool = True):
+    """Store the run config (the host does, and every trainer again, so the run outlives its host)."""
+    return dht.store(f"{run.run_id}_config", run.encode(), expiration_time=get_dht_time() + CONFIG_TTL,
+                     return_future=not wait)
 
 
 def fetch_run_config(dht: hivemind.DHT, run_id: str, timeout: float = 30.0) -> RunConfig:

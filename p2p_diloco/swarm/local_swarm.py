@@ -40,7 +40,7 @@ class LocalSwarm:
         self.children: list[_Child] = []
         self.progress: dict[int, dict] = {}
 
-    def _spawn(self, name: str, args: list[str], stdout=None) -> _Child:
+    def spawn(self, name: str, args: list[str], stdout=None) -> _Child:
         log_path = os.path.join(self.workdir, f"{name}.log")
         log = open(log_path, "w")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -51,12 +51,13 @@ class LocalSwarm:
         self.children.append(child)
         return child
 
-    def _start_host(self) -> str:
+    def start_host(self) -> str:
+        """Start the host; returns its first multiaddr once it is up."""
         config_path = os.path.join(self.workdir, "run_config.msgpack")
         with open(config_path, "wb") as f:
             f.write(self.run.encode())
         maddrs_path = os.path.join(self.workdir, "host.json")
-        host = self._spawn("host", ["host", "--run-config", config_path, "--maddrs-file", maddrs_path])
+        host = self.spawn("host", ["host", "--run-config", config_path, "--maddrs-file", maddrs_path])
         deadline = time.monotonic() + HOST_START_TIMEOUT
         while not os.path.exists(maddrs_path):
             if host.proc.poll() is not None:
@@ -67,32 +68,40 @@ class LocalSwarm:
         with open(maddrs_path) as f:
             return json.load(f)["maddrs"][0]
 
+    def start_trainer(self, name: str, maddr: str, wait_for: int, extra: list[str] | None = None
+                      ) -> tuple[_Child, str]:
+        """Start one trainer that stops at global step `self.steps`; returns it and its summary's path."""
+        summary = os.path.join(self.workdir, f"{name}.json")
+        args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
+                "--summary", summary, "--progress-json", "--final-sync", "--threads", "1",
+                "--wait-for-peers", str(wait_for), *(extra or [])]
+        for d in self.data:
+            args += ["--data", d]
+        return self.spawn(name, args, stdout=subprocess.PIPE), summary
+
     def _read_progress(self, index: int, child: _Child) -> None:
         for line in child.proc.stdout:
             try:
-                self.progress[index] = json.loads(line)
+                record = json.loads(line)
             except ValueError:
-                pass
+                continue
+            if "step" in record:
+                self.progress[index] = record
 
     def run_all(self, timeout: float, show_progress: bool = True) -> dict:
         from tqdm import tqdm
 
         start = time.time()
         try:
-            maddr = self._start_host()
+            maddr = self.start_host()
             late = self.peers - 1 if self.late_peer_after > 0 else None
             trainers = []
 
             def spawn_trainer(i: int) -> None:
-                summary = os.path.join(self.workdir, f"peer{i}.json")
-                args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id,
-                        "--global-steps", str(self.steps), "--summary", summary, "--progress-json", "--final-sync",
-                        "--threads", "1", "--wait-for-peers", str(self.peers if late is None else self.peers - 1)]
-                if i == self.peers - 1 and self.slow_peer_delay:
-                    args += ["--step-delay", str(self.slow_peer_delay)]
-                for d in self.data:
-                    args += ["--data", d]
-                child = self._spawn(f"peer{i}", args, stdout=subprocess.PIPE)
+                extra = ["--step-delay", str(self.slow_peer_delay)] if i == self.peers - 1 and self.slow_peer_delay \
+                    else []
+                wait_for = self.peers if late is None else self.peers - 1
+                child, summary = self.start_trainer(f"peer{i}", maddr, wait_for, extra)
                 threading.Thread(target=self._read_progress, args=(i, child), daemon=True).start()
                 trainers.append((child, summary))
 

@@ -11,6 +11,7 @@ timeouts) and the summary is written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data import BatchStream, Corpus
 from ..device import pick_device
 from ..fragments import split_fragments
@@ -31,7 +33,8 @@ from ..records import PeerProgress
 from ..streaming import StreamingDiLoCo
 from .averager import SwarmAverager
 from .clock import ClockReading, SwarmClock
-from .dht import decode_progress, fetch_progress, fetch_run_config, publish_progress, request_progress, start_dht
+from .dht import (CONFIG_TTL, decode_progress, fetch_progress, fetch_run_config, publish_progress, publish_run_config,
+                  request_progress, start_dht, visible_maddrs)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,9 @@ class JoinOptions:
     global_steps: int | None = None  # stop when the swarm clock reaches this step (local-swarm)
     wait_for_peers: int = 1  # start training once this many peers are present (local-swarm)
     step_delay: float = 0.0  # seconds of sleep after every inner step: a deliberately slow peer
+    checkpoint_dir: str | None = None  # save here every `checkpoint_every` applied rounds and on exit
+    checkpoint_every: int = 10
+    resume: str | None = None  # a checkpoint directory to start from
 
 
 def anchor_hashes(outer: StreamingDiLoCo) -> list[str]:
@@ -95,23 +101,43 @@ def run_peer(opts: JoinOptions) -> dict:
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
         tokens_per_step = run.batch_size * run.model.seq_len
+        maddrs = visible_maddrs(dht)
+        if opts.progress_json:
+            print(json.dumps({"peer_id": peer_id, "maddrs": maddrs}), flush=True)
+        else:
+            print(f"peer {peer_id}: other peers can join the run through any of", file=sys.stderr)
+            for a in maddrs:
+                print(f"  {a}", file=sys.stderr)
+
+        resumed = None
+        if opts.resume:
+            resumed = load_checkpoint(opts.resume, run.run_id, run.model, outer, trainer)
+            log.warning("resumed from %s: global step %d, fragments at rounds %s", resumed.path,
+                        resumed.global_step, resumed.rounds)
+        checkpoint_dir = opts.checkpoint_dir or opts.resume
 
         join_started = time.time()
-        clock = SwarmClock()
+        clock = SwarmClock(resumed.global_step if resumed else 0.0)
         swarm = _wait_for_swarm(dht, run.run_id, peer_id, opts, stop)
-        joined = _join(outer, clock, swarm)
+        joined = _join(outer, clock, swarm, resumed is not None)
         time_to_join = round(time.time() - join_started, 2)
         if joined["rounds_held"]:
             log.warning("joined a live run at global step %d in %.1fs; fragments at rounds %s",
                         joined["step"], time_to_join, joined["rounds_held"])
 
-        start = last_report = time.time()
+        start = last_report = config_published = time.time()
         clock.start(start)
         first_step = g = int(clock.global_step(start))
         if opts.global_steps is not None:
             g = min(g, opts.global_steps)
         step, loss = 0, float("nan")
         pending_readings = None
+        saved_at_rounds = sum(outer.stats.applied)
+
+        def save() -> None:
+            now = time.time()
+            path = save_checkpoint(checkpoint_dir, run.run_id, run.model, outer, trainer, clock.global_step(now))
+            log.info("checkpoint: %s", path)
 
         def progress(now: float) -> PeerProgress:
             tokens_per_s = step * tokens_per_step / max(now - start, 1e-9)
@@ -134,24 +160,36 @@ def run_peer(opts: JoinOptions) -> dict:
                 target = min(target, opts.global_steps)
             outer.advance(g, target)
             g = max(g, target)
+            if checkpoint_dir and sum(outer.stats.applied) - saved_at_rounds >= opts.checkpoint_every:
+                save()
+                saved_at_rounds = sum(outer.stats.applied)
             if now - last_report >= PROGRESS_EVERY_S:
                 last_report = now
                 record = progress(now)
                 publish_progress(dht, run.run_id, record)
+                if now - config_published >= CONFIG_TTL / 4:  # the run outlives its host
+                    publish_run_config(dht, run, wait=False)
+                    config_published = now
                 if pending_readings is None:
                     pending_readings = request_progress(dht, run.run_id)
                 _report(opts, record)
+        if stop["now"]:  # a clean leave: the others' clocks stop counting on this peer at once
+            publish_progress(dht, run.run_id, dataclasses.replace(progress(time.time()), training=False))
         outer.finish_in_flight()
         if opts.final_sync and not stop["now"]:
             outer.start_final_rounds(g)
             outer.finish_in_flight()
+        if checkpoint_dir:
+            save()
         eval_model = build_model(run.model, run.diloco.seed)
         outer.load_anchors_into(eval_model)
         summary = {
             "peer_id": peer_id,
+            "maddrs": maddrs,
             "inner_steps": step,
             "global_step": g,
             "joined_at_step": first_step,
+            "resumed_from_step": resumed.global_step if resumed else None,
             "time_to_join_s": time_to_join,
             "rounds_held_at_join": joined["rounds_held"],
             "rounds": list(outer.stats.applied),
@@ -226,12 +264,16 @@ def _wait_for_swarm(dht, run_id: str, peer_id: str, opts: JoinOptions, stop: dic
         time.sleep(0.5)
 
 
-def _join(outer: StreamingDiLoCo, clock: SwarmClock, swarm: list[ClockReading]) -> dict:
-    """Take the swarm's global step and state (anchors, momenta) when the run is under way."""
+def _join(outer: StreamingDiLoCo, clock: SwarmClock, swarm: list[ClockReading], resumed: bool) -> dict:
+    """Take the swarm's global step and state (anchors, momenta) when the run is under way.
+
+    A peer resumed from a checkpoint keeps its own state: at each fragment's next
+    round it adopts the swarm's instead if the swarm holds a newer one (catch-up).
+    """
     if not swarm:
-        return {"rounds_held": [], "step": 0}
+        return {"rounds_held": [], "step": int(clock.global_step(time.time()))}
     step = clock.observe(swarm, time.time(), joining=True)
-    held = outer.adopt_swarm_state(step)
+    held = list(outer.base_round) if resumed else outer.adopt_swarm_state(step)
     return {"rounds_held": held, "step": step}
 
 

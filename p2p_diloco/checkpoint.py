@@ -1,0 +1,217 @@
+"""A peer's checkpoint: model, inner and outer optimizer state, anchors, steps; atomic, verified on load.
+
+A checkpoint directory holds:
+
+* `state-<global step>.safetensors`: every tensor — the working parameters
+  (`model/<name>`), each fragment's anchor, outer momentum and error-feedback
+  residual (`anchor/<k>`, `momentum/<k>`, `residual/<k>`) and the AdamW moments
+  (`adam/<i>/exp_avg`, `adam/<i>/exp_avg_sq`, `adam/<i>/step`);
+* `checkpoint.json`: what the tensors are (format version, run id, model spec,
+  Streaming DiLoCo config, global and inner step, the round and state hash each
+  fragment holds, tokens since each fragment's last round), the name of the state
+  file and its sha256.
+
+Rounds in flight are not part of a checkpoint: a resumed peer holds the last
+rounds it applied, and the swarm's newer state wins at its next round (catch-up).
+
+Saving writes the state file under a temporary name, renames it, then replaces
+`checkpoint.json` (write + fsync + rename), and only then deletes older state
+files: a crash at any moment leaves either the old or the new checkpoint whole.
+Loading checks the metadata, the file's hash, every tensor's name, shape and
+dtype against the model being resumed, and that the anchors hash to the recorded
+digests; anything wrong raises `CheckpointError` naming it, and nothing on disk
+is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .averaging import state_hash
+from .config import ConfigError, DiLoCoConfig
+from .inner import InnerTrainer
+from .model import ModelSpec
+from .streaming import StreamingDiLoCo
+
+FORMAT_VERSION = 1
+META_NAME = "checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    run_id: str
+    global_step: float
+    inner_step: int
+    rounds: list[int]  # the round each fragment's anchor comes from (-1: the run's seed)
+
+
+def save_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: StreamingDiLoCo, trainer: InnerTrainer,
+                    global_step: float) -> str:
+    """Write a checkpoint of this peer into `directory` (created if missing); returns the state file's path."""
+    os.makedirs(directory, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in trainer.model.named_parameters():
+        tensors[f"model/{name}"] = p.detach().cpu()
+    for k, (a, m) in enumerate(zip(outer.anchors, outer.momenta)):
+        tensors[f"anchor/{k}"], tensors[f"momentum/{k}"] = a, m
+    if outer.residuals is not None:
+        for k, r in enumerate(outer.residuals):
+            tensors[f"residual/{k}"] = r
+    adam = trainer.optimizer.state_dict()
+    for i, state in adam["state"].items():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            if key in state:
+                tensors[f"adam/{i}/{key}"] = torch.as_tensor(state[key]).detach().cpu()
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}  # safetensors refuses shared storage
+    name = f"state-{int(global_step)}.safetensors"
+    final = os.path.join(directory, name)
+    tmp = final + f".tmp{os.getpid()}"
+    save_file(tensors, tmp)
+    _fsync(tmp)
+    os.replace(tmp, final)
+    meta = {
+        "format": FORMAT_VERSION, "run_id": run_id, "model": spec.to_dict(), "diloco": outer.config.to_dict(),
+        "global_step": float(global_step), "inner_step": trainer.step_count, "rounds": list(outer.base_round),
+        "digests": list(outer.digests), "tokens_since_sync": list(outer.tokens_since_sync),
+        "adam_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in adam["param_groups"]],
+        "state_file": name, "state_sha256": _sha256(final),
+    }
+    meta_tmp = os.path.join(directory, META_NAME + f".tmp{os.getpid()}")
+    with open(meta_tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(meta_tmp, os.path.join(directory, META_NAME))
+    for old in os.listdir(directory):
+        if old.startswith("state-") and old.endswith(".safetensors") and old != name:
+            os.remove(os.path.join(directory, old))
+    return final
+
+
+def read_checkpoint(directory: str, run_id: str, spec: ModelSpec, config: DiLoCoConfig
+                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Metadata and tensors of the checkpoint in `directory`, checked against this run; raises CheckpointError."""
+    meta_path = os.path.join(directory, META_NAME)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path}: no checkpoint here") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                              f"expected {FORMAT_VERSION}")
+    if meta.get("run_id") != run_id:
+        raise CheckpointError(f"{meta_path}: a checkpoint of run {meta.get('run_id')!r}, not {run_id!r}")
+    if meta.get("model") != spec.to_dict():
+        raise CheckpointError(f"{meta_path}: model {meta.get('model')} differs from the run's {spec.to_dict()}")
+    try:
+        saved = DiLoCoConfig.from_dict(meta.get("diloco"))
+    except (ConfigError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{meta_path}: bad diloco config ({e})") from None
+    if saved.fragments != config.fragments:
+        raise CheckpointError(f"{meta_path}: saved with {saved.fragments} fragments, the run has {config.fragments}")
+    name = meta.get("state_file")
+    if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".safetensors"):
+        raise CheckpointError(f"{meta_path}: bad state_file {name!r}")
+    state_path = os.path.join(directory, name)
+    if not os.path.exists(state_path):
+        raise CheckpointError(f"{state_path}: missing (named by {META_NAME})")
+    digest = _sha256(state_path)
+    if digest != meta.get("state_sha256"):
+        raise CheckpointError(f"{state_path}: sha256 {digest[:12]} does not match the recorded "
+                              f"{str(meta.get('state_sha256'))[:12]} (truncated or changed)")
+    try:
+        tensors = load_file(state_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{state_path}: not a readable safetensors file ({e})") from None
+    for key in ("global_step", "inner_step"):
+        if not isinstance(meta.get(key), (int, float)) or meta[key] < 0:
+            raise CheckpointError(f"{meta_path}: bad {key} {meta.get(key)!r}")
+    return meta, tensors
+
+
+def load_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: StreamingDiLoCo,
+                    trainer: InnerTrainer) -> CheckpointInfo:
+    """Restore this peer from `directory`. Everything is checked before anything is changed."""
+    meta, tensors = read_checkpoint(directory, run_id, spec, outer.config)
+    where = os.path.join(directory, meta["state_file"])
+
+    def take(name: str, like: torch.Tensor) -> torch.Tensor:
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{where}: no tensor {name!r}")
+        if t.shape != like.shape or t.dtype != like.dtype:
+            raise CheckpointError(f"{where}: {name} is {tuple(t.shape)} {t.dtype}, expected "
+                                  f"{tuple(like.shape)} {like.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{where}: {name} holds non-finite values")
+        return t
+
+    n = len(outer.fragments)
+    for key in ("rounds", "digests", "tokens_since_sync"):
+        if not isinstance(meta.get(key), list) or len(meta[key]) != n:
+            raise CheckpointError(f"{directory}/{META_NAME}: {key} must list {n} fragments")
+    params = {name: take(f"model/{name}", p.detach()) for name, p in trainer.model.named_parameters()}
+    anchors = [take(f"anchor/{k}", a) for k, a in enumerate(outer.anchors)]
+    momenta = [take(f"momentum/{k}", m) for k, m in enumerate(outer.momenta)]
+    for k, (a, m) in enumerate(zip(anchors, momenta)):
+        if state_hash(a, m) != meta["digests"][k]:
+            raise CheckpointError(f"{where}: fragment {k}'s anchor and momentum do not match their recorded hash")
+    residuals = None
+    if outer.residuals is not None:
+        residuals = [take(f"residual/{k}", r) if f"residual/{k}" in tensors else torch.zeros_like(r)
+                     for k, r in enumerate(outer.residuals)]
+    adam_state = {}
+    for i, p in enumerate(trainer.model.parameters()):
+        if f"adam/{i}/exp_avg" in tensors:
+            adam_state[i] = {"exp_avg": take(f"adam/{i}/exp_avg", p.detach()),
+                             "exp_avg_sq": take(f"adam/{i}/exp_avg_sq", p.detach()),
+                             "step": tensors.get(f"adam/{i}/step", torch.tensor(0.0))}
+    groups = meta.get("adam_param_groups")
+    current = trainer.optimizer.state_dict()
+    if not isinstance(groups, list) or len(groups) != len(current["param_groups"]):
+        raise CheckpointError(f"{directory}/{META_NAME}: adam_param_groups do not match the optimizer")
+    # everything checked: now change the peer
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            p.copy_(params[name].to(p.device))
+    outer.anchors = [a.clone() for a in anchors]
+    outer.momenta = [m.clone() for m in momenta]
+    if residuals is not None:
+        outer.residuals = [r.clone() for r in residuals]
+    outer.base_round = [int(r) for r in meta["rounds"]]
+    outer.digests = list(meta["digests"])
+    outer.tokens_since_sync = [int(t) for t in meta["tokens_since_sync"]]
+    trainer.optimizer.load_state_dict({
+        "state": adam_state,
+        "param_groups": [{**g, "params": cg["params"]} for g, cg in zip(groups, current["param_groups"])]})
+    trainer.step_count = int(meta["inner_step"])
+    return CheckpointInfo(where, run_id, float(meta["global_step"]), int(meta["inner_step"]), list(outer.base_round))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

@@ -1,0 +1,180 @@
+"""Chaos runner: a local swarm whose peers are killed, stopped, and replaced at random, reproducibly by seed.
+
+A host and --peers trainers run a Streaming DiLoCo run of --steps global steps on
+127.0.0.1. Every ~--fault-every seconds (exponential gaps, drawn from --seed) one
+live trainer gets a fault: SIGKILL (a crash), SIGTERM (a clean leave; it comes
+back with `--resume` from its checkpoint) or SIGSTOP (a stall of 5-15 s, then
+SIGCONT). A crashed or departed trainer is replaced by a new one a few seconds
+later, so the swarm keeps about --peers members. At the end it reports rounds
+applied and failed per fragment, inner steps lost with crashed peers, every
+joiner's time-to-join, whether the surviving peers hold identical anchors, and
+their eval loss against an undisturbed run of the same length (run after the
+chaotic one, unless --baseline-json names a report of one).
+
+    python scripts/chaos.py --seed 1 --steps 6000 --json results/chaos.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+from p2p_diloco.config import DiLoCoConfig
+from p2p_diloco.model import model_spec
+from p2p_diloco.records import RunConfig
+from p2p_diloco.swarm.local_swarm import LocalSwarm
+
+
+class Trainer:
+    def __init__(self, swarm: LocalSwarm, name: str, maddr: str, wait_for: int, extra: list[str]):
+        self.name = name
+        self.child, self.summary = swarm.start_trainer(name, maddr, wait_for, extra)
+        self.last: dict = {}
+        self.fate = "running"
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.child.proc.stdout:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "step" in record:
+                self.last = record
+
+    def alive(self) -> bool:
+        return self.child.proc.poll() is None
+
+
+def chaos(args) -> dict:
+    rng = random.Random(args.seed)
+    run = RunConfig("chaos", DiLoCoConfig(total_steps=args.steps), model_spec(args.model), 4, "stdlib",
+                    round_timeout=args.round_timeout, target_group_size=None, matchmaking_time=3.0)
+    swarm = LocalSwarm(run, args.peers, args.steps, workdir=args.workdir)
+    events, trainers, counter = [], [], [0]
+    start = time.monotonic()
+
+    def log(what: str, name: str) -> None:
+        events.append({"t": round(time.monotonic() - start, 1), "event": what, "peer": name})
+        print(f"[{events[-1]['t']:7.1f}s] {what:8s} {name}", flush=True)
+
+    def new_trainer(wait_for: int = 1, resume: str | None = None) -> Trainer:
+        counter[0] += 1
+        name = f"peer{counter[0]}"
+        ckpt = os.path.join(swarm.workdir, f"ckpt-{name}")
+        extra = ["--resume", resume] if resume else ["--checkpoint-dir", ckpt, "--checkpoint-every", "10"]
+        t = Trainer(swarm, name, maddr, wait_for, extra)
+        t.checkpoint = resume or ckpt
+        trainers.append(t)
+        log("join" if not resume else "resume", name)
+        return t
+
+    try:
+        maddr = swarm.start_host()
+        for _ in range(args.peers):
+            new_trainer(wait_for=args.peers)
+        pending: list[tuple[float, str, Trainer | None]] = []  # (when, action, trainer)
+        next_fault = time.monotonic() + 20 + rng.expovariate(1 / args.fault_every)
+        while any(t.alive() for t in trainers if t.fate in ("running", "stopped")):
+            now = time.monotonic()
+            if now - start > args.timeout:
+                raise TimeoutError(f"the chaos run did not end in {args.timeout:.0f}s; logs in {swarm.workdir}")
+            running = [t for t in trainers if t.fate == "running" and t.alive() and t.last]
+            near_end = any(t.last.get("global_step", 0) > 0.9 * args.steps for t in running)
+            for item in [p for p in pending if p[0] <= now]:
+                pending.remove(item)
+                _, action, t = item
+                if near_end and action != "cont":
+                    continue  # a newcomer would arrive after the run's last round
+                if action == "cont":
+                    os.kill(t.child.proc.pid, signal.SIGCONT)
+                    t.fate = "running"
+                    log("resumed", t.name)
+                elif action == "replace":
+                    new_trainer()
+                elif action == "restart":
+                    new_trainer(resume=t.checkpoint)
+            if now >= next_fault and running and not near_end:
+                victim = rng.choice(running)
+                fault = rng.choice(["SIGKILL", "SIGTERM", "SIGSTOP"])
+                if fault == "SIGKILL":
+                    os.killpg(victim.child.proc.pid, signal.SIGKILL)
+                    victim.fate = "killed"
+                    pending.append((now + rng.uniform(3, 10), "replace", None))
+                elif fault == "SIGTERM":
+                    os.kill(victim.child.proc.pid, signal.SIGTERM)
+                    victim.fate = "left"
+                    pending.append((now + rng.uniform(15, 25), "restart", victim))
+                else:
+                    os.kill(victim.child.proc.pid, signal.SIGSTOP)
+                    victim.fate = "stopped"
+                    pending.append((now + rng.uniform(5, 15), "cont", victim))
+                log(fault, victim.name)
+                next_fault = now + rng.expovariate(1 / args.fault_every)
+            time.sleep(0.5)
+        wall = time.monotonic() - start
+        finished, lost = [], 0
+        for t in trainers:
+            if t.fate == "killed":
+                lost += t.last.get("step", 0)
+                continue
+            if t.child.proc.returncode == 0 and os.path.exists(t.summary) and t.fate == "running":
+                with open(t.summary) as f:
+                    finished.append({"name": t.name, **json.load(f)})
+        if not finished:
+            raise RuntimeError(f"no trainer finished; logs in {swarm.workdir}")
+        hashes = {tuple(p["anchor_sha256"]) for p in finished}
+        return {"seed": args.seed, "peers": args.peers, "steps": args.steps, "wall_s": round(wall, 1),
+                "faults": [e for e in events if e["event"] in ("SIGKILL", "SIGTERM", "SIGSTOP")],
+                "events": events, "consensus": len(hashes) == 1,
+                "rounds_applied": [p["rounds"] for p in finished],
+                "rounds_failed": [p["rounds_failed"] for p in finished],
+                "inner_steps_lost_with_crashed_peers": lost,
+                "time_to_join_s": {p["name"]: p["time_to_join_s"] for p in finished if p["joined_at_step"] > 0},
+                "eval_loss": [p["eval_loss"] for p in finished], "workdir": swarm.workdir}
+    finally:
+        swarm.stop()
+
+
+def baseline(args) -> float:
+    run = RunConfig("calm", DiLoCoConfig(total_steps=args.steps), model_spec(args.model), 4, "stdlib",
+                    round_timeout=args.round_timeout, target_group_size=None, matchmaking_time=3.0)
+    report = LocalSwarm(run, args.peers, args.steps).run_all(args.timeout, show_progress=False)
+    return report["peers"][0]["eval_loss"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peers", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6000, help="Global steps of the run.")
+    parser.add_argument("--fault-every", type=float, default=30.0, help="Mean seconds between faults.")
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--round-timeout", type=float, default=30.0)
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--baseline-json", default=None, help="A report of an undisturbed run (skips running one).")
+    parser.add_argument("--json", dest="json_path", default=None)
+    args = parser.parse_args()
+    report = chaos(args)
+    if args.baseline_json:
+        with open(args.baseline_json) as f:
+            calm = json.load(f)["baseline_eval_loss"]
+    else:
+        print("undisturbed run of the same length...", flush=True)
+        calm = baseline(args)
+    report["baseline_eval_loss"] = calm
+    report["eval_loss_vs_baseline"] = round(max(report["eval_loss"]) / calm - 1, 4)
+    print(json.dumps({k: v for k, v in report.items() if k != "events"}, indent=1))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

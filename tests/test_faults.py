@@ -1,0 +1,209 @@
+"""Faults on a real swarm on 127.0.0.1: crash, stall, clean leave, host death, restart from a checkpoint.
+
+Each test runs a host and three trainers (separate processes, the default small
+model) for a few hundred global steps, injects one fault, and checks that the
+survivors finish, hold finite and bit-identical anchors, and never waited longer
+than the configured timeouts. Every process (p2pd included) is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from p2p_diloco.config import DiLoCoConfig
+from p2p_diloco.model import model_spec
+from p2p_diloco.records import RunConfig
+from p2p_diloco.swarm.local_swarm import LocalSwarm
+
+from test_swarm import p2pd_pids
+
+ROUND_TIMEOUT = 20.0
+STEPS = 360
+
+
+class Swarm:
+    """A host and trainers started one by one, with their progress lines read as they come."""
+
+    def __init__(self, tmp_path, steps: int = STEPS):
+        run = RunConfig("faults", DiLoCoConfig(total_steps=steps), model_spec("small"), 4, "stdlib",
+                        round_timeout=ROUND_TIMEOUT, target_group_size=None, matchmaking_time=3.0)
+        self.local = LocalSwarm(run, 3, steps, workdir=str(tmp_path))
+        self.maddr = self.local.start_host()
+        self.lines: dict[str, list[dict]] = {}
+        self.trainers: dict[str, tuple] = {}
+
+    def start(self, name: str, wait_for: int = 3, extra: list[str] | None = None, maddr: str | None = None):
+        child, summary = self.local.start_trainer(name, maddr or self.maddr, wait_for, extra)
+        self.lines[name] = []
+        threading.Thread(target=self._read, args=(name, child), daemon=True).start()
+        self.trainers[name] = (child, summary)
+        return child
+
+    def _read(self, name, child):
+        for line in child.proc.stdout:
+            try:
+                self.lines[name].append(json.loads(line))
+            except ValueError:
+                pass
+
+    def wait_for_step(self, name: str, step: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(r.get("global_step", -1) >= step for r in self.lines[name]):
+            assert self.trainers[name][0].proc.poll() is None, f"{name} exited early; see its log"
+            assert time.monotonic() < deadline, f"{name} did not reach global step {step} in {timeout}s"
+            time.sleep(0.2)
+
+    def maddrs(self, name: str) -> list[str]:
+        return next(r["maddrs"] for r in self.lines[name] if "maddrs" in r)
+
+    def finish(self, names: list[str], timeout: float = 150) -> list[dict]:
+        """Wait for `names` to exit; return their summaries (they must have succeeded)."""
+        deadline = time.monotonic() + timeout
+        out = []
+        for name in names:
+            child, summary = self.trainers[name]
+            child.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert child.proc.returncode == 0, f"{name} exited with {child.proc.returncode}; see {child.log_path}"
+            with open(summary) as f:
+                out.append(json.load(f))
+        return out
+
+    def signal(self, name: str, sig: int) -> None:
+        os.kill(self.trainers[name][0].proc.pid, sig)
+
+    def close(self):
+        self.local.stop()
+
+
+@pytest.fixture
+def swarm(request, tmp_path):
+    """A started host; `@pytest.mark.steps(N)` sets the run's length (default STEPS)."""
+    before = p2pd_pids()
+    mark = request.node.get_closest_marker("steps")
+    s = Swarm(tmp_path, mark.args[0] if mark else STEPS)
+    try:
+        yield s
+    finally:
+        s.close()
+        assert p2pd_pids() <= before, "p2pd left behind"
+
+
+def assert_consensus(summaries: list[dict]) -> None:
+    hashes = {tuple(p["anchor_sha256"]) for p in summaries}
+    assert len(hashes) == 1, [p["anchor_sha256"][:2] for p in summaries]
+    for p in summaries:
+        assert p["eval_loss"] < 4.0  # finite and trained (an untrained byte model: 5.55)
+
+
+def start_three(swarm, extra=None):
+    for i in range(3):
+        swarm.start(f"peer{i}", extra=(extra or {}).get(i))
+
+
+def test_a_crashed_peer_costs_the_others_at_most_its_rounds_in_flight(swarm):
+    start_three(swarm)
+    swarm.wait_for_step("peer2", 120)
+    swarm.signal("peer2", signal.SIGKILL)
+    killed_at = time.monotonic()
+    survivors = swarm.finish(["peer0", "peer1"])
+    assert_consensus(survivors)
+    for p in survivors:
+        assert p["global_step"] == STEPS
+        # a round in flight with the dead peer fails (at most one per fragment); the rest go on
+        assert sum(p["rounds_failed"]) <= len(p["rounds"])
+        assert min(p["rounds"]) >= 4
+    # the survivors waited on the dead peer at most a round timeout per fragment, not for good
+    assert time.monotonic() - killed_at < 60 + len(survivors[0]["rounds"]) * ROUND_TIMEOUT
+
+
+def test_a_stalled_peer_is_left_out_and_catches_up_when_it_resumes(swarm):
+    start_three(swarm)
+    swarm.wait_for_step("peer2", 100)
+    swarm.signal("peer2", signal.SIGSTOP)
+    time.sleep(8)
+    swarm.signal("peer2", signal.SIGCONT)
+    peers = swarm.finish(["peer0", "peer1", "peer2"])
+    assert_consensus(peers)
+    stalled = peers[2]
+    assert sum(stalled["rounds_failed"]) >= 1  # it missed rounds while stopped...
+    assert sum(stalled["rounds_recovered"]) + sum(stalled["rounds_resynced"]) >= 1  # ...and took the swarm's state
+
+
+def test_a_clean_leave_ends_the_peer_well_and_the_others_go_on(swarm):
+    start_three(swarm)
+    swarm.wait_for_step("peer2", 120)
+    swarm.signal("peer2", signal.SIGTERM)
+    left, = swarm.finish(["peer2"], timeout=2 * ROUND_TIMEOUT + 30)
+    assert left["global_step"] < STEPS  # it stopped early, wrote its summary, exited 0
+    survivors = swarm.finish(["peer0", "peer1"])
+    assert_consensus(survivors)
+    assert all(p["global_step"] == STEPS and min(p["rounds"]) >= 4 for p in survivors)
+
+
+@pytest.mark.steps(600)
+def test_the_run_outlives_its_host_and_a_trainer_bootstraps_a_newcomer(swarm):
+    start_three(swarm)
+    swarm.wait_for_step("peer0", 60)
+    host = next(c for c in swarm.local.children if c.name == "host")
+    os.killpg(host.proc.pid, signal.SIGKILL)
+    swarm.start("late", wait_for=1, maddr=swarm.maddrs("peer0")[0])  # through a trainer, not the host
+    peers = swarm.finish(["peer0", "peer1", "peer2", "late"])
+    assert_consensus(peers)
+    for p in peers[:3]:
+        assert p["global_step"] == 600 and min(p["rounds"]) >= 6
+    assert 60 < peers[3]["joined_at_step"] < 500 and min(peers[3]["rounds"]) >= 1
+
+
+@pytest.mark.steps(1200)
+def test_a_peer_restarts_from_its_checkpoint_and_reconciles_with_the_swarm(swarm, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    start_three(swarm, extra={2: ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]})
+    swarm.wait_for_step("peer2", 150)
+    swarm.signal("peer2", signal.SIGTERM)
+    swarm.finish(["peer2"], timeout=2 * ROUND_TIMEOUT + 30)
+    assert (ckpt / "checkpoint.json").exists()
+    swarm.start("peer2b", wait_for=1, extra=["--resume", str(ckpt)])
+    peers = swarm.finish(["peer0", "peer1", "peer2b"], timeout=300)
+    assert_consensus(peers)
+    assert peers[2]["resumed_from_step"] >= 100 and peers[2]["joined_at_step"] < 1100
+    assert min(peers[2]["rounds"]) >= 1  # it averaged with the swarm after resuming
+
+
+def test_a_truncated_checkpoint_is_refused_and_left_in_place(tmp_path):
+    from p2p_diloco.checkpoint import save_checkpoint
+    from p2p_diloco.inner import InnerTrainer
+    from p2p_diloco.model import build_model
+    from p2p_diloco.averaging import LocalGroup
+    from p2p_diloco.codecs import get_codec
+    from p2p_diloco.streaming import StreamingDiLoCo
+    from p2p_diloco.swarm.dht import publish_run_config, start_dht, visible_maddrs
+
+    config = DiLoCoConfig()
+    spec = model_spec("small")
+    model = build_model(spec, 0)
+    trainer = InnerTrainer(model, config)
+    outer = StreamingDiLoCo(model, config, LocalGroup(1, get_codec("fp4")).member(0), run_id="trunc")
+    ckpt = tmp_path / "ckpt"
+    state = save_checkpoint(str(ckpt), "trunc", spec, outer, trainer, 10)
+    with open(state, "r+b") as f:
+        f.truncate(os.path.getsize(state) // 2)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    dht = start_dht()
+    try:
+        assert publish_run_config(dht, RunConfig("trunc", config, spec, 4, "stdlib"))
+        cmd = [sys.executable, "-m", "p2p_diloco.cli", "join", "--initial-peers", visible_maddrs(dht)[0],
+               "--run-id", "trunc", "--steps", "5", "--resume", str(ckpt)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        dht.shutdown()
+    assert proc.returncode == 1
+    assert "does not match the recorded" in proc.stderr and "truncated" in proc.stderr
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
