@@ -162,6 +162,15 @@ class StreamingDiLoCo:
         for k in list(self.in_flight):
             self._finish(k)
 
+    def reconcile(self) -> None:
+        """No round left to catch up at (the end of a run): take the swarm's state now where it differs.
+
+        A round can end applied on some peers and failed on others (a reply lost on
+        the way); mid-run the next round repairs that, at the end this does.
+        """
+        for k in range(len(self.fragments)):
+            self._catch_up(k, 1 << 62)
+
     # -- internals -----------------------------------------------------------
     def _start(self, k: int, round_: int, step: int) -> None:
         if k in self.in_flight:  # the previous round is overdue (a clock jump): take its result first

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
 TRAINER_NICENESS = 5
 START_MARGIN_S = 2.0  # peers that wait for each other start this long after the last one arrived
+FINAL_LINGER_S = 3.0  # after a run's last rounds: time to publish, reconcile, and serve
 
 
 @dataclass
@@ -179,6 +180,9 @@ def run_peer(opts: JoinOptions) -> dict:
         if opts.final_sync and not stop["now"]:
             outer.start_final_rounds(g)
             outer.finish_in_flight()
+            time.sleep(FINAL_LINGER_S)  # the others publish their last hashes...
+            outer.reconcile()  # ...a peer whose last round failed takes theirs...
+            time.sleep(FINAL_LINGER_S)  # ...while everyone still serves its state
         if checkpoint_dir:
             save()
         eval_model = build_model(run.model, run.diloco.seed)
