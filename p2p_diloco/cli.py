@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import click
@@ -262,6 +263,8 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
                       _pop_diloco(diloco))
     swarm = LocalSwarm(run, peers, steps, data=list(data), slow_peer_delay=slow_peer_delay,
                        late_peer_after=late_peer_after)
+    # SIGTERM must unwind like Ctrl-C, through the cleanup that stops every child (the host included)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         report = swarm.run_all(timeout)
     except (RuntimeError, TimeoutError) as e:
