@@ -214,6 +214,7 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data
          step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, final_sync, global_steps,
          wait_for_peers):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
+    from . import failpoints
     from .averaging import AveragingFailed
     from .checkpoint import CheckpointError
     from .records import RecordError
@@ -221,6 +222,13 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data
 
     if steps is not None and steps < 1:
         raise click.UsageError("--steps must be >= 1")
+    try:
+        armed = failpoints.armed()
+    except failpoints.FailpointError as e:
+        raise click.UsageError(str(e)) from None
+    if armed:
+        click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer SIGKILLs itself at hit {armed[1]} of "
+                   f"{armed[0]} ({failpoints.POINTS[armed[0]]})", err=True)
     opts = JoinOptions(list(initial_peers), run_id, steps, bandwidth, client_mode,
                        list(host_maddrs) or ["/ip4/127.0.0.1/tcp/0"], list(data), summary_path, progress_json,
                        final_sync, threads, global_steps=global_steps, wait_for_peers=wait_for_peers,

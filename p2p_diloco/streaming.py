@@ -122,23 +122,30 @@ class StreamingDiLoCo:
             if flight.start_step + self.config.tau > step:
                 continue
             ready = flight.pending is None or flight.pending.done()
-            if ready or flight.start_step + self.max_delay <= step:
+            if ready:
                 self._finish(k)
+            elif flight.start_step + self.max_delay <= step:
+                if flight.pending.abandon():  # still no group at the fragment's next round: nobody is coming
+                    log.warning("%s found no group before the fragment's next round: given up", flight.key)
+                self._finish(k)  # a group that formed is waited for (within the averager's timeouts)
 
     def sync(self, step: int) -> None:
         """Both halves for a worker that averages alone in its process (start, then finish)."""
         self.start_due_rounds(step)
         self.finish_due_rounds(step)
 
-    def advance(self, last: int, step: int) -> None:
+    def advance(self, last: int, step: int, max_lag: int | None = None) -> None:
         """The clock moved from step `last` to `step` (a jump, for a slow or stalled worker).
 
-        Rounds due in between run as usual, except those more than one period old:
-        running them back to back would average nothing new and wait on groups that
-        are long gone, so they are sat out (the next round catches up).
+        Rounds due in between run as usual, except those that started more than
+        `max_lag` steps ago (at most, and by default, one period less a step): their
+        groups have formed without this worker, and running them back to back would
+        only wait on groups that are gone, so they are sat out (the next round
+        catches up).
         """
+        lag = self.config.outer_period - 1 if max_lag is None else min(max(max_lag, 0), self.config.outer_period - 1)
         for s in range(last + 1, step + 1):
-            if s <= step - self.config.outer_period:
+            if s < step - lag:
                 for k in range(len(self.fragments)):
                     r = self.round_at(k, s)
                     if r is not None:

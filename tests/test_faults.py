@@ -1,9 +1,13 @@
-"""Faults on a real swarm on 127.0.0.1: crash, stall, clean leave, host death, restart from a checkpoint.
+"""Faults on a real swarm on 127.0.0.1: crashes at chosen moments of a round, a donor crashing while it
+serves a joiner, a stall, a clean leave, host death, restart from a checkpoint, a truncated checkpoint.
 
-Each test runs a host and three trainers (separate processes, the default small
-model) for a few hundred global steps, injects one fault, and checks that the
-survivors finish, hold finite and bit-identical anchors, and never waited longer
-than the configured timeouts. Every process (p2pd included) is gone afterwards.
+Each test runs a host and two or three trainers (separate processes, the default
+small model) for a few hundred global steps, injects one fault, and checks that
+the survivors finish, hold finite and bit-identical anchors, and that averaging
+never held training up longer than the configured round timeout. Crashes at a
+chosen moment use failpoints (`p2p_diloco.failpoints`): the peer SIGKILLs its
+whole process group (trainer, averagers, p2pd) at that point of a round. Every
+process (p2pd included) is gone afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 import pytest
 
 from p2p_diloco.config import DiLoCoConfig
+from p2p_diloco.failpoints import ENV as FAILPOINT
 from p2p_diloco.model import model_spec
 from p2p_diloco.records import RunConfig
 from p2p_diloco.swarm.local_swarm import LocalSwarm
@@ -26,7 +31,7 @@ from p2p_diloco.swarm.local_swarm import LocalSwarm
 from test_swarm import p2pd_pids
 
 ROUND_TIMEOUT = 20.0
-STEPS = 360
+STEPS = 300
 
 
 class Swarm:
@@ -40,8 +45,9 @@ class Swarm:
         self.lines: dict[str, list[dict]] = {}
         self.trainers: dict[str, tuple] = {}
 
-    def start(self, name: str, wait_for: int = 3, extra: list[str] | None = None, maddr: str | None = None):
-        child, summary = self.local.start_trainer(name, maddr or self.maddr, wait_for, extra)
+    def start(self, name: str, wait_for: int = 3, extra: list[str] | None = None, maddr: str | None = None,
+              env: dict[str, str] | None = None):
+        child, summary = self.local.start_trainer(name, maddr or self.maddr, wait_for, extra, env)
         self.lines[name] = []
         threading.Thread(target=self._read, args=(name, child), daemon=True).start()
         self.trainers[name] = (child, summary)
@@ -76,6 +82,17 @@ class Swarm:
                 out.append(json.load(f))
         return out
 
+    def crashed(self, name: str, point: str, timeout: float = 150) -> None:
+        """Wait for `name` to crash at failpoint `point` (SIGKILLed, its whole process group with it)."""
+        child = self.trainers[name][0]
+        try:
+            child.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} never reached failpoint {point} in {timeout}s; see {child.log_path}")
+        assert child.proc.returncode == -signal.SIGKILL, f"{name} exited with {child.proc.returncode}"
+        with open(child.log_path) as f:
+            assert f"failpoint {point}" in f.read()
+
     def signal(self, name: str, sig: int) -> None:
         os.kill(self.trainers[name][0].proc.pid, sig)
 
@@ -101,27 +118,32 @@ def assert_consensus(summaries: list[dict]) -> None:
     assert len(hashes) == 1, [p["anchor_sha256"][:2] for p in summaries]
     for p in summaries:
         assert p["eval_loss"] < 4.0  # finite and trained (an untrained byte model: 5.55)
+        # averaging never held training up longer than the configured timeout
+        assert p["longest_hold_s"] <= ROUND_TIMEOUT, p["longest_hold_s"]
 
 
-def start_three(swarm, extra=None):
+def start_three(swarm, extra=None, env=None):
     for i in range(3):
-        swarm.start(f"peer{i}", extra=(extra or {}).get(i))
+        swarm.start(f"peer{i}", extra=(extra or {}).get(i), env=(env or {}).get(i))
 
 
-def test_a_crashed_peer_costs_the_others_at_most_its_rounds_in_flight(swarm):
-    start_three(swarm)
-    swarm.wait_for_step("peer2", 120)
-    swarm.signal("peer2", signal.SIGKILL)
-    killed_at = time.monotonic()
+# the hit at which the peer crashes, counted in each fragment's averager process: a member sends its part to
+# two reducers per round and a reducer takes two parts, so hit 5 falls in a fragment's third round; a peer
+# leads only some groups, so it crashes as leader the first time it accepts a member
+CRASH_AT = {"matchmaking": 1, "sending": 5, "reducing": 5}
+
+
+@pytest.mark.parametrize("point", list(CRASH_AT))
+def test_a_peer_crashing_mid_round_costs_the_others_at_most_that_round(swarm, point):
+    start_three(swarm, env={2: {FAILPOINT: f"{point}:{CRASH_AT[point]}"}})
+    swarm.crashed("peer2", point)
     survivors = swarm.finish(["peer0", "peer1"])
     assert_consensus(survivors)
     for p in survivors:
         assert p["global_step"] == STEPS
         # a round in flight with the dead peer fails (at most one per fragment); the rest go on
         assert sum(p["rounds_failed"]) <= len(p["rounds"])
-        assert min(p["rounds"]) >= 4
-    # the survivors waited on the dead peer at most a round timeout per fragment, not for good
-    assert time.monotonic() - killed_at < 60 + len(survivors[0]["rounds"]) * ROUND_TIMEOUT
+        assert min(p["rounds"]) >= 3
 
 
 def test_a_stalled_peer_is_left_out_and_catches_up_when_it_resumes(swarm):
@@ -149,20 +171,30 @@ def test_a_clean_leave_ends_the_peer_well_and_the_others_go_on(swarm):
 
 
 @pytest.mark.steps(600)
-def test_the_run_outlives_its_host_and_a_trainer_bootstraps_a_newcomer(swarm):
-    start_three(swarm)
+def test_the_run_outlives_its_host_and_a_newcomer_outlives_a_donor_crashing_while_serving_it(swarm):
+    swarm.start("peer0", wait_for=2)
+    swarm.start("peer1", wait_for=2, env={FAILPOINT: "serving_state"})
     swarm.wait_for_step("peer0", 60)
     host = next(c for c in swarm.local.children if c.name == "host")
     os.killpg(host.proc.pid, signal.SIGKILL)
-    swarm.start("late", wait_for=1, maddr=swarm.maddrs("peer0")[0])  # through a trainer, not the host
-    peers = swarm.finish(["peer0", "peer1", "peer2", "late"])
+    # through a trainer, not the host; donors are tried in turn, each fragment starting at another one, so
+    # peer1 serves the newcomer first for some fragments, and dies doing it: the newcomer takes them from peer0
+    swarm.start("late", wait_for=1, maddr=swarm.maddrs("peer0")[0])
+    swarm.crashed("peer1", "serving_state")
+    peers = swarm.finish(["peer0", "late"])
+    peer1 = next(r["peer_id"] for r in swarm.lines["peer1"] if "maddrs" in r)
+    with open(swarm.trainers["late"][0].log_path) as f:  # the newcomer's download from peer1 broke off
+        assert any("could not recover" in line and peer1 in line for line in f)
     assert_consensus(peers)
-    for p in peers[:3]:
-        assert p["global_step"] == 600 and min(p["rounds"]) >= 6
-    assert 60 < peers[3]["joined_at_step"] < 500 and min(peers[3]["rounds"]) >= 1
+    # peer0 averaged alone (no round) between peer1's crash and the newcomer's arrival
+    assert peers[0]["global_step"] == 600 and min(peers[0]["rounds"]) >= 3
+    late = peers[1]
+    assert None not in late["rounds_held_at_join"]  # it took every fragment's state from the swarm...
+    # ...and averaged with peer0 (its start-up takes a while on a loaded machine: any time before the end)
+    assert 60 < late["joined_at_step"] < 600 and min(late["rounds"]) >= 1
 
 
-@pytest.mark.steps(1200)
+@pytest.mark.steps(720)
 def test_a_peer_restarts_from_its_checkpoint_and_reconciles_with_the_swarm(swarm, tmp_path):
     ckpt = tmp_path / "ckpt"
     start_three(swarm, extra={2: ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]})
@@ -173,7 +205,7 @@ def test_a_peer_restarts_from_its_checkpoint_and_reconciles_with_the_swarm(swarm
     swarm.start("peer2b", wait_for=1, extra=["--resume", str(ckpt)])
     peers = swarm.finish(["peer0", "peer1", "peer2b"], timeout=300)
     assert_consensus(peers)
-    assert peers[2]["resumed_from_step"] >= 100 and peers[2]["joined_at_step"] < 1100
+    assert peers[2]["resumed_from_step"] >= 100 and peers[2]["joined_at_step"] < 720
     assert min(peers[2]["rounds"]) >= 1  # it averaged with the swarm after resuming
 
 

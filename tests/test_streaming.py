@@ -252,16 +252,25 @@ class _Swarm(FragmentAverager):
         self.states: dict[tuple[int, str], AgreedState] = {}
         self.pending: list = []
         self.ready = True
+        self.unmatched = False  # rounds not done are still looking for their group
         self.published: list[tuple[RoundKey, str]] = []
 
     def begin(self, key, outer_grad, weight):
         swarm = self
 
         class P(PendingAverage):
+            abandoned = False
+
             def done(self):
-                return swarm.ready
+                return swarm.ready or self.abandoned
+
+            def abandon(self):
+                self.abandoned = swarm.unmatched
+                return self.abandoned
 
             def result(self):
+                if self.abandoned:
+                    raise AveragingFailed(f"{key}: given up")
                 return FragmentAverage(outer_grad.clone(), 1, weight)
         self.pending.append(key)
         return P()
@@ -326,6 +335,28 @@ def test_a_round_not_done_yet_lets_training_go_on_until_the_next_one_is_due():
         assert 0 in o.in_flight  # matchmaking is still going on: no wait
     o.sync(start + 5)  # one step before the next round: take the result now
     assert 0 not in o.in_flight and o.stats.applied[0] == 1
+
+
+def test_a_round_that_found_no_group_by_the_next_one_is_given_up_without_waiting():
+    swarm = _Swarm()
+    swarm.ready, swarm.unmatched = False, True
+    o, _ = one_fragment_worker(swarm)
+    start = o.offsets[0]
+    anchor = o.anchors[0].clone()
+    for s in range(start, start + 6):
+        o.sync(s)
+    assert 0 not in o.in_flight and o.stats.failed[0] == 1 and o.stats.applied[0] == 0
+    assert torch.equal(o.anchors[0], anchor)  # nothing applied; the next round carries the progress
+    assert o.tokens_since_sync[0] > 0
+
+
+def test_a_clock_jump_sits_out_rounds_that_started_more_than_max_lag_ago():
+    swarm = _Swarm()
+    o, _ = one_fragment_worker(swarm)
+    o.advance(0, o.offsets[0] + 2 * 6 + 2, max_lag=1)  # rounds 0, 1, 2 were due; round 2 two steps ago
+    assert swarm.pending == [] and o.stats.failed[0] == 3
+    o.advance(o.offsets[0] + 2 * 6 + 2, o.offsets[0] + 3 * 6 + 1, max_lag=1)  # round 3: one step ago
+    assert swarm.pending == [RoundKey("local", 0, 3)]
 
 
 def test_a_clock_jump_sits_out_rounds_older_than_a_period():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from p2p_diloco.averaging import AveragingFailed, RoundKey, state_hash
+from p2p_diloco.averaging import AveragingFailed, RoundKey, RoundReport, state_hash
 from p2p_diloco.config import DiLoCoConfig
 from p2p_diloco.model import model_spec
 from p2p_diloco.records import PeerProgress, RecordError, RunConfig
@@ -181,6 +181,12 @@ def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts):
         state = avs[2].recover(key)
         assert state is not None
         assert torch.equal(state.anchor, anchor) and torch.equal(state.momentum, momentum)
+        # only peers known to be training count: a dead peer's record is neither the swarm's state nor a donor
+        avs[2].live_peers = {avs[1].peer_id}
+        assert avs[2].latest_agreed(0, 10) == RoundReport(4, {digest: 1})
+        avs[2].live_peers = set()
+        assert avs[2].latest_agreed(0, 10) is None
+        avs[2].live_peers = None
         # a donor whose state changed since it published the hash is not trusted
         avs[0].averagers[0].served[1][0].add_(1.0)
         avs[1].averagers[0].served[1][0].add_(1.0)

@@ -37,12 +37,14 @@ import math
 import signal
 import time
 from collections import Counter
+from concurrent.futures import CancelledError
 from typing import AsyncIterator
 
 import msgpack
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.partition import AllreduceException
@@ -57,6 +59,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from ..averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage, RoundKey,
                          RoundReport, block_aligned_parts, state_hash)
 from ..codecs import Codec, CodecError, get_codec
+from ..failpoints import reached
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +146,22 @@ class CodecAverager(DecentralizedAverager):
             stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
             stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
             metadata, tensors, current = None, [], []
+
+            def take() -> None:  # one tensor's chunks are all in `current`: check their count, decode
+                if len(current) != max(current[0].chunks, 1):
+                    raise ConnectionError(f"the donor's stream ended after {len(current)} of "
+                                          f"{current[0].chunks} chunks of a tensor")
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+                current.clear()
+
             async for msg in aiter_with_timeout(stream, timeout=timeout):
                 if msg.metadata:
                     metadata = msg.metadata
                 if msg.tensor_part.dtype and current:  # a dtype marks the first chunk of the next tensor
-                    tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
-                    current = []
+                    take()
                 current.append(msg.tensor_part)
             if current:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+                take()
             future.set_result((metadata, tensors))  # tensors, not protobufs: they cross a process boundary
         except BaseException as e:
             if not future.done():
@@ -245,6 +255,7 @@ class CodecAverager(DecentralizedAverager):
             yield averaging_pb2.AveragingData(
                 code=averaging_pb2.PART_FOR_AVERAGING, group_id=group_id if i == 0 else b"", weight=weight,
                 tensor_part=runtime_pb2.Tensor(buffer=payload[i:i + CHUNK_BYTES]))
+            reached("sending")
 
     async def rpc_codec_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.AveragingData]:
@@ -276,6 +287,7 @@ class CodecAverager(DecentralizedAverager):
                 if len(buf) > expected:
                     break
             reduction.add(context.remote_id, first.weight, bytes(buf))
+            reached("reducing")
             mean = await asyncio.wait_for(asyncio.shield(reduction.result), self._allreduce_timeout)
         except Exception as e:
             reduction.fail(AllreduceException(f"part from {context.remote_id}: {e!r}"))
@@ -284,6 +296,18 @@ class CodecAverager(DecentralizedAverager):
         for i in range(0, len(mean), CHUNK_BYTES):
             yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
                                               tensor_part=runtime_pb2.Tensor(buffer=mean[i:i + CHUNK_BYTES]))
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
+                             ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        async for response in super().rpc_join_group(request, context):
+            yield response
+            reached("matchmaking")
+
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest, context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        async for message in super().rpc_download_state(request, context):
+            yield message
+            reached("serving_state")
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
@@ -298,12 +322,16 @@ class SwarmAverager(FragmentAverager):
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
                  bandwidth: float | None = None, client_mode: bool = False, search_timeout: float | None = None):
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
+        self.min_matchmaking_time = min_matchmaking_time
         # a peer that misses its group (it came late) gives up after this, not after the whole round timeout
         self.search_timeout = search_timeout or min(round_timeout, 3 * min_matchmaking_time)
         self.dht = dht
         self.peer_id = str(dht.peer_id)
         self.bytes_sent = 0
         self.bytes_received = 0
+        # peers known to be training (from their progress records); None: unknown, trust every record.
+        # A dead peer's state-hash record outlives it: it must not count as the swarm's state, nor as a donor.
+        self.live_peers: set[str] | None = None
         previous = signal.getsignal(signal.SIGINT)
         self.averagers = [
             CodecAverager(numel, codec_name, dht=dht, prefix=f"{run_id}_f{k}", start=True,
@@ -343,6 +371,9 @@ class SwarmAverager(FragmentAverager):
                 return None
             time.sleep(0.5)
         digest, peers = donors
+        # donors in a fixed order, each fragment starting at another one: a joiner spreads its download
+        peers = sorted(peers)
+        peers = peers[key.fragment % len(peers):] + peers[:key.fragment % len(peers)]
         av = self.averagers[key.fragment]
         for peer in peers:
             try:
@@ -365,7 +396,7 @@ class SwarmAverager(FragmentAverager):
         return RoundReport(latest, dict(Counter(d for r, d in records if r == latest)))
 
     def _hash_records(self, fragment: int) -> dict[str, tuple[int, str]]:
-        """Other peers' latest (round, state hash) of `fragment`; malformed records are logged and skipped."""
+        """Live peers' latest (round, state hash) of `fragment`; malformed records are logged and skipped."""
         found = self.dht.get(f"{self.run_id}_f{fragment}_hashes", latest=True)
         if found is None or not isinstance(found.value, dict):
             return {}
@@ -379,7 +410,7 @@ class SwarmAverager(FragmentAverager):
             except Exception as e:
                 log.warning("ignoring a malformed hash record from %s: %s", peer, e)
                 continue
-            if str(peer) != self.peer_id:
+            if str(peer) != self.peer_id and (self.live_peers is None or str(peer) in self.live_peers):
                 records[str(peer)] = (round_, digest)
         return records
 
@@ -409,10 +440,19 @@ class _SwarmPending(PendingAverage):
     def done(self) -> bool:
         return self.control.done()
 
+    def abandon(self) -> bool:
+        # a group forms within about one matchmaking time; giving up earlier would race with one that is forming
+        if time.time() - self.started < 2 * self.owner.min_matchmaking_time:
+            return False
+        if self.control.done() or self.control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+            return False
+        self.control.cancel()
+        return True
+
     def result(self) -> FragmentAverage:
         try:
             gathered = self.control.result(timeout=self.owner.round_timeout * 2 + 5)
-        except Exception as e:
+        except (Exception, CancelledError) as e:
             raise AveragingFailed(f"{self.key}: {type(e).__name__}: {e}") from None
         stats = gathered
         if not (isinstance(stats, dict) and {"peers", "weight", "sent", "received"} <= set(stats)):

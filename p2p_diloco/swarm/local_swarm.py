@@ -40,10 +40,10 @@ class LocalSwarm:
         self.children: list[_Child] = []
         self.progress: dict[int, dict] = {}
 
-    def spawn(self, name: str, args: list[str], stdout=None) -> _Child:
+    def spawn(self, name: str, args: list[str], stdout=None, env: dict[str, str] | None = None) -> _Child:
         log_path = os.path.join(self.workdir, f"{name}.log")
         log = open(log_path, "w")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
         proc = subprocess.Popen([sys.executable, "-m", "p2p_diloco.cli", *args], stdout=stdout or log, stderr=log,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env, text=True)
         log.close()
@@ -68,16 +68,17 @@ class LocalSwarm:
         with open(maddrs_path) as f:
             return json.load(f)["maddrs"][0]
 
-    def start_trainer(self, name: str, maddr: str, wait_for: int, extra: list[str] | None = None
-                      ) -> tuple[_Child, str]:
-        """Start one trainer that stops at global step `self.steps`; returns it and its summary's path."""
+    def start_trainer(self, name: str, maddr: str, wait_for: int, extra: list[str] | None = None,
+                      env: dict[str, str] | None = None) -> tuple[_Child, str]:
+        """Start one trainer that stops at global step `self.steps`; returns it and its summary's path.
+        `env`: extra environment variables (e.g. a failpoint, see `p2p_diloco.failpoints`)."""
         summary = os.path.join(self.workdir, f"{name}.json")
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
                 "--summary", summary, "--progress-json", "--final-sync", "--threads", "1",
                 "--wait-for-peers", str(wait_for), *(extra or [])]
         for d in self.data:
             args += ["--data", d]
-        return self.spawn(name, args, stdout=subprocess.PIPE), summary
+        return self.spawn(name, args, stdout=subprocess.PIPE, env=env), summary
 
     def _read_progress(self, index: int, child: _Child) -> None:
         for line in child.proc.stdout:

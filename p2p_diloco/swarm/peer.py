@@ -42,6 +42,7 @@ PROGRESS_EVERY_S = 1.0
 TRAINER_NICENESS = 5
 START_MARGIN_S = 2.0  # peers that wait for each other start this long after the last one arrived
 FINAL_LINGER_S = 3.0  # after a run's last rounds: time to publish, reconcile, and serve
+LIVE_WITHIN_S = 10.0  # a peer whose latest progress record is older is not counted as training
 
 
 @dataclass
@@ -119,7 +120,7 @@ def run_peer(opts: JoinOptions) -> dict:
 
         join_started = time.time()
         clock = SwarmClock(resumed.global_step if resumed else 0.0)
-        swarm = _wait_for_swarm(dht, run.run_id, peer_id, opts, stop)
+        swarm = _wait_for_swarm(dht, run.run_id, peer_id, opts, stop, averager)
         joined = _join(outer, clock, swarm, resumed is not None)
         time_to_join = round(time.time() - join_started, 2)
         if joined["rounds_held"]:
@@ -133,6 +134,7 @@ def run_peer(opts: JoinOptions) -> dict:
             g = min(g, opts.global_steps)
         step, loss = 0, float("nan")
         pending_readings = None
+        longest_hold = 0.0  # the longest time averaging held up training (one call of outer.advance)
         saved_at_rounds = sum(outer.stats.applied)
 
         def save() -> None:
@@ -155,11 +157,15 @@ def run_peer(opts: JoinOptions) -> dict:
             now = time.time()
             target = clock.step_done(now)
             if pending_readings is not None and pending_readings.done():
-                target = clock.observe(_readings(pending_readings, peer_id), now)
+                target = clock.observe(_readings(pending_readings, peer_id, averager), now)
                 pending_readings = None
             if opts.global_steps is not None:
                 target = min(target, opts.global_steps)
-            outer.advance(g, target)
+            held = time.monotonic()
+            # a round boundary passed more than half a matchmaking time ago has its group already: sit it out
+            rate = clock.swarm_rate or clock.steps_per_s  # global steps per second
+            outer.advance(g, target, max_lag=int(run.matchmaking_time / 2 * rate))
+            longest_hold = max(longest_hold, time.monotonic() - held)
             g = max(g, target)
             if checkpoint_dir and sum(outer.stats.applied) - saved_at_rounds >= opts.checkpoint_every:
                 save()
@@ -200,6 +206,7 @@ def run_peer(opts: JoinOptions) -> dict:
             "rounds_failed": list(outer.stats.failed),
             "rounds_recovered": list(outer.stats.recovered),
             "rounds_resynced": list(outer.stats.resynced),
+            "longest_hold_s": round(longest_hold, 3),
             "eval_loss": evaluate(eval_model, eval_batches),
             "train_loss": loss,
             "wire_bytes_sent": averager.bytes_sent,
@@ -231,18 +238,26 @@ def _yield_cpu_to_network() -> None:
         log.debug("could not lower the trainer's priority: %s", e)
 
 
-def _readings(future, peer_id: str) -> list[ClockReading]:
-    """The clock readings of the other peers that are training, from a finished `request_progress`."""
+def _live(records: list[PeerProgress], peer_id: str, averager: SwarmAverager) -> list[ClockReading]:
+    """The clock readings of the other peers training now; tells the averager who they are."""
+    now = time.time()
+    live = [p for p in records if p.training and p.peer_id != peer_id and now - p.time <= LIVE_WITHIN_S]
+    averager.live_peers = {p.peer_id for p in live}
+    return [ClockReading(p.global_step, p.steps_per_s, p.time) for p in live]
+
+
+def _readings(future, peer_id: str, averager: SwarmAverager) -> list[ClockReading]:
+    """`_live` from a finished `request_progress`."""
     try:
         records = decode_progress(future.result())
     except Exception as e:  # a failed DHT lookup only delays alignment
         log.warning("could not read the swarm's progress: %r", e)
         return []
-    return [ClockReading(p.global_step, p.steps_per_s, p.time) for p in records
-            if p.training and p.peer_id != peer_id]
+    return _live(records, peer_id, averager)
 
 
-def _wait_for_swarm(dht, run_id: str, peer_id: str, opts: JoinOptions, stop: dict) -> list[ClockReading]:
+def _wait_for_swarm(dht, run_id: str, peer_id: str, opts: JoinOptions, stop: dict, averager: SwarmAverager
+                    ) -> list[ClockReading]:
     """Announce this peer; wait until `opts.wait_for_peers` peers are present or the run is under way.
 
     Peers that wait for each other start together: at START_MARGIN_S after the
@@ -254,8 +269,7 @@ def _wait_for_swarm(dht, run_id: str, peer_id: str, opts: JoinOptions, stop: dic
     while True:
         publish_progress(dht, run_id, PeerProgress(peer_id, 0, time=announced, training=False))
         records = fetch_progress(dht, run_id)
-        training = [ClockReading(p.global_step, p.steps_per_s, p.time) for p in records
-                    if p.training and p.peer_id != peer_id]
+        training = _live(records, peer_id, averager)
         waiting = {p.peer_id: p.time for p in records if not p.training} | {peer_id: announced}
         if training or stop["now"] or opts.wait_for_peers <= 1:
             return training
