@@ -59,13 +59,6 @@ class PendingAverage(ABC):
         """True when `result()` would return (or raise) without waiting."""
         return True
 
-    def abandon(self) -> bool:
-        """Give the round up if it has not found a group yet (nobody else is coming); True if given up.
-
-        After that `result()` raises at once. A round whose group formed is never given up here.
-        """
-        return False
-
 
 @dataclass
 class AgreedState:

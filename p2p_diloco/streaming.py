@@ -122,12 +122,8 @@ class StreamingDiLoCo:
             if flight.start_step + self.config.tau > step:
                 continue
             ready = flight.pending is None or flight.pending.done()
-            if ready:
+            if ready or flight.start_step + self.max_delay <= step:
                 self._finish(k)
-            elif flight.start_step + self.max_delay <= step:
-                if flight.pending.abandon():  # still no group at the fragment's next round: nobody is coming
-                    log.warning("%s found no group before the fragment's next round: given up", flight.key)
-                self._finish(k)  # a group that formed is waited for (within the averager's timeouts)
 
     def sync(self, step: int) -> None:
         """Both halves for a worker that averages alone in its process (start, then finish)."""
@@ -276,19 +272,26 @@ class StreamingDiLoCo:
         """A joiner at global step `step`: take every fragment's latest agreed state from the swarm.
 
         Anchors and momenta come from the swarm (verified by the averager); the
-        working parameters become the anchors. Returns the round each fragment now
-        holds (None: the swarm reports none, the fragment stays at the run's seed).
+        working parameters become the anchors. When nobody can serve the latest
+        round (its holders died), an older agreed round is taken; the catch-up at
+        the next round brings the fragment forward. Returns the round each fragment
+        now holds (None: the swarm reports none, the fragment stays at the run's seed).
         """
         held: list[int | None] = []
         for k in range(len(self.fragments)):
             o, h = self.offsets[k], self.config.outer_period
             for attempt in range(JOIN_ATTEMPTS):  # the donors may move on to the next round meanwhile
                 report = self.averager.latest_agreed(k, (step - o) // h + attempt) if step >= o else None
-                if report is None:
+                if report is None and attempt == 0:
                     held.append(None)
                     break
-                key = RoundKey(self.run_id, k, report.round)
-                if self._adopt_agreed_state(k, key, report.majority(), count=False):
+                while report is not None:
+                    key = RoundKey(self.run_id, k, report.round)
+                    if self._adopt_agreed_state(k, key, report.majority(), count=False):
+                        break
+                    # nobody could serve that round (its holders died): an older agreed state, if one is held
+                    report = self.averager.latest_agreed(k, report.round - 1)
+                if report is not None:
                     self.fragments[k].assign(self.anchors[k])
                     held.append(report.round)
                     break

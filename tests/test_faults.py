@@ -31,7 +31,7 @@ from p2p_diloco.swarm.local_swarm import LocalSwarm
 from test_swarm import p2pd_pids
 
 ROUND_TIMEOUT = 20.0
-STEPS = 300
+STEPS = 240
 
 
 class Swarm:
@@ -128,9 +128,9 @@ def start_three(swarm, extra=None, env=None):
 
 
 # the hit at which the peer crashes, counted in each fragment's averager process: a member sends its part to
-# two reducers per round and a reducer takes two parts, so hit 5 falls in a fragment's third round; a peer
+# two reducers per round and a reducer takes two parts, so hit 3 falls in a fragment's second round; a peer
 # leads only some groups, so it crashes as leader the first time it accepts a member
-CRASH_AT = {"matchmaking": 1, "sending": 5, "reducing": 5}
+CRASH_AT = {"matchmaking": 1, "sending": 3, "reducing": 3}
 
 
 @pytest.mark.parametrize("point", list(CRASH_AT))
@@ -148,7 +148,7 @@ def test_a_peer_crashing_mid_round_costs_the_others_at_most_that_round(swarm, po
 
 def test_a_stalled_peer_is_left_out_and_catches_up_when_it_resumes(swarm):
     start_three(swarm)
-    swarm.wait_for_step("peer2", 100)
+    swarm.wait_for_step("peer2", 80)
     swarm.signal("peer2", signal.SIGSTOP)
     time.sleep(8)
     swarm.signal("peer2", signal.SIGCONT)
@@ -161,16 +161,17 @@ def test_a_stalled_peer_is_left_out_and_catches_up_when_it_resumes(swarm):
 
 def test_a_clean_leave_ends_the_peer_well_and_the_others_go_on(swarm):
     start_three(swarm)
-    swarm.wait_for_step("peer2", 120)
+    swarm.wait_for_step("peer2", 100)
     swarm.signal("peer2", signal.SIGTERM)
     left, = swarm.finish(["peer2"], timeout=2 * ROUND_TIMEOUT + 30)
     assert left["global_step"] < STEPS  # it stopped early, wrote its summary, exited 0
     survivors = swarm.finish(["peer0", "peer1"])
     assert_consensus(survivors)
-    assert all(p["global_step"] == STEPS and min(p["rounds"]) >= 4 for p in survivors)
+    for p in survivors:  # they went on: every fragment applied rounds after peer2 left
+        assert p["global_step"] == STEPS and all(a > b for a, b in zip(p["rounds"], left["rounds"]))
 
 
-@pytest.mark.steps(600)
+@pytest.mark.steps(540)
 def test_the_run_outlives_its_host_and_a_newcomer_outlives_a_donor_crashing_while_serving_it(swarm):
     swarm.start("peer0", wait_for=2)
     swarm.start("peer1", wait_for=2, env={FAILPOINT: "serving_state"})
@@ -187,25 +188,25 @@ def test_the_run_outlives_its_host_and_a_newcomer_outlives_a_donor_crashing_whil
         assert any("could not recover" in line and peer1 in line for line in f)
     assert_consensus(peers)
     # peer0 averaged alone (no round) between peer1's crash and the newcomer's arrival
-    assert peers[0]["global_step"] == 600 and min(peers[0]["rounds"]) >= 3
+    assert peers[0]["global_step"] == 540 and min(peers[0]["rounds"]) >= 3
     late = peers[1]
     assert None not in late["rounds_held_at_join"]  # it took every fragment's state from the swarm...
     # ...and averaged with peer0 (its start-up takes a while on a loaded machine: any time before the end)
-    assert 60 < late["joined_at_step"] < 600 and min(late["rounds"]) >= 1
+    assert 60 < late["joined_at_step"] < 540 and min(late["rounds"]) >= 1
 
 
 @pytest.mark.steps(720)
 def test_a_peer_restarts_from_its_checkpoint_and_reconciles_with_the_swarm(swarm, tmp_path):
     ckpt = tmp_path / "ckpt"
     start_three(swarm, extra={2: ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]})
-    swarm.wait_for_step("peer2", 150)
+    swarm.wait_for_step("peer2", 100)
     swarm.signal("peer2", signal.SIGTERM)
     swarm.finish(["peer2"], timeout=2 * ROUND_TIMEOUT + 30)
     assert (ckpt / "checkpoint.json").exists()
     swarm.start("peer2b", wait_for=1, extra=["--resume", str(ckpt)])
     peers = swarm.finish(["peer0", "peer1", "peer2b"], timeout=300)
     assert_consensus(peers)
-    assert peers[2]["resumed_from_step"] >= 100 and peers[2]["joined_at_step"] < 720
+    assert peers[2]["resumed_from_step"] >= 60 and peers[2]["joined_at_step"] < 720
     assert min(peers[2]["rounds"]) >= 1  # it averaged with the swarm after resuming
 
 

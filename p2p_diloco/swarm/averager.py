@@ -37,14 +37,12 @@ import math
 import signal
 import time
 from collections import Counter
-from concurrent.futures import CancelledError
 from typing import AsyncIterator
 
 import msgpack
 
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.partition import AllreduceException
@@ -322,9 +320,10 @@ class SwarmAverager(FragmentAverager):
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
                  bandwidth: float | None = None, client_mode: bool = False, search_timeout: float | None = None):
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
-        self.min_matchmaking_time = min_matchmaking_time
-        # a peer that misses its group (it came late) gives up after this, not after the whole round timeout
-        self.search_timeout = search_timeout or min(round_timeout, 3 * min_matchmaking_time)
+        # a group forms about one matchmaking time after its first member came: a peer that finds none by half
+        # a matchmaking time later (it came late, or nobody came) gives up, not after the whole round timeout.
+        # Longer, and a round nobody comes to holds its peer up at the fragment's next round (its deadline)
+        self.search_timeout = search_timeout or min(round_timeout, 1.5 * min_matchmaking_time)
         self.dht = dht
         self.peer_id = str(dht.peer_id)
         self.bytes_sent = 0
@@ -440,19 +439,10 @@ class _SwarmPending(PendingAverage):
     def done(self) -> bool:
         return self.control.done()
 
-    def abandon(self) -> bool:
-        # a group forms within about one matchmaking time; giving up earlier would race with one that is forming
-        if time.time() - self.started < 2 * self.owner.min_matchmaking_time:
-            return False
-        if self.control.done() or self.control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
-            return False
-        self.control.cancel()
-        return True
-
     def result(self) -> FragmentAverage:
         try:
             gathered = self.control.result(timeout=self.owner.round_timeout * 2 + 5)
-        except (Exception, CancelledError) as e:
+        except Exception as e:
             raise AveragingFailed(f"{self.key}: {type(e).__name__}: {e}") from None
         stats = gathered
         if not (isinstance(stats, dict) and {"peers", "weight", "sent", "received"} <= set(stats)):

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -162,9 +163,9 @@ def run_peer(opts: JoinOptions) -> dict:
             if opts.global_steps is not None:
                 target = min(target, opts.global_steps)
             held = time.monotonic()
-            # a round boundary passed more than half a matchmaking time ago has its group already: sit it out
+            # a round boundary passed more than a matchmaking time ago has its group already: sit it out
             rate = clock.swarm_rate or clock.steps_per_s  # global steps per second
-            outer.advance(g, target, max_lag=int(run.matchmaking_time / 2 * rate))
+            outer.advance(g, target, max_lag=math.ceil(run.matchmaking_time * rate))
             longest_hold = max(longest_hold, time.monotonic() - held)
             g = max(g, target)
             if checkpoint_dir and sum(outer.stats.applied) - saved_at_rounds >= opts.checkpoint_every:
