@@ -65,6 +65,8 @@ CHUNK_BYTES = 1 << 19
 # a member that sends us a part of a group we are not in (we gave up matchmaking while the leader counted us
 # in) gets BAD_GROUP_ID after this long, instead of hanging until the round timeout
 GROUP_REGISTRATION_S = 5.0
+MEMBER_CHECK_S = 0.5  # how often a round checks that its members are still connected
+MEMBER_CONNECT_S = 5.0  # a member not connected to this peer this long after the round began is gone
 _CLIENT_MODE = 1  # hivemind.averaging.averager.AveragingMode.CLIENT
 
 
@@ -235,17 +237,46 @@ class CodecAverager(DecentralizedAverager):
                 except CodecError as e:
                     raise AllreduceException(f"mean from {peers[owner]} refused: {e}") from None
 
+            work = asyncio.ensure_future(asyncio.gather(*(exchange(owner) for owner in owner_part)))
+            watch = asyncio.ensure_future(self._watch_members(peers))
             try:
-                await asyncio.gather(*(exchange(owner) for owner in owner_part))
+                await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if watch.done():
+                    work.cancel()
+                    watch.result()  # raises: a member died
+                await work
             except BaseException as e:
                 if reduction is not None:
                     reduction.fail(AllreduceException(f"this reducer's round failed: {e!r}"))
                 raise AllreduceException(f"round failed: {e!r}") from e
+            finally:
+                watch.cancel()
+                work.cancel()  # (a no-op once it is done)
             if reduction is not None:  # every other member sent us its part and takes our encoded mean
                 sent += len(reduction.result.result()) * (len(peers) - 1)
                 received += reduction.bytes_in
             flat.copy_(out)  # all or nothing
         return {"peers": len(peers), "weight": total_weight, "sent": sent, "received": received}
+
+    async def _watch_members(self, peers: list[PeerID]) -> None:
+        """Raise once a member of the round is gone: connected to this peer and then no longer, or never
+        connected within MEMBER_CONNECT_S (every member opens a stream to every reducer as the round starts).
+
+        A SIGKILLed member's connection closes at once, but a part it never sent, or
+        an answer it never gave, would otherwise be waited for until the round timeout.
+        """
+        others, seen = set(peers) - {self.peer_id}, set()
+        loop = asyncio.get_event_loop()
+        start = loop.time()
+        while True:
+            connected = {info.peer_id for info in await self._p2p.list_peers()}
+            seen |= others & connected
+            gone = seen - connected
+            if not gone and loop.time() - start > MEMBER_CONNECT_S:
+                gone = others - seen
+            if gone:
+                raise AllreduceException(f"member {sorted(map(str, gone))[0]} is gone (not connected)")
+            await asyncio.sleep(MEMBER_CHECK_S)
 
     @staticmethod
     async def _chunks(group_id: bytes, weight: float, payload: bytes) -> AsyncIterator[averaging_pb2.AveragingData]:
