@@ -141,9 +141,9 @@ def test_a_peer_crashing_mid_round_costs_the_others_at_most_that_round(swarm, po
     assert_consensus(survivors)
     for p in survivors:
         assert p["global_step"] == STEPS
-        # a round in flight with the dead peer fails (at most one per fragment); the rest go on
-        assert sum(p["rounds_failed"]) <= len(p["rounds"])
-        assert min(p["rounds"]) >= 3
+        # the round in flight with the dead peer fails; when the group took up to GROUP_REGISTRATION_S to
+        # notice (a leader that died while forming it), the fragment's next round can be sat out too
+        assert sum(p["rounds_failed"]) <= 2 and min(p["rounds"]) >= 2
 
 
 def test_a_stalled_peer_is_left_out_and_catches_up_when_it_resumes(swarm):

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 19
 # a member that sends us a part of a group we are not in (we gave up matchmaking while the leader counted us
 # in) gets BAD_GROUP_ID after this long, instead of hanging until the round timeout
-GROUP_REGISTRATION_S = 5.0
+GROUP_REGISTRATION_S = 3.0
 MEMBER_CHECK_S = 0.5  # how often a round checks that its members are still connected
 MEMBER_CONNECT_S = 5.0  # a member not connected to this peer this long after the round began is gone
 _CLIENT_MODE = 1  # hivemind.averaging.averager.AveragingMode.CLIENT
@@ -351,10 +351,11 @@ class SwarmAverager(FragmentAverager):
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
                  bandwidth: float | None = None, client_mode: bool = False, search_timeout: float | None = None):
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
-        # a group forms about one matchmaking time after its first member came: a peer that finds none by half
-        # a matchmaking time later (it came late, or nobody came) gives up, not after the whole round timeout.
-        # Longer, and a round nobody comes to holds its peer up at the fragment's next round (its deadline)
-        self.search_timeout = search_timeout or min(round_timeout, 1.5 * min_matchmaking_time)
+        # a group forms about one matchmaking time after its first member came: a peer that finds none by one
+        # more matchmaking time (it came late, or nobody came) gives up, not after the whole round timeout.
+        # Longer, and a round nobody comes to holds its peer up at the fragment's next round (its deadline);
+        # shorter (1.5x was tried), and a loaded machine misses groups that were forming
+        self.search_timeout = search_timeout or min(round_timeout, 2 * min_matchmaking_time)
         self.dht = dht
         self.peer_id = str(dht.peer_id)
         self.bytes_sent = 0

@@ -185,6 +185,8 @@ def run_peer(opts: JoinOptions) -> dict:
             publish_progress(dht, run.run_id, dataclasses.replace(progress(time.time()), training=False))
         outer.finish_in_flight()
         if opts.final_sync and not stop["now"]:
+            # no next round to protect: a peer that reaches the end before the others waits for them
+            averager.search_timeout = run.round_timeout
             outer.start_final_rounds(g)
             outer.finish_in_flight()
             time.sleep(FINAL_LINGER_S)  # the others publish their last hashes...
