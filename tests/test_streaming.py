@@ -266,6 +266,12 @@ class _Swarm(FragmentAverager):
         self.pending.append(key)
         return P()
 
+    def holds(self, round_, state):
+        """Another peer can serve `state` as the agreed state of `round_`; returns its hash."""
+        digest = state_hash(state.anchor, state.momentum)
+        self.states[(round_, digest)] = state
+        return digest
+
     def applied(self, key, anchor, momentum, digest):
         self.published.append((key, digest))
 
@@ -289,9 +295,8 @@ def test_a_worker_behind_the_swarm_adopts_its_newer_state_before_averaging():
     o, config = one_fragment_worker(swarm)
     n = o.anchors[0].numel()
     state = AgreedState(torch.full((n,), 0.5), torch.full((n,), 0.25))
-    digest = state_hash(state.anchor, state.momentum)
+    digest = swarm.holds(4, state)
     swarm.reports[0] = RoundReport(4, {digest: 2})
-    swarm.states[(4, digest)] = state
     o.sync(o.offsets[0] + 5 * 6)  # round 5 is due; this worker holds the seed (round -1)
     assert o.base_round[0] == 4 and o.stats.recovered[0] == 1
     assert swarm.pending == [RoundKey("local", 0, 5)]  # then it averages round 5 from the swarm's state
@@ -303,9 +308,8 @@ def test_a_joiner_takes_an_older_agreed_state_when_nobody_can_serve_the_latest()
     o, config = one_fragment_worker(swarm)
     n = o.anchors[0].numel()
     older = AgreedState(torch.full((n,), 0.5), torch.full((n,), 0.25))
-    digest = state_hash(older.anchor, older.momentum)
+    digest = swarm.holds(3, older)
     swarm.reports[0] = [RoundReport(3, {digest: 1}), RoundReport(4, {"f" * 64: 1})]  # round 4: its holder died
-    swarm.states[(3, digest)] = older
     assert o.adopt_swarm_state(o.offsets[0] + 5 * 6) == [3]
     assert torch.equal(o.anchors[0], older.anchor) and o.base_round[0] == 3
     swarm.reports[0] = [RoundReport(4, {"f" * 64: 1})]  # nothing servable at all: a clear error
