@@ -44,6 +44,41 @@ def _pop_diloco(kwargs: dict) -> dict:
     return {k: v for k in _DILOCO_KEYS if (v := kwargs.pop(k)) is not None}
 
 
+HOST_PORT = 31337
+
+
+def network_options(default_port: int, port_help: str):
+    """Where a peer listens and what it tells others (host, join)."""
+    def apply(f):
+        for decorator in reversed([
+            click.option("--port", default=default_port, show_default=True, type=click.IntRange(0, 65535),
+                         help=f"TCP port to listen on, on every interface (IPv4, and IPv6 where present); {port_help}"),
+            click.option("--host-maddrs", multiple=True, help="Listen on exactly these multiaddrs instead of --port "
+                         "(e.g. /ip4/127.0.0.1/tcp/0: this machine only); what the daemon sees is announced."),
+            click.option("--announce-maddrs", multiple=True, help="Tell other peers these addresses first: your "
+                         "public address behind NAT or port forwarding, e.g. /ip4/203.0.113.5/tcp/31337."),
+        ]):
+            f = decorator(f)
+        return f
+    return apply
+
+
+def _listen(port: int, host_maddrs: tuple, announce_maddrs: tuple) -> tuple[list[str], list[str]]:
+    """(listen multiaddrs, announced multiaddrs) from --port / --host-maddrs / --announce-maddrs."""
+    from .swarm.addresses import AddressError, check_maddrs, listen_and_announce
+
+    try:
+        announce = check_maddrs(list(announce_maddrs), "--announce-maddrs")
+        for m in announce:
+            if m.endswith("/tcp/0") or "/tcp/0/" in m:
+                raise AddressError(f"--announce-maddrs {m!r}: name the real port others connect to, not 0")
+        if host_maddrs:
+            return check_maddrs(list(host_maddrs), "--host-maddrs"), announce
+        return listen_and_announce(port, announce)
+    except AddressError as e:
+        raise click.UsageError(str(e)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def main(verbose: bool) -> None:
@@ -160,15 +195,14 @@ def run_options(f):
 @run_options
 @click.option("--total-steps", default=3000, show_default=True, help="Length of the inner lr schedule.")
 @click.option("--initial-peers", multiple=True, help="Join an existing DHT (several hosts may serve one run).")
-@click.option("--host-maddrs", multiple=True, help="Listen addresses [default: /ip4/127.0.0.1/tcp/0]; "
-              "e.g. /ip4/0.0.0.0/tcp/31337 to accept peers from other machines.")
+@network_options(HOST_PORT, "peers of other machines connect here: open it in the firewall.")
 @click.option("--identity", "identity_path", default=None, help="Key file: keeps the peer id (and address) "
               "across restarts; created if missing.")
 @click.option("--run-config", "run_config_path", default=None, hidden=True, help="A msgpack RunConfig (local-swarm).")
 @click.option("--maddrs-file", default=None, hidden=True, help="Write the visible addresses here (local-swarm).")
 def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size, matchmaking_time,
          total_steps,
-         initial_peers, host_maddrs, identity_path, run_config_path, maddrs_file, **diloco):
+         initial_peers, port, host_maddrs, announce_maddrs, identity_path, run_config_path, maddrs_file, **diloco):
     """Bootstrap DHT node for a run: publishes the run config and stays up until Ctrl-C."""
     from .records import RecordError, RunConfig
     from .swarm.host import run_host
@@ -182,7 +216,8 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
     else:
         run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout,
                           target_group_size, matchmaking_time, None, _pop_diloco(diloco))
-    run_host(run, list(initial_peers), list(host_maddrs), identity_path, maddrs_file)
+    listen, announce = _listen(port, host_maddrs, announce_maddrs)
+    run_host(run, list(initial_peers), listen, announce, identity_path, maddrs_file)
 
 
 @main.command()
@@ -191,8 +226,9 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
 @click.option("--run-id", default="default", show_default=True)
 @click.option("--steps", default=None, type=int, help="Inner steps to train [default: until Ctrl-C].")
 @click.option("--bandwidth", default=None, type=float, help="Declared bandwidth, for load balancing.")
-@click.option("--client-mode", is_flag=True, help="For peers that cannot accept incoming connections.")
-@click.option("--host-maddrs", multiple=True, help="Listen addresses [default: /ip4/127.0.0.1/tcp/0].")
+@click.option("--client-mode", is_flag=True, help="Never accept connections: send parts and receive means only "
+              "[default: accept them, unless a dial-back from the host finds this peer unreachable].")
+@network_options(0, "0: any free one. Others must be able to connect to it, or this peer runs in client mode.")
 @click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
 @click.option("--summary", "summary_path", default=None, help="Write a JSON summary here at the end.")
 @click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice].")
@@ -206,11 +242,13 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
               "the swarm's newer state wins at each fragment's next round.")
 @click.option("--progress-json", is_flag=True, hidden=True)
 @click.option("--final-sync", is_flag=True, hidden=True)
-@click.option("--global-steps", default=None, type=click.IntRange(min=1), hidden=True,
-              help="Stop when the swarm clock reaches this step (local-swarm).")
+@click.option("--global-steps", default=None, type=click.IntRange(min=1),
+              help="Stop once the run's global step reaches this, after one last round of every fragment "
+              "(peers given the same value stop together).")
 @click.option("--wait-for-peers", default=1, type=click.IntRange(min=1), hidden=True,
               help="Start once this many peers are present (local-swarm).")
-def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data, summary_path, threads,
+def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs, announce_maddrs, data, summary_path,
+         threads,
          step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, final_sync, global_steps,
          wait_for_peers):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
@@ -229,18 +267,29 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, host_maddrs, data
     if armed:
         click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer SIGKILLs itself at hit {armed[1]} of "
                    f"{armed[0]} ({failpoints.POINTS[armed[0]]})", err=True)
-    opts = JoinOptions(list(initial_peers), run_id, steps, bandwidth, client_mode,
-                       list(host_maddrs) or ["/ip4/127.0.0.1/tcp/0"], list(data), summary_path, progress_json,
-                       final_sync, threads, global_steps=global_steps, wait_for_peers=wait_for_peers,
+    listen, announce = _listen(port, host_maddrs, announce_maddrs)
+    final_sync = final_sync or global_steps is not None
+    opts = JoinOptions(list(initial_peers), run_id, steps, bandwidth, client_mode, listen, announce, list(data),
+                       summary_path, progress_json, final_sync, threads, global_steps=global_steps,
+                       wait_for_peers=wait_for_peers,
                        step_delay=step_delay, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        resume=resume)
     try:
         summary = run_peer(opts)
     except (RecordError, TimeoutError, ConfigError, AveragingFailed, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
-    if not progress_json:
-        click.echo(f"done: {summary['inner_steps']} steps, rounds {summary['rounds']}, "
-                   f"eval loss {summary['eval_loss']:.4f}, sent {summary['wire_bytes_sent'] / 1e6:.2f} MB")
+    click.echo(f"done: {summary['inner_steps']} inner steps to global step {summary['global_step']}, "
+               f"eval loss {summary['eval_loss']:.4f}, sent {summary['wire_bytes_sent'] / 1e6:.2f} MB"
+               + (" (client mode)" if summary["client_mode"] else ""), err=progress_json)
+    click.echo(f"rounds per fragment: applied {_slashed(summary['rounds'])} "
+               f"(downloaded {_slashed(summary['rounds_recovered'])}), failed {_slashed(summary['rounds_failed'])}",
+               err=progress_json)
+    if summary["problem"]:
+        raise click.ClickException(summary["problem"])
+
+
+def _slashed(values: list[int]) -> str:
+    return "/".join(map(str, values))
 
 
 @main.command("local-swarm")
@@ -278,17 +327,20 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
     except (RuntimeError, TimeoutError) as e:
         raise click.ClickException(str(e)) from None
     click.echo()
-    click.echo(f"{'peer':>54} {'steps':>6} {'rounds':>10} {'failed':>8} {'eval_loss':>9} {'sent MB':>8} "
+    click.echo(f"{'peer':>54} {'steps':>6} {'rounds applied':>14} {'failed':>10} {'eval_loss':>9} {'sent MB':>8} "
                f"{'recv MB':>8}")
     for p in report["peers"]:
-        click.echo(f"{p['peer_id']:>54} {p['inner_steps']:6d} {'/'.join(map(str, p['rounds'])):>10} "
-                   f"{sum(p['rounds_failed']):8d} {p['eval_loss']:9.4f} {p['wire_bytes_sent'] / 1e6:8.2f} "
+        click.echo(f"{p['peer_id']:>54} {p['inner_steps']:6d} {_slashed(p['rounds']):>14} "
+                   f"{_slashed(p['rounds_failed']):>10} {p['eval_loss']:9.4f} {p['wire_bytes_sent'] / 1e6:8.2f} "
                    f"{p['wire_bytes_received'] / 1e6:8.2f}")
     click.echo(f"consensus: {report['consensus']}   wall: {report['wall_s']:.0f}s   logs: {report['workdir']}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)
         click.echo(f"report: {json_path}")
+    if report["problems"]:
+        raise click.ClickException("peers that averaged no round while others trained: "
+                                   + "; ".join(report["problems"]))
 
 
 @main.command()

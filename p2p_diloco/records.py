@@ -140,6 +140,7 @@ class PeerProgress:
     steps_per_s: float = 0.0  # inner steps per second of this peer
     time: float = 0.0  # seconds since the epoch when this record was made
     training: bool = True  # False while the peer waits for the swarm to start
+    reachable: bool = True  # False: other machines cannot connect to it (client mode): never a donor of state
 
     def encode(self) -> bytes:
         return _pack("peer_progress", asdict(self))
@@ -157,6 +158,9 @@ class PeerProgress:
         loss = obj.get("loss")
         if loss is not None and (not isinstance(loss, (int, float)) or isinstance(loss, bool)):
             raise RecordError(f"{kind} record: loss must be a number or nil")
+        reachable = obj.get("reachable", True)
+        if not isinstance(reachable, bool):
+            raise RecordError(f"{kind} record: reachable must be true or false")
         numbers = {}
         for name in ("global_step", "steps_per_s", "time"):
             value = _get(obj, kind, name, (int, float))
@@ -165,7 +169,8 @@ class PeerProgress:
             numbers[name] = float(value)
         return cls(_get(obj, kind, "peer_id", str), _count(obj, kind, "step"), list(rounds), float(tps),
                    _count(obj, kind, "bytes_sent"), _count(obj, kind, "bytes_received"),
-                   None if loss is None else float(loss), training=_get(obj, kind, "training", bool), **numbers)
+                   None if loss is None else float(loss), training=_get(obj, kind, "training", bool),
+                   reachable=reachable, **numbers)
 
 
 def check_run_id(run_id: str) -> str:

@@ -74,6 +74,19 @@ class RoundStats:
     peers_last: list[int] = field(default_factory=list)
     recovered: list[int] = field(default_factory=list)  # applied rounds taken from the swarm after a local failure
     resynced: list[int] = field(default_factory=list)  # states re-downloaded after disagreeing with the majority
+    # rounds in a row (any fragment) that this peer did not average with the swarm: failed, sat out, or
+    # failed here and adopted from the others (a peer that only ever downloads contributes nothing)
+    failing_streak: int = 0
+    last_error: str = ""  # why the latest such round did not average
+
+    def not_averaged(self, why: str) -> None:
+        self.failing_streak += 1
+        self.last_error = why
+
+    @property
+    def averaged(self) -> int:
+        """Rounds this peer averaged with the swarm itself (applied, not downloaded)."""
+        return sum(self.applied) - sum(self.recovered)
 
 
 class StreamingDiLoCo:
@@ -213,8 +226,10 @@ class StreamingDiLoCo:
             if report is not None and report.round == flight.key.round and \
                     self._adopt_agreed_state(k, flight.key, report.majority()):
                 log.warning("round failed here (%s); adopted the agreed state of %s from the swarm", e, flight.key)
+                self.stats.not_averaged(str(e))
                 return
             self.stats.failed[k] += 1
+            self.stats.not_averaged(str(e))
             self.tokens_since_sync[k] += flight.tokens  # the next round carries this progress
             log.warning("round not applied, fragment %d keeps its anchor: %s", k, e)
             return
@@ -223,6 +238,7 @@ class StreamingDiLoCo:
         if self.residuals is not None and flight.residual_after is not None:
             self.residuals[k] = flight.residual_after
         self.stats.applied[k] += 1
+        self.stats.failing_streak = 0
         self.stats.peers_last[k] = avg.peers
         self._publish(k, flight.key)
 
@@ -267,6 +283,7 @@ class StreamingDiLoCo:
         log.warning("fragment %d holds round %d; %s: sitting out round %d", k, self.base_round[k], why, round_)
         self.stats.started[k] += 1
         self.stats.failed[k] += 1
+        self.stats.not_averaged(f"sat out: {why}")
 
     def adopt_swarm_state(self, step: int) -> list[int | None]:
         """A joiner at global step `step`: take every fragment's latest agreed state from the swarm.

@@ -238,7 +238,10 @@ class CodecAverager(DecentralizedAverager):
                     raise AllreduceException(f"mean from {peers[owner]} refused: {e}") from None
 
             work = asyncio.ensure_future(asyncio.gather(*(exchange(owner) for owner in owner_part)))
-            watch = asyncio.ensure_future(self._watch_members(peers))
+            # a reducer hears from every member; a client-mode member only talks to the reducers (two clients never
+            # connect to each other)
+            partners = peers if reduction is not None else [peers[i] for i in owner_part]
+            watch = asyncio.ensure_future(self._watch_members(partners))
             try:
                 await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if watch.done():
@@ -259,8 +262,9 @@ class CodecAverager(DecentralizedAverager):
         return {"peers": len(peers), "weight": total_weight, "sent": sent, "received": received}
 
     async def _watch_members(self, peers: list[PeerID]) -> None:
-        """Raise once a member of the round is gone: connected to this peer and then no longer, or never
-        connected within MEMBER_CONNECT_S (every member opens a stream to every reducer as the round starts).
+        """Raise once a member of the round that this peer exchanges parts with is gone: connected to this peer
+        and then no longer, or never connected within MEMBER_CONNECT_S (every member opens a stream to every
+        reducer as the round starts).
 
         A SIGKILLed member's connection closes at once, but a part it never sent, or
         an answer it never gave, would otherwise be waited for until the round timeout.
@@ -363,6 +367,8 @@ class SwarmAverager(FragmentAverager):
         # peers known to be training (from their progress records); None: unknown, trust every record.
         # A dead peer's state-hash record outlives it: it must not count as the swarm's state, nor as a donor.
         self.live_peers: set[str] | None = None
+        # live peers in client mode (others cannot connect to them): their hashes count, they serve no state
+        self.unreachable_peers: set[str] = set()
         previous = signal.getsignal(signal.SIGINT)
         self.averagers = [
             CodecAverager(numel, codec_name, dht=dht, prefix=f"{run_id}_f{k}", start=True,
@@ -452,9 +458,8 @@ class SwarmAverager(FragmentAverager):
                 by_hash.setdefault(d, []).append(peer)
         if digest is None and by_hash:
             digest = RoundReport(key.round, {d: len(p) for d, p in by_hash.items()}).majority()
-        if digest not in by_hash:
-            return None
-        return digest, by_hash[digest]
+        donors = [p for p in by_hash.get(digest, []) if p not in self.unreachable_peers]
+        return (digest, donors) if donors else None
 
     def shutdown(self) -> None:
         for av in self.averagers:

@@ -14,6 +14,8 @@ import hivemind
 from hivemind.utils import get_dht_time
 
 from ..records import PeerProgress, RecordError, RunConfig, check_run_id
+from . import reachability
+from .addresses import likeliest_first
 from .averager import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -29,14 +31,22 @@ class _DHT(hivemind.DHT):
 
 
 def start_dht(initial_peers: list[str] | None = None, host_maddrs: list[str] | None = None,
-              identity_path: str | None = None, client_mode: bool = False) -> hivemind.DHT:
-    return _DHT(start=True, initial_peers=initial_peers or None,
-                host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
-                identity_path=identity_path, client_mode=client_mode)
+              identity_path: str | None = None, client_mode: bool = False,
+              announce_maddrs: list[str] | None = None) -> hivemind.DHT:
+    """A DHT node (and its p2pd). `host_maddrs` default to loopback (tests, local swarms); the CLI passes
+    every interface (`addresses.listen_and_announce`). A node not in client mode answers dial-backs
+    (`reachability`), so that peers can learn whether they can be reached."""
+    dht = _DHT(start=True, initial_peers=initial_peers or None,
+               host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"], announce_maddrs=announce_maddrs or None,
+               identity_path=identity_path, client_mode=client_mode)
+    if not client_mode:
+        reachability.serve(dht)
+    return dht
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
-    return [str(a) for a in dht.get_visible_maddrs()]
+    """The node's addresses as other peers see them, the likeliest to work from another machine first."""
+    return likeliest_first([str(a) for a in dht.get_visible_maddrs()])
 
 
 def publish_run_config(dht: hivemind.DHT, run: RunConfig, wait: bool = True):

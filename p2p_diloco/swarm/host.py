@@ -9,14 +9,15 @@ import sys
 import threading
 
 from ..records import RunConfig
+from .addresses import port_of, rank_of
 from .dht import CONFIG_TTL, publish_run_config, start_dht, visible_maddrs
 
 
 def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[str] | None,
-             identity_path: str | None, maddrs_file: str | None = None) -> None:
+             announce_maddrs: list[str] | None, identity_path: str | None, maddrs_file: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM; re-publishes the config well before it expires."""
     stop = threading.Event()
-    dht = start_dht(initial_peers, host_maddrs, identity_path=identity_path)
+    dht = start_dht(initial_peers, host_maddrs, identity_path=identity_path, announce_maddrs=announce_maddrs)
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         maddrs = visible_maddrs(dht)
@@ -27,10 +28,16 @@ def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[
             with open(tmp, "w") as f:
                 json.dump({"maddrs": maddrs, "peer_id": str(dht.peer_id)}, f)
             os.replace(tmp, maddrs_file)
-        print(f"hosting run {run.run_id!r} as {dht.peer_id}", flush=True)
+        print(f"hosting run {run.run_id!r} as {dht.peer_id}, reachable at (likeliest from elsewhere first)",
+              flush=True)
         for a in maddrs:
             print(f"  {a}", flush=True)
-        print("join it from another machine with:", flush=True)
+        if all(rank_of(a) >= 3 for a in maddrs):
+            print("only this machine can join (this host listens on loopback only):", flush=True)
+        else:
+            ports = sorted({p for a in maddrs if (p := port_of(a))})
+            print(f"peers on other machines need TCP port {', '.join(map(str, ports))} of this host open; "
+                  "join it from another machine with:", flush=True)
         print(f"  p2p-diloco join --initial-peers {maddrs[0]} --run-id {run.run_id}", flush=True)
         while not stop.wait(CONFIG_TTL / 4):
             publish_run_config(dht, run)

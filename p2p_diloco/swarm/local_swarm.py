@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..records import RunConfig
 
 HOST_START_TIMEOUT = 60.0
+LOOPBACK = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]  # a local swarm stays on this machine
 
 
 @dataclass
@@ -57,7 +58,7 @@ class LocalSwarm:
         with open(config_path, "wb") as f:
             f.write(self.run.encode())
         maddrs_path = os.path.join(self.workdir, "host.json")
-        host = self.spawn("host", ["host", "--run-config", config_path, "--maddrs-file", maddrs_path])
+        host = self.spawn("host", ["host", "--run-config", config_path, "--maddrs-file", maddrs_path, *LOOPBACK])
         deadline = time.monotonic() + HOST_START_TIMEOUT
         while not os.path.exists(maddrs_path):
             if host.proc.poll() is not None:
@@ -75,7 +76,7 @@ class LocalSwarm:
         summary = os.path.join(self.workdir, f"{name}.json")
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
                 "--summary", summary, "--progress-json", "--final-sync", "--threads", "1",
-                "--wait-for-peers", str(wait_for), *(extra or [])]
+                "--wait-for-peers", str(wait_for), *LOOPBACK, *(extra or [])]
         for d in self.data:
             args += ["--data", d]
         return self.spawn(name, args, stdout=subprocess.PIPE, env=env), summary
@@ -125,6 +126,7 @@ class LocalSwarm:
                         if p:
                             bar.n = p["global_step"]
                             bar.set_postfix_str(f"inner {p['step']} rounds {'/'.join(map(str, p['rounds']))} "
+                                                f"(failed {p.get('failed', 0)}) "
                                                 f"loss {p['loss']:.3f} {p['tokens_per_s']:.0f} tok/s "
                                                 f"sent {p['bytes_sent'] / 1e6:.2f} MB", refresh=False)
                             bar.refresh()
@@ -132,18 +134,20 @@ class LocalSwarm:
             finally:
                 for bar in bars:
                     bar.close()
-            peers, failures = [], []
+            peers, failures, problems = [], [], []
             for child, summary in trainers:
-                if child.proc.returncode != 0 or not os.path.exists(summary):
+                if not os.path.exists(summary):  # it crashed: no summary at all
                     failures.append(f"{child.name} exited with code {child.proc.returncode}; see {child.log_path}")
                     continue
                 with open(summary) as f:
                     peers.append(json.load(f))
+                if peers[-1].get("problem"):  # it finished, but averaged nothing: `join` exited non-zero
+                    problems.append(f"{child.name}: {peers[-1]['problem']}")
             if failures:
                 raise RuntimeError("; ".join(failures))
             hashes = [tuple(p["anchor_sha256"]) for p in peers]
             return {"consensus": len(set(hashes)) == 1, "wall_s": round(time.time() - start, 2),
-                    "workdir": self.workdir, "peers": peers}
+                    "workdir": self.workdir, "problems": problems, "peers": peers}
         finally:
             self.stop()
 

@@ -32,10 +32,12 @@ from ..inner import InnerTrainer
 from ..model import build_model, evaluate
 from ..records import PeerProgress
 from ..streaming import StreamingDiLoCo
+from . import reachability
 from .averager import SwarmAverager
 from .clock import ClockReading, SwarmClock
 from .dht import (CONFIG_TTL, decode_progress, fetch_progress, fetch_run_config, publish_progress, publish_run_config,
                   request_progress, start_dht, visible_maddrs)
+from .round_health import RoundHealth
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,9 @@ class JoinOptions:
     run_id: str = "default"
     steps: int | None = None  # inner steps of this peer; None: until Ctrl-C
     bandwidth: float | None = None
-    client_mode: bool = False
+    client_mode: bool = False  # True: never accept connections; False: accept them unless a dial-back fails
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    announce_maddrs: list[str] = field(default_factory=list)
     data: list[str] = field(default_factory=list)
     summary_path: str | None = None
     progress_json: bool = False  # one JSON line per progress update on stdout (for local-swarm)
@@ -78,11 +81,14 @@ def run_peer(opts: JoinOptions) -> dict:
     def request_stop(signum, frame):
         stop["now"] = True
 
-    dht = start_dht(opts.initial_peers, opts.host_maddrs, client_mode=opts.client_mode)
+    reach, client_mode = _check_reachable(opts)
+    dht = start_dht(opts.initial_peers, opts.host_maddrs, client_mode=client_mode,
+                    announce_maddrs=opts.announce_maddrs)
     averager = None
     try:
         run = fetch_run_config(dht, opts.run_id, timeout=opts.config_timeout)
         peer_id = str(dht.peer_id)
+        maddrs = visible_maddrs(dht)
         device = pick_device()
         model = build_model(run.model, run.diloco.seed).to(device)
         corpus = Corpus.load(opts.data or None)
@@ -94,7 +100,7 @@ def run_peer(opts: JoinOptions) -> dict:
         averager = SwarmAverager(dht, run.run_id, sizes, run.diloco.codec, round_timeout=run.round_timeout,
                                  target_group_size=run.target_group_size, bandwidth=opts.bandwidth,
                                  min_matchmaking_time=run.matchmaking_time,
-                                 client_mode=opts.client_mode)
+                                 client_mode=client_mode)
         outer = StreamingDiLoCo(model, run.diloco, averager, run_id=run.run_id)
         if opts.threads:
             # only now: an averager process forked after set_num_threads trips torch's "Invalid thread pool"
@@ -104,9 +110,11 @@ def run_peer(opts: JoinOptions) -> dict:
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
         tokens_per_step = run.batch_size * run.model.seq_len
-        maddrs = visible_maddrs(dht)
+        health = RoundHealth(len(sizes), reach, client_mode)
         if opts.progress_json:
-            print(json.dumps({"peer_id": peer_id, "maddrs": maddrs}), flush=True)
+            print(json.dumps({"peer_id": peer_id, "maddrs": maddrs, "client_mode": client_mode}), flush=True)
+        elif client_mode:
+            print(f"peer {peer_id}: in client mode (sends and receives, serves nothing)", file=sys.stderr)
         else:
             print(f"peer {peer_id}: other peers can join the run through any of", file=sys.stderr)
             for a in maddrs:
@@ -121,7 +129,7 @@ def run_peer(opts: JoinOptions) -> dict:
 
         join_started = time.time()
         clock = SwarmClock(resumed.global_step if resumed else 0.0)
-        swarm = _wait_for_swarm(dht, run.run_id, peer_id, opts, stop, averager)
+        swarm = _wait_for_swarm(dht, run.run_id, peer_id, opts, stop, averager, health)
         joined = _join(outer, clock, swarm, resumed is not None)
         time_to_join = round(time.time() - join_started, 2)
         if joined["rounds_held"]:
@@ -146,7 +154,8 @@ def run_peer(opts: JoinOptions) -> dict:
         def progress(now: float) -> PeerProgress:
             tokens_per_s = step * tokens_per_step / max(now - start, 1e-9)
             return PeerProgress(peer_id, step, list(outer.stats.applied), tokens_per_s, averager.bytes_sent,
-                                averager.bytes_received, loss, clock.global_step(now), clock.steps_per_s, now)
+                                averager.bytes_received, loss, clock.global_step(now), clock.steps_per_s, now,
+                                reachable=not client_mode)
 
         while not stop["now"] and (opts.steps is None or step < opts.steps) \
                 and (opts.global_steps is None or g < opts.global_steps):
@@ -158,7 +167,7 @@ def run_peer(opts: JoinOptions) -> dict:
             now = time.time()
             target = clock.step_done(now)
             if pending_readings is not None and pending_readings.done():
-                target = clock.observe(_readings(pending_readings, peer_id, averager), now)
+                target = clock.observe(_readings(pending_readings, peer_id, averager, health), now)
                 pending_readings = None
             if opts.global_steps is not None:
                 target = min(target, opts.global_steps)
@@ -180,7 +189,10 @@ def run_peer(opts: JoinOptions) -> dict:
                     config_published = now
                 if pending_readings is None:
                     pending_readings = request_progress(dht, run.run_id)
-                _report(opts, record)
+                problem = health.check(outer.stats)
+                if problem and opts.progress_json:
+                    print(json.dumps({"peer_id": peer_id, "problem": problem}), flush=True)
+                _report(opts, record, outer.stats.failed)
         if stop["now"]:  # a clean leave: the others' clocks stop counting on this peer at once
             publish_progress(dht, run.run_id, dataclasses.replace(progress(time.time()), training=False))
         outer.finish_in_flight()
@@ -209,6 +221,10 @@ def run_peer(opts: JoinOptions) -> dict:
             "rounds_failed": list(outer.stats.failed),
             "rounds_recovered": list(outer.stats.recovered),
             "rounds_resynced": list(outer.stats.resynced),
+            "rounds_averaged": outer.stats.averaged,
+            "client_mode": client_mode,
+            "reachability": reach.describe() if reach else "not checked (client mode chosen)",
+            "problem": health.verdict(outer.stats),
             "longest_hold_s": round(longest_hold, 3),
             "eval_loss": evaluate(eval_model, eval_batches),
             "train_loss": loss,
@@ -241,26 +257,46 @@ def _yield_cpu_to_network() -> None:
         log.debug("could not lower the trainer's priority: %s", e)
 
 
-def _live(records: list[PeerProgress], peer_id: str, averager: SwarmAverager) -> list[ClockReading]:
-    """The clock readings of the other peers training now; tells the averager who they are."""
+def _live(records: list[PeerProgress], peer_id: str, averager: SwarmAverager, health: RoundHealth
+          ) -> list[ClockReading]:
+    """The clock readings of the other peers training now; tells the averager and the health watch who they are."""
     now = time.time()
     live = [p for p in records if p.training and p.peer_id != peer_id and now - p.time <= LIVE_WITHIN_S]
     averager.live_peers = {p.peer_id for p in live}
+    averager.unreachable_peers = {p.peer_id for p in live if not p.reachable}
+    health.observe_swarm(len(live), sum(p.reachable for p in live), max((sum(p.rounds) for p in live), default=0))
     return [ClockReading(p.global_step, p.steps_per_s, p.time) for p in live]
 
 
-def _readings(future, peer_id: str, averager: SwarmAverager) -> list[ClockReading]:
+def _readings(future, peer_id: str, averager: SwarmAverager, health: RoundHealth) -> list[ClockReading]:
     """`_live` from a finished `request_progress`."""
     try:
         records = decode_progress(future.result())
     except Exception as e:  # a failed DHT lookup only delays alignment
         log.warning("could not read the swarm's progress: %r", e)
         return []
-    return _live(records, peer_id, averager)
+    return _live(records, peer_id, averager, health)
 
 
-def _wait_for_swarm(dht, run_id: str, peer_id: str, opts: JoinOptions, stop: dict, averager: SwarmAverager
-                    ) -> list[ClockReading]:
+def _check_reachable(opts: JoinOptions) -> tuple[reachability.Reachability | None, bool]:
+    """(what a dial-back found, whether this peer runs in client mode). A peer nobody can connect to says so,
+    with what would fix it, and goes on in client mode."""
+    if opts.client_mode:
+        return None, True
+    reach = reachability.check(opts.initial_peers, opts.host_maddrs, opts.announce_maddrs)
+    if reach.reachable is False:
+        print(f"this peer cannot be reached from other machines: {reach.describe()}. It trains on in client mode "
+              "(sends its parts and receives the means; reduces no part, serves no state). To accept connections: "
+              "open its TCP port in the firewall (pick it with --port), or forward a port to it and pass "
+              "--announce-maddrs /ip4/PUBLIC_IP/tcp/PORT", file=sys.stderr, flush=True)
+        return reach, True
+    if reach.reachable is None:
+        log.warning("%s; assuming it can be reached", reach.describe())
+    return reach, False
+
+
+def _wait_for_swarm(dht, run_id: str, peer_id: str, opts: JoinOptions, stop: dict, averager: SwarmAverager,
+                    health: RoundHealth) -> list[ClockReading]:
     """Announce this peer; wait until `opts.wait_for_peers` peers are present or the run is under way.
 
     Peers that wait for each other start together: at START_MARGIN_S after the
@@ -272,7 +308,7 @@ def _wait_for_swarm(dht, run_id: str, peer_id: str, opts: JoinOptions, stop: dic
     while True:
         publish_progress(dht, run_id, PeerProgress(peer_id, 0, time=announced, training=False))
         records = fetch_progress(dht, run_id)
-        training = _live(records, peer_id, averager)
+        training = _live(records, peer_id, averager, health)
         waiting = {p.peer_id: p.time for p in records if not p.training} | {peer_id: announced}
         if training or stop["now"] or opts.wait_for_peers <= 1:
             return training
@@ -298,12 +334,13 @@ def _join(outer: StreamingDiLoCo, clock: SwarmClock, swarm: list[ClockReading], 
     return {"rounds_held": held, "step": step}
 
 
-def _report(opts: JoinOptions, p: PeerProgress) -> None:
+def _report(opts: JoinOptions, p: PeerProgress, failed: list[int]) -> None:
     if opts.progress_json:
         print(json.dumps({"peer_id": p.peer_id, "step": p.step, "global_step": int(p.global_step),
-                          "rounds": p.rounds, "loss": p.loss, "tokens_per_s": p.tokens_per_s,
+                          "rounds": p.rounds, "failed": sum(failed), "loss": p.loss, "tokens_per_s": p.tokens_per_s,
                           "bytes_sent": p.bytes_sent}), flush=True)
     else:
         rounds = "/".join(map(str, p.rounds))
-        print(f"step {p.step:6d}  global {int(p.global_step):6d}  rounds {rounds}  loss {p.loss:.4f}  "
+        print(f"step {p.step:6d}  global {int(p.global_step):6d}  rounds {rounds} (failed {sum(failed)})  "
+              f"loss {p.loss:.4f}  "
               f"{p.tokens_per_s:8.0f} tok/s  sent {p.bytes_sent / 1e6:8.2f} MB", file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""Emulated networks on one Linux machine: network namespaces as separate machines (root only)."""
