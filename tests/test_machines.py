@@ -24,10 +24,10 @@ from test_swarm import p2pd_pids
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"namespace tests: {available()}")
 
 CLI = [sys.executable, "-m", "p2p_diloco.cli"]
-GLOBAL_STEPS = 300
+GLOBAL_STEPS = 200
 # the run (not the network): a model small enough for 2 cores, an outer period long enough that matchmaking
 # (about 3 s) fits well inside one period at this speed
-RUN = ["--model", "tiny", "--fragments", "2", "-H", "50", "--total-steps", str(GLOBAL_STEPS), "--round-timeout", "20"]
+RUN = ["--model", "tiny", "--fragments", "2", "-H", "50", "--total-steps", str(GLOBAL_STEPS), "--round-timeout", "10"]
 
 
 class Swarm:
@@ -208,7 +208,7 @@ def test_a_trainer_that_averages_nothing_while_others_train_exits_nonzero(machin
     swarm = Swarm(m, tmp_path)
     join = swarm.host()
     for i, name in enumerate(["t1", "t2"], start=1):
-        swarm.start(name, i, [*join[1:], "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--global-steps", "150",
+        swarm.start(name, i, [*join[1:], "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--global-steps", "100",
                               "--summary", str(tmp_path / f"{name}.json")])
     results = swarm.finish(["t1", "t2"])
     for name, (code, summary) in results.items():
