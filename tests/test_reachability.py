@@ -49,6 +49,11 @@ def test_listen_on_every_interface_and_announce_what_others_can_use():
     assert announce[0] == "/ip4/203.0.113.5/tcp/4000"  # the user's own first
     with pytest.raises(AddressError):
         listen_and_announce(70000, [])
+    with socket.socket() as taken:  # a port in use (another host on this machine): said before p2pd starts
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        with pytest.raises(AddressError, match="pick another with --port"):
+            listen_and_announce(taken.getsockname()[1], [], ipv6=False)
 
 
 def test_dial_back_dials_only_the_address_the_request_came_from():

@@ -90,6 +90,15 @@ def free_port(ipv6: bool) -> int:
     raise AddressError("found no TCP port free on both IPv4 and IPv6")
 
 
+def _check_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            raise AddressError(f"TCP port {port} is not free on this machine ({e.strerror}): is another peer or "
+                               "host running here? pick another with --port") from None
+
+
 def check_maddrs(values: list[str], option: str) -> list[str]:
     """Parse multiaddrs given by the user; an error names the option and the bad value."""
     for value in values:
@@ -108,6 +117,8 @@ def listen_and_announce(port: int, announce: list[str], ipv6: bool | None = None
     if not 0 <= port <= 65535:
         raise AddressError(f"--port {port}: a TCP port is 0-65535 (0: any free one)")
     ipv6 = has_ipv6() if ipv6 is None else ipv6
+    if port:
+        _check_free(port)
     port = port or free_port(ipv6)
     listen = [f"/ip4/0.0.0.0/tcp/{port}"] + ([f"/ip6/::/tcp/{port}"] if ipv6 else [])
     ips = [ip for ip in local_addresses() if ip.version == 4 or ipv6]

@@ -7,6 +7,11 @@ own step count; the swarm sits behind `SwarmAverager`. A peer that finds the run
 under way takes the swarm's global step and state first. Ctrl-C or SIGTERM stops
 after the current step: the rounds in flight are finished (or fail within their
 timeouts) and the summary is written.
+
+Before it joins the DHT a peer asks its bootstrap peer for a dial-back
+(`reachability`): one that nobody can connect to says so and trains in client
+mode. `RoundHealth` watches for rounds that keep failing while others train; the
+summary's `problem` says when this peer averaged nothing (`join` then exits non-zero).
 """
 
 from __future__ import annotations
