@@ -65,12 +65,12 @@ def network_options(default_port: int, port_help: str):
 
 def _listen(port: int, host_maddrs: tuple, announce_maddrs: tuple) -> tuple[list[str], list[str]]:
     """(listen multiaddrs, announced multiaddrs) from --port / --host-maddrs / --announce-maddrs."""
-    from .swarm.addresses import AddressError, check_maddrs, listen_and_announce
+    from .swarm.addresses import AddressError, check_maddrs, listen_and_announce, port_of
 
     try:
         announce = check_maddrs(list(announce_maddrs), "--announce-maddrs")
         for m in announce:
-            if m.endswith("/tcp/0") or "/tcp/0/" in m:
+            if port_of(m) == 0:
                 raise AddressError(f"--announce-maddrs {m!r}: name the real port others connect to, not 0")
         if host_maddrs:
             return check_maddrs(list(host_maddrs), "--host-maddrs"), announce
@@ -241,7 +241,6 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
 @click.option("--resume", default=None, help="Start from the checkpoint in this directory (and keep saving there); "
               "the swarm's newer state wins at each fragment's next round.")
 @click.option("--progress-json", is_flag=True, hidden=True)
-@click.option("--final-sync", is_flag=True, hidden=True)
 @click.option("--global-steps", default=None, type=click.IntRange(min=1),
               help="Stop once the run's global step reaches this, after one last round of every fragment "
               "(peers given the same value stop together).")
@@ -249,7 +248,7 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
               help="Start once this many peers are present (local-swarm).")
 def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs, announce_maddrs, data, summary_path,
          threads,
-         step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, final_sync, global_steps,
+         step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, global_steps,
          wait_for_peers):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
     from . import failpoints
@@ -268,9 +267,8 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
         click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer SIGKILLs itself at hit {armed[1]} of "
                    f"{armed[0]} ({failpoints.POINTS[armed[0]]})", err=True)
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
-    final_sync = final_sync or global_steps is not None
     opts = JoinOptions(list(initial_peers), run_id, steps, bandwidth, client_mode, listen, announce, list(data),
-                       summary_path, progress_json, final_sync, threads, global_steps=global_steps,
+                       summary_path, progress_json, global_steps is not None, threads, global_steps=global_steps,
                        wait_for_peers=wait_for_peers,
                        step_delay=step_delay, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        resume=resume)

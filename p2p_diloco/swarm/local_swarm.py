@@ -75,7 +75,7 @@ class LocalSwarm:
         `env`: extra environment variables (e.g. a failpoint, see `p2p_diloco.failpoints`)."""
         summary = os.path.join(self.workdir, f"{name}.json")
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
-                "--summary", summary, "--progress-json", "--final-sync", "--threads", "1",
+                "--summary", summary, "--progress-json", "--threads", "1",
                 "--wait-for-peers", str(wait_for), *LOOPBACK, *(extra or [])]
         for d in self.data:
             args += ["--data", d]

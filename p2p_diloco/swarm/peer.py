@@ -65,7 +65,7 @@ class JoinOptions:
     data: list[str] = field(default_factory=list)
     summary_path: str | None = None
     progress_json: bool = False  # one JSON line per progress update on stdout (for local-swarm)
-    final_sync: bool = False  # one last round of every fragment at the last step (all peers stop together)
+    final_sync: bool = False  # one last round of every fragment at the last step (with global_steps)
     threads: int | None = None
     config_timeout: float = 30.0
     global_steps: int | None = None  # stop when the swarm clock reaches this step (local-swarm)
