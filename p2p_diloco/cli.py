@@ -9,8 +9,8 @@ import sys
 
 import click
 
-from .config import ConfigError
-from .profiles import profile_option
+from .core.config import ConfigError
+from .node.profiles import profile_option
 
 
 def _floats(text: str) -> list[float]:
@@ -108,7 +108,7 @@ def main(verbose: bool) -> None:
 def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, eval_every, jobs, json_path,
              plot_path, **diloco):
     """Compare data-parallel, DiLoCo and Streaming DiLoCo in one process on the same token budget."""
-    from . import simulate as sim
+    from .task import simulate as sim
 
     method_list = [m.strip() for m in methods.split(",")] if methods else list(sim.DEFAULT_METHODS)
     base = dict(seed=seed, **_pop_diloco(diloco))
@@ -147,9 +147,9 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
 
 def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout, target_group_size,
                 matchmaking_time, data, diloco_values):
-    from .config import DiLoCoConfig
-    from .model import model_spec
-    from .records import RecordError, RunConfig, check_run_id
+    from .core.config import DiLoCoConfig
+    from .task.model import model_spec
+    from .node.records import RecordError, RunConfig, check_run_id
 
     try:
         check_run_id(run_id)
@@ -204,7 +204,7 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
          total_steps,
          initial_peers, port, host_maddrs, announce_maddrs, identity_path, run_config_path, maddrs_file, **diloco):
     """Bootstrap DHT node for a run: publishes the run config and stays up until Ctrl-C."""
-    from .records import RecordError, RunConfig
+    from .node.records import RecordError, RunConfig
     from .swarm.host import run_host
 
     if run_config_path:
@@ -251,10 +251,10 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
          step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, global_steps,
          wait_for_peers):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
-    from . import failpoints
-    from .averaging import AveragingFailed
-    from .checkpoint import CheckpointError
-    from .records import RecordError
+    from .node import failpoints
+    from .core.averaging import AveragingFailed
+    from .node.checkpoint import CheckpointError
+    from .node.records import RecordError
     from .swarm.peer import JoinOptions, run_peer
 
     if steps is not None and steps < 1:
@@ -346,7 +346,7 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
 @click.option("--run-id", default="default", show_default=True)
 def status(initial_peers, run_id):
     """Who is in the run: step, rounds, throughput and bytes, read from the DHT."""
-    from .records import RecordError
+    from .node.records import RecordError
     from .swarm.dht import fetch_progress, fetch_run_config, start_dht
 
     dht = start_dht(list(initial_peers), client_mode=True)

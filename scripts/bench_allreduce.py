@@ -19,7 +19,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import Float16Compression
 
-from p2p_diloco.averaging import RoundKey
+from p2p_diloco.core.averaging import RoundKey
 from p2p_diloco.swarm.averager import SwarmAverager
 from p2p_diloco.swarm.dht import start_dht, visible_maddrs
 

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from p2p_diloco.codecs import CODECS
+from p2p_diloco.core.codecs import CODECS
 
 
 def best_times(encode, decode, repeats: int) -> tuple[float, float, float]:

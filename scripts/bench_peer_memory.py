@@ -22,10 +22,10 @@ import sys
 import tempfile
 import time
 
-from p2p_diloco.config import DiLoCoConfig
-from p2p_diloco.model import model_spec
-from p2p_diloco.records import RunConfig
+from p2p_diloco.core.config import DiLoCoConfig
+from p2p_diloco.node.records import RunConfig
 from p2p_diloco.swarm.local_swarm import _descendants
+from p2p_diloco.task.model import model_spec
 
 
 def memory_kb(pid: int) -> tuple[int, int]:

@@ -24,10 +24,10 @@ import signal
 import threading
 import time
 
-from p2p_diloco.config import DiLoCoConfig
-from p2p_diloco.model import model_spec
-from p2p_diloco.records import RunConfig
+from p2p_diloco.core.config import DiLoCoConfig
+from p2p_diloco.node.records import RunConfig
 from p2p_diloco.swarm.local_swarm import LocalSwarm
+from p2p_diloco.task.model import model_spec
 
 
 class Trainer:

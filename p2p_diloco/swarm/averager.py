@@ -31,7 +31,6 @@ the majority hash, downloads the state from a peer holding it over
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import math
 import signal
@@ -54,10 +53,13 @@ from hivemind.utils.asyncio import aiter_with_timeout, anext, enter_asynchronous
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.streaming import combine_from_streaming
 
-from ..averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage, RoundKey,
-                         RoundReport, block_aligned_parts, state_hash)
-from ..codecs import Codec, CodecError, get_codec
-from ..failpoints import reached
+from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage,
+                              RoundKey, RoundReport)
+from ..core.codecs import Codec, CodecError, get_codec
+from ..core.parts import block_aligned_parts
+from ..core.state_hash import state_hash
+from ..node.failpoints import reached
+from .lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +70,6 @@ GROUP_REGISTRATION_S = 3.0
 MEMBER_CHECK_S = 0.5  # how often a round checks that its members are still connected
 MEMBER_CONNECT_S = 5.0  # a member not connected to this peer this long after the round began is gone
 _CLIENT_MODE = 1  # hivemind.averaging.averager.AveragingMode.CLIENT
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (no orphaned averagers or p2pd)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: orphans are then possible after a SIGKILL of the parent
-        pass
 
 
 class _Reduction:

@@ -13,10 +13,10 @@ import time
 import hivemind
 from hivemind.utils import get_dht_time
 
-from ..records import PeerProgress, RecordError, RunConfig, check_run_id
+from ..node.records import PeerProgress, RecordError, RunConfig, check_run_id
 from . import reachability
 from .addresses import likeliest_first
-from .averager import die_with_parent
+from .lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from ..records import RunConfig
+from ..node.records import RunConfig
 from .addresses import port_of, rank_of
 from .dht import CONFIG_TTL, publish_run_config, start_dht, visible_maddrs
 

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..records import RunConfig
+from ..node.records import RunConfig
 
 HOST_START_TIMEOUT = 60.0
 LOOPBACK = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]  # a local swarm stays on this machine
@@ -72,7 +72,7 @@ class LocalSwarm:
     def start_trainer(self, name: str, maddr: str, wait_for: int, extra: list[str] | None = None,
                       env: dict[str, str] | None = None) -> tuple[_Child, str]:
         """Start one trainer that stops at global step `self.steps`; returns it and its summary's path.
-        `env`: extra environment variables (e.g. a failpoint, see `p2p_diloco.failpoints`)."""
+        `env`: extra environment variables (e.g. a failpoint, see `p2p_diloco.node.failpoints`)."""
         summary = os.path.join(self.workdir, f"{name}.json")
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
                 "--summary", summary, "--progress-json", "--threads", "1",

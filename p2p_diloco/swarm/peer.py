@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import load_checkpoint, save_checkpoint
-from ..data import BatchStream, Corpus
-from ..device import pick_device
-from ..fragments import split_fragments
-from ..inner import InnerTrainer
-from ..model import build_model, evaluate
-from ..records import PeerProgress
-from ..streaming import StreamingDiLoCo
+from ..core.fragments import split_fragments
+from ..core.inner import InnerTrainer
+from ..core.streaming import StreamingDiLoCo
+from ..node.checkpoint import load_checkpoint, save_checkpoint
+from ..node.records import PeerProgress
+from ..task.data import BatchStream, Corpus
+from ..task.device import pick_device
+from ..task.model import build_model, evaluate, lm_loss
 from . import reachability
 from .averager import SwarmAverager
 from .clock import ClockReading, SwarmClock
@@ -100,7 +100,7 @@ def run_peer(opts: JoinOptions) -> dict:
         eval_batches = corpus.eval_batches(run.model.seq_len, 16, 32)
         seed = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little")
         stream = BatchStream(corpus.train, run.model.seq_len, run.batch_size, seed=seed)
-        trainer = InnerTrainer(model, run.diloco)
+        trainer = InnerTrainer(model, run.diloco, lm_loss)
         sizes = [f.numel for f in split_fragments(model, run.diloco.fragments)]
         averager = SwarmAverager(dht, run.run_id, sizes, run.diloco.codec, round_timeout=run.round_timeout,
                                  target_group_size=run.target_group_size, bandwidth=opts.bandwidth,

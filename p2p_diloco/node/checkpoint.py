@@ -35,11 +35,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .averaging import state_hash
-from .config import ConfigError, DiLoCoConfig
-from .inner import InnerTrainer
-from .model import ModelSpec
-from .streaming import StreamingDiLoCo
+from ..core.config import ConfigError, DiLoCoConfig
+from ..core.inner import InnerTrainer
+from ..core.state_hash import state_hash
+from ..core.streaming import StreamingDiLoCo
+from ..task.model import ModelSpec
 
 FORMAT_VERSION = 1
 META_NAME = "checkpoint.json"

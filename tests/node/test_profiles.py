@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from p2p_diloco.cli import main
-from p2p_diloco.profiles import profile_option
+from p2p_diloco.node.profiles import profile_option
 
 PEERS = Path(__file__).resolve().parent.parent / "peers"
 

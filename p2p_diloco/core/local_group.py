@@ -1,13 +1,7 @@
-"""The averaging interface the algorithm core talks to, and an in-process implementation.
+"""`LocalGroup`: a swarm of averaging members inside one process (tests, the simulator).
 
-The core asks one thing of the network: "average this fragment's outer gradient
-with the peers on the same (run, fragment, round); give me back the fp32 mean and
-how many peers it covers, or tell me it failed". `FragmentAverager` is that
-contract; the hivemind swarm implements it over libp2p, and `LocalGroup` here
-implements it inside one process for tests and the simulator.
-
-`LocalGroup` reproduces what a butterfly all-reduce puts on the wire: the vector
-is cut into one part per member (at codec block boundaries); every member's
+It reproduces what a butterfly all-reduce puts on the wire: the vector is cut
+into one part per member (at codec block boundaries); every member's
 contribution to a part is encoded, decoded and accumulated in fp32 weighted by
 its tokens; the part's mean is encoded once more and every member (its reducer
 included) takes the decoded mean, so all members hold bit-identical results.
@@ -16,116 +10,14 @@ Bytes are counted from the encoded payloads a member sends and receives.
 
 from __future__ import annotations
 
-import hashlib
-import math
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .averaging import AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage, RoundKey
 from .codecs import Codec
-
-
-@dataclass(frozen=True)
-class RoundKey:
-    """Which averaging this is: peers only ever average with the same key."""
-
-    run_id: str
-    fragment: int
-    round: int
-
-    def __str__(self) -> str:
-        return f"{self.run_id}/fragment{self.fragment}/round{self.round}"
-
-
-@dataclass
-class FragmentAverage:
-    mean: torch.Tensor  # flat fp32 weighted mean of the members' outer gradients
-    peers: int  # how many peers the mean covers
-    weight: float  # total weight (tokens) the mean covers
-
-
-class AveragingFailed(RuntimeError):
-    """The round produced no complete, trustworthy average; nothing of it may be applied."""
-
-
-class PendingAverage(ABC):
-    @abstractmethod
-    def result(self) -> FragmentAverage:
-        """Wait for the average; raise AveragingFailed if there is none to apply."""
-
-    def done(self) -> bool:
-        """True when `result()` would return (or raise) without waiting."""
-        return True
-
-
-@dataclass
-class AgreedState:
-    """A fragment's global state after a round, as the peers that applied it hold it."""
-
-    anchor: torch.Tensor
-    momentum: torch.Tensor
-
-
-def state_hash(anchor: torch.Tensor, momentum: torch.Tensor) -> str:
-    """The sha256 peers publish for a fragment's global state (anchor, then momentum, fp32 bytes)."""
-    h = hashlib.sha256(anchor.detach().contiguous().numpy().tobytes())
-    h.update(momentum.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class RoundReport:
-    """What the other peers report for one fragment: the latest round they hold and its state hashes."""
-
-    round: int
-    digests: dict[str, int]  # state hash -> how many other peers hold it
-
-    def majority(self, own: str | None = None) -> str:
-        """The swarm's state for this round, this peer's own vote included; ties go to the smallest hash."""
-        votes = dict(self.digests)
-        if own is not None:
-            votes[own] = votes.get(own, 0) + 1
-        return min(votes, key=lambda d: (-votes[d], d))
-
-
-class FragmentAverager(ABC):
-    @abstractmethod
-    def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
-        """Start averaging `outer_grad` (flat fp32) for `key`; return at once."""
-
-    def applied(self, key: RoundKey, anchor: torch.Tensor, momentum: torch.Tensor, digest: str) -> None:
-        """This peer now holds the state of `key` hashing to `digest` (to publish, and serve to peers that need it)."""
-
-    def recover(self, key: RoundKey, digest: str | None = None) -> AgreedState | None:
-        """The state of `key` other peers hold (the one hashing to `digest`, else their most common), verified.
-
-        None when no peer can hand it over (after a failed or missed round, or a disagreement).
-        """
-        return None
-
-    def latest_agreed(self, fragment: int, upto: int) -> RoundReport | None:
-        """The latest round <= `upto` of `fragment` that other peers report holding (None: none)."""
-        return None
-
-
-def block_aligned_parts(numel: int, fractions: list[float], block: int) -> list[tuple[int, int]]:
-    """Cut [0, numel) by `fractions` (summing to 1) with inner boundaries on `block` multiples."""
-    blocks = math.ceil(numel / block)
-    bounds, acc = [0], 0.0
-    for f in fractions[:-1]:
-        acc += f
-        bounds.append(min(numel, round(acc * blocks) * block))
-    bounds.append(numel)
-    for i in range(1, len(bounds)):
-        bounds[i] = max(bounds[i], bounds[i - 1])
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def butterfly_parts(numel: int, members: int, block: int) -> list[tuple[int, int]]:
-    """Cut [0, numel) into `members` equal contiguous parts whose inner boundaries fall on `block` multiples."""
-    return block_aligned_parts(numel, [1.0 / members] * members, block)
+from .parts import butterfly_parts
 
 
 @dataclass

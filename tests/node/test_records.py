@@ -3,9 +3,9 @@
 import msgpack
 import pytest
 
-from p2p_diloco.config import DiLoCoConfig
-from p2p_diloco.model import model_spec
-from p2p_diloco.records import MAX_RECORD_BYTES, PROTOCOL_VERSION, PeerProgress, RecordError, RunConfig, check_run_id
+from p2p_diloco.core.config import DiLoCoConfig
+from p2p_diloco.node.records import MAX_RECORD_BYTES, PROTOCOL_VERSION, PeerProgress, RecordError, RunConfig, check_run_id
+from p2p_diloco.task.model import model_spec
 
 
 def run_config() -> RunConfig:

@@ -22,13 +22,13 @@ from typing import Any, Callable
 
 import torch
 
-from .averaging import LocalGroup
-from .codecs import get_codec
-from .config import ConfigError, DiLoCoConfig
+from ..core.codecs import get_codec
+from ..core.config import ConfigError, DiLoCoConfig
+from ..core.inner import InnerTrainer
+from ..core.local_group import LocalGroup
+from ..core.streaming import StreamingDiLoCo
 from .data import BatchStream, Corpus
-from .inner import InnerTrainer
-from .model import build_model, evaluate, model_spec
-from .streaming import StreamingDiLoCo
+from .model import build_model, evaluate, lm_loss, model_spec
 
 # name -> overrides of the base DiLoCoConfig; None marks data-parallel
 METHODS: dict[str, dict[str, Any] | None] = {
@@ -94,7 +94,7 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
 
     if METHODS[method] is None:
         model = build_model(spec, config.seed)
-        trainer = InnerTrainer(model, config)
+        trainer = InnerTrainer(model, config, lm_loss)
         numel = sum(p.numel() for p in model.parameters())
 
         def global_model():
@@ -111,7 +111,7 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
     else:
         group = LocalGroup(settings.workers, get_codec(config.codec))
         models = [build_model(spec, config.seed) for _ in range(settings.workers)]
-        trainers = [InnerTrainer(m, config) for m in models]
+        trainers = [InnerTrainer(m, config, lm_loss) for m in models]
         outer = [StreamingDiLoCo(m, config, group.member(w), run_id=f"sim-{method}") for w, m in enumerate(models)]
 
         def global_model():

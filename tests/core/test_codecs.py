@@ -1,4 +1,4 @@
-"""Property tests of p2p_diloco.codecs against naive per-element references.
+"""Property tests of p2p_diloco.core.codecs against naive per-element references.
 
 The block references below are plain Python loops over numpy float32 scalars (IEEE,
 one rounding per operation), written from the format definition in the module
@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from p2p_diloco import codecs
-from p2p_diloco.codecs import CODECS, Codec, CodecError, get_codec
+from p2p_diloco.core import codecs
+from p2p_diloco.core.codecs import CODECS, Codec, CodecError, get_codec
 
 NAMES = ["fp32", "fp16", "int8", "fp4"]
 BLOCK_NAMES = ["int8", "fp4"]

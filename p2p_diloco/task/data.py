@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 HELD_OUT_PERCENT = 5
 _BINARY_PROBE = 8192

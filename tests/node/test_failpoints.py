@@ -10,9 +10,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from p2p_diloco import failpoints
+from p2p_diloco.node import failpoints
 from p2p_diloco.cli import main
-from p2p_diloco.failpoints import ENV, FailpointError, parse
+from p2p_diloco.node.failpoints import ENV, FailpointError, parse
 
 
 def test_specs_parse_to_a_point_and_a_hit():
@@ -55,7 +55,7 @@ def test_the_armed_hit_kills_the_whole_process_group(tmp_path):
     marker = tmp_path / "child.pid"
     code = f"""
 import subprocess, sys, time
-from p2p_diloco import failpoints
+from p2p_diloco.node import failpoints
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 open({str(marker)!r}, "w").write(str(child.pid))
 for i in range(5):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from p2p_diloco.config import ConfigError
-from p2p_diloco.data import BatchStream, Corpus
+from p2p_diloco.core.config import ConfigError
+from p2p_diloco.task.data import BatchStream, Corpus
 
 
 def test_default_corpus_is_the_stdlib_with_a_held_out_split():

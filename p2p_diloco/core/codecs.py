@@ -76,7 +76,7 @@ import torch
 __all__ = ["CodecError", "Codec", "CODECS", "get_codec", "HEADER_SIZE", "MAGIC", "VERSION"]
 
 if sys.byteorder != "little":  # pragma: no cover - payloads are defined little endian
-    raise ImportError("p2p_diloco.codecs assumes a little-endian host")
+    raise ImportError("p2p_diloco.core.codecs assumes a little-endian host")
 
 MAGIC = b"SD"
 VERSION = 1

@@ -7,14 +7,16 @@ import copy
 import pytest
 import torch
 
-from p2p_diloco.averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, LocalGroup,
-                                  PendingAverage, RoundKey, RoundReport, state_hash)
-from p2p_diloco.codecs import get_codec
-from p2p_diloco.config import DiLoCoConfig
-from p2p_diloco.fragments import split_fragments
-from p2p_diloco.inner import InnerTrainer, inner_lr
-from p2p_diloco.model import build_model, model_spec
-from p2p_diloco.streaming import StreamingDiLoCo
+from p2p_diloco.core.averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager,
+                                       PendingAverage, RoundKey, RoundReport)
+from p2p_diloco.core.codecs import get_codec
+from p2p_diloco.core.config import DiLoCoConfig
+from p2p_diloco.core.fragments import split_fragments
+from p2p_diloco.core.inner import InnerTrainer, inner_lr
+from p2p_diloco.core.local_group import LocalGroup
+from p2p_diloco.core.state_hash import state_hash
+from p2p_diloco.core.streaming import StreamingDiLoCo
+from p2p_diloco.task.model import build_model, lm_loss, model_spec
 
 SPEC = model_spec("tiny")
 
@@ -60,7 +62,7 @@ def test_offsets_spread_over_the_period():
 def naive_run(config: DiLoCoConfig, workers: int, steps: int):
     """A plain loop over tensors: per-parameter anchors, a hand-written schedule and outer step."""
     models = [build_model(SPEC, config.seed) for _ in range(workers)]
-    trainers = [InnerTrainer(m, config) for m in models]
+    trainers = [InnerTrainer(m, config, lm_loss) for m in models]
     data = [batches(w, steps) for w in range(workers)]
     P = config.fragments
     names = reference_fragment_names(models[0], P)
@@ -98,7 +100,7 @@ def naive_run(config: DiLoCoConfig, workers: int, steps: int):
 def core_run(config: DiLoCoConfig, workers: int, steps: int, group: LocalGroup | None = None):
     group = group or LocalGroup(workers, get_codec(config.codec))
     models = [build_model(SPEC, config.seed) for _ in range(workers)]
-    trainers = [InnerTrainer(m, config) for m in models]
+    trainers = [InnerTrainer(m, config, lm_loss) for m in models]
     outer = [StreamingDiLoCo(m, config, group.member(w)) for w, m in enumerate(models)]
     data = [batches(w, steps) for w in range(workers)]
     log = []
@@ -156,7 +158,7 @@ def test_failed_round_leaves_anchor_momentum_and_params_untouched(error_feedback
     failing = {("local", 0, 1)}
     group = LocalGroup(2, get_codec("fp4"), fail=lambda key: (key.run_id, key.fragment, key.round) in failing)
     models = [build_model(SPEC, 0) for _ in range(2)]
-    trainers = [InnerTrainer(m, config) for m in models]
+    trainers = [InnerTrainer(m, config, lm_loss) for m in models]
     outer = [StreamingDiLoCo(m, config, group.member(w)) for w, m in enumerate(models)]
     data = [batches(w, 20) for w in range(2)]
     checked = False
@@ -207,7 +209,7 @@ class _BadAverager(FragmentAverager):
 def test_untrustworthy_average_is_a_failure(averager):
     config = DiLoCoConfig(outer_period=4, fragments=1, tau=0, alpha=0.5, codec="fp32", warmup_steps=1)
     model = build_model(SPEC, 0)
-    trainer = InnerTrainer(model, config)
+    trainer = InnerTrainer(model, config, lm_loss)
     o = StreamingDiLoCo(model, config, averager)
     for t, b in enumerate(batches(0, 2), start=1):
         trainer.step(b)
@@ -367,7 +369,7 @@ def test_a_clock_jump_sits_out_rounds_older_than_a_period():
 
 def test_a_late_joiner_warms_up_then_follows_the_swarm_schedule():
     config = DiLoCoConfig(warmup_steps=10, total_steps=100, inner_lr=1e-2)
-    trainer = InnerTrainer(build_model(SPEC, 0), config)
+    trainer = InnerTrainer(build_model(SPEC, 0), config, lm_loss)
     lrs = []
     for b in batches(0, 12):
         trainer.step(b, schedule_step=80)

@@ -5,7 +5,7 @@ Each test runs a host and two or three trainers (separate processes, the default
 small model) for a few hundred global steps, injects one fault, and checks that
 the survivors finish, hold finite and bit-identical anchors, and that averaging
 never held training up longer than the configured round timeout. Crashes at a
-chosen moment use failpoints (`p2p_diloco.failpoints`): the peer SIGKILLs its
+chosen moment use failpoints (`p2p_diloco.node.failpoints`): the peer SIGKILLs its
 whole process group (trainer, averagers, p2pd) at that point of a round. Every
 process (p2pd included) is gone afterwards.
 """
@@ -22,11 +22,11 @@ import time
 
 import pytest
 
-from p2p_diloco.config import DiLoCoConfig
-from p2p_diloco.failpoints import ENV as FAILPOINT
-from p2p_diloco.model import model_spec
-from p2p_diloco.records import RunConfig
+from p2p_diloco.core.config import DiLoCoConfig
+from p2p_diloco.node.failpoints import ENV as FAILPOINT
+from p2p_diloco.node.records import RunConfig
 from p2p_diloco.swarm.local_swarm import LocalSwarm
+from p2p_diloco.task.model import lm_loss, model_spec
 
 from test_swarm import p2pd_pids
 
@@ -211,18 +211,18 @@ def test_a_peer_restarts_from_its_checkpoint_and_reconciles_with_the_swarm(swarm
 
 
 def test_a_truncated_checkpoint_is_refused_and_left_in_place(tmp_path):
-    from p2p_diloco.checkpoint import save_checkpoint
-    from p2p_diloco.inner import InnerTrainer
-    from p2p_diloco.model import build_model
-    from p2p_diloco.averaging import LocalGroup
-    from p2p_diloco.codecs import get_codec
-    from p2p_diloco.streaming import StreamingDiLoCo
+    from p2p_diloco.node.checkpoint import save_checkpoint
+    from p2p_diloco.core.inner import InnerTrainer
+    from p2p_diloco.task.model import build_model
+    from p2p_diloco.core.local_group import LocalGroup
+    from p2p_diloco.core.codecs import get_codec
+    from p2p_diloco.core.streaming import StreamingDiLoCo
     from p2p_diloco.swarm.dht import publish_run_config, start_dht, visible_maddrs
 
     config = DiLoCoConfig()
     spec = model_spec("small")
     model = build_model(spec, 0)
-    trainer = InnerTrainer(model, config)
+    trainer = InnerTrainer(model, config, lm_loss)
     outer = StreamingDiLoCo(model, config, LocalGroup(1, get_codec("fp4")).member(0), run_id="trunc")
     ckpt = tmp_path / "ckpt"
     state = save_checkpoint(str(ckpt), "trunc", spec, outer, trainer, 10)

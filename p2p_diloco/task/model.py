@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 VOCAB_SIZE = 256  # bytes
 

@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .averaging import AveragingFailed, FragmentAverager, PendingAverage, RoundKey, state_hash
+from .averaging import AveragingFailed, FragmentAverager, PendingAverage, RoundKey
 from .codecs import get_codec
 from .config import DiLoCoConfig
 from .fragments import Fragment, split_fragments
+from .state_hash import state_hash
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from p2p_diloco.averaging import AveragingFailed, LocalGroup, RoundKey, butterfly_parts
-from p2p_diloco.codecs import get_codec
+from p2p_diloco.core.averaging import AveragingFailed, RoundKey
+
+from p2p_diloco.core.local_group import LocalGroup
+
+from p2p_diloco.core.codecs import get_codec
+from p2p_diloco.core.parts import butterfly_parts
 
 
 def test_parts_cover_the_vector_on_block_boundaries():

@@ -2,9 +2,9 @@
 
 import pytest
 
-from p2p_diloco.config import ConfigError, DiLoCoConfig
-from p2p_diloco.fragments import split_fragments
-from p2p_diloco.model import build_model, model_spec
+from p2p_diloco.core.config import ConfigError, DiLoCoConfig
+from p2p_diloco.core.fragments import split_fragments
+from p2p_diloco.task.model import build_model, model_spec
 
 
 @pytest.mark.parametrize("changes,field,reason", [

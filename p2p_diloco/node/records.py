@@ -14,8 +14,8 @@ from typing import Any
 
 import msgpack
 
-from .config import ConfigError, DiLoCoConfig
-from .model import ModelSpec
+from ..core.config import ConfigError, DiLoCoConfig
+from ..task.model import ModelSpec
 
 PROTOCOL_VERSION = 1
 MAX_RECORD_BYTES = 16 * 1024  # DHT values must stay far below hivemind's 64 KiB limit

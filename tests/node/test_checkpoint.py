@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 
-from p2p_diloco.averaging import LocalGroup
-from p2p_diloco.checkpoint import META_NAME, CheckpointError, load_checkpoint, save_checkpoint
-from p2p_diloco.codecs import get_codec
-from p2p_diloco.config import DiLoCoConfig
-from p2p_diloco.inner import InnerTrainer
-from p2p_diloco.model import build_model, model_spec
-from p2p_diloco.streaming import StreamingDiLoCo
+from p2p_diloco.core.codecs import get_codec
+from p2p_diloco.core.config import DiLoCoConfig
+from p2p_diloco.core.inner import InnerTrainer
+from p2p_diloco.core.local_group import LocalGroup
+from p2p_diloco.core.streaming import StreamingDiLoCo
+from p2p_diloco.node.checkpoint import META_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from p2p_diloco.task.model import build_model, lm_loss, model_spec
 
 SPEC = model_spec("tiny")
 CONFIG = DiLoCoConfig(outer_period=6, fragments=2, tau=1, codec="fp4", warmup_steps=2, total_steps=40,
@@ -23,7 +23,7 @@ CONFIG = DiLoCoConfig(outer_period=6, fragments=2, tau=1, codec="fp4", warmup_st
 
 def make_peer(seed: int = 0):
     model = build_model(SPEC, seed)
-    trainer = InnerTrainer(model, CONFIG)
+    trainer = InnerTrainer(model, CONFIG, lm_loss)
     outer = StreamingDiLoCo(model, CONFIG, LocalGroup(1, get_codec("fp4")).member(0), run_id="r")
     return model, trainer, outer
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from p2p_diloco.simulate import SimSettings, run_method
+from p2p_diloco.task.simulate import SimSettings, run_method
 
 
 def test_simulate_cli_writes_report_and_plot(tmp_path):
@@ -42,7 +42,7 @@ def test_simulate_cli_refuses_bad_values(tmp_path):
 def test_data_parallel_wire_bytes_are_a_ring_allreduce_every_step():
     s = SimSettings(workers=3, steps=5, batch_size=2, model="tiny", eval_every=5, final_eval_batches=2)
     r = run_method("data_parallel", s)
-    from p2p_diloco.model import build_model, model_spec
+    from p2p_diloco.task.model import build_model, model_spec
     n = sum(p.numel() for p in build_model(model_spec("tiny"), 0).parameters())
     assert r["wire_bytes_per_worker"] == 5 * (2 * 2 * 4 * n // 3)
 

@@ -1,0 +1,1 @@
+"""A node's plumbing: records on the wire and in the DHT, peer profiles, checkpoints, failpoints."""
