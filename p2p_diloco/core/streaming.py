@@ -358,6 +358,23 @@ class StreamingDiLoCo:
             merged = alpha * self.fragments[k].flat() + (1.0 - alpha) * self.anchors[k]
         self.fragments[k].assign(merged)
 
+    def restore(self, anchors: list[torch.Tensor], momenta: list[torch.Tensor], residuals: list[torch.Tensor] | None,
+                rounds: list[int], digests: list[str], tokens_since_sync: list[int]) -> None:
+        """Take a saved global state (a checkpoint, checked by its reader): every fragment's anchor, momentum,
+        residual, the round it comes from, its state hash and the tokens since its last round. Nothing is in
+        flight afterwards; the working parameters are the caller's."""
+        n = len(self.fragments)
+        if not (len(anchors) == len(momenta) == len(rounds) == len(digests) == len(tokens_since_sync) == n):
+            raise ValueError(f"a saved state for {len(anchors)} fragments, this worker has {n}")
+        self.in_flight.clear()
+        self.anchors = [a.reshape(-1).clone() for a in anchors]
+        self.momenta = [m.reshape(-1).clone() for m in momenta]
+        if self.residuals is not None and residuals is not None:
+            self.residuals = [r.reshape(-1).clone() for r in residuals]
+        self.base_round = list(rounds)
+        self.digests = list(digests)
+        self.tokens_since_sync = list(tokens_since_sync)
+
     # -- global parameters -----------------------------------------------------
     def load_anchors_into(self, model: nn.Module) -> None:
         """Write the anchors (the global parameters) into another instance of the same model."""

@@ -190,13 +190,8 @@ def load_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: Streami
     with torch.no_grad():
         for name, p in trainer.model.named_parameters():
             p.copy_(params[name].to(p.device))
-    outer.anchors = [a.clone() for a in anchors]
-    outer.momenta = [m.clone() for m in momenta]
-    if residuals is not None:
-        outer.residuals = [r.clone() for r in residuals]
-    outer.base_round = [int(r) for r in meta["rounds"]]
-    outer.digests = list(meta["digests"])
-    outer.tokens_since_sync = [int(t) for t in meta["tokens_since_sync"]]
+    outer.restore(anchors, momenta, residuals, [int(r) for r in meta["rounds"]], list(meta["digests"]),
+                  [int(t) for t in meta["tokens_since_sync"]])
     trainer.optimizer.load_state_dict({
         "state": adam_state,
         "param_groups": [{**g, "params": cg["params"]} for g, cg in zip(groups, current["param_groups"])]})
