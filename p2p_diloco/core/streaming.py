@@ -25,7 +25,7 @@ Guarantees:
     last applied round.
   * crash: anchors and momenta only change inside `finish`, between two complete
     tensor updates of one fragment; nothing here is persisted (see checkpoints).
-  * missed rounds: each fragment remembers the round its anchor comes from. A
+  * missed rounds (`catch_up.CatchUp`): each fragment remembers the round its anchor comes from. A
     round r starts from round r - 1: when the peer holds an older anchor while the
     swarm reports a newer one (it failed to recover, stalled, or joined late), it
     first adopts the agreed state; if that is not available it sits the round
@@ -42,20 +42,21 @@ once (the simulator) this is exactly start + tau.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .averaging import AveragingFailed, FragmentAverager, PendingAverage, RoundKey
+from .catch_up import CatchUp
 from .codecs import get_codec
 from .config import DiLoCoConfig
 from .fragments import Fragment, split_fragments
+from .round_stats import RoundStats
+from .schedule import Schedule
 from .state_hash import state_hash
 
 log = logging.getLogger(__name__)
-
-JOIN_ATTEMPTS = 5
 
 
 @dataclass
@@ -67,30 +68,7 @@ class _InFlight:
     residual_after: torch.Tensor | None  # error-feedback residual to keep if the round applies
 
 
-@dataclass
-class RoundStats:
-    started: list[int]
-    applied: list[int]
-    failed: list[int]
-    peers_last: list[int] = field(default_factory=list)
-    recovered: list[int] = field(default_factory=list)  # applied rounds taken from the swarm after a local failure
-    resynced: list[int] = field(default_factory=list)  # states re-downloaded after disagreeing with the majority
-    # rounds in a row (any fragment) that this peer did not average with the swarm: failed, sat out, or
-    # failed here and adopted from the others (a peer that only ever downloads contributes nothing)
-    failing_streak: int = 0
-    last_error: str = ""  # why the latest such round did not average
-
-    def not_averaged(self, why: str) -> None:
-        self.failing_streak += 1
-        self.last_error = why
-
-    @property
-    def averaged(self) -> int:
-        """Rounds this peer averaged with the swarm itself (applied, not downloaded)."""
-        return sum(self.applied) - sum(self.recovered)
-
-
-class StreamingDiLoCo:
+class StreamingDiLoCo(CatchUp):
     """The outer loop of one worker: owns the anchors and outer momenta of every fragment."""
 
     def __init__(self, model: nn.Module, config: DiLoCoConfig, averager: FragmentAverager,
@@ -99,7 +77,8 @@ class StreamingDiLoCo:
         self.averager = averager
         self.run_id = run_id
         self.fragments: list[Fragment] = split_fragments(model, config.fragments)
-        self.offsets = config.offsets()
+        self.schedule = Schedule(config)
+        self.offsets = self.schedule.offsets
         self.codec = get_codec(config.codec)
         self.anchors = [f.flat() for f in self.fragments]
         self.momenta = [torch.zeros_like(a) for a in self.anchors]
@@ -109,16 +88,12 @@ class StreamingDiLoCo:
         self.digests = [state_hash(a, m) for a, m in zip(self.anchors, self.momenta)]  # of (anchor, momentum)
         self.max_delay = max(config.tau, config.outer_period - 1)  # finish before the fragment's next round
         self.in_flight: dict[int, _InFlight] = {}
-        n = len(self.fragments)
-        self.stats = RoundStats([0] * n, [0] * n, [0] * n, [0] * n, [0] * n, [0] * n)
+        self.stats = RoundStats.empty(len(self.fragments))
 
     # -- schedule ---------------------------------------------------------
     def round_at(self, fragment: int, step: int) -> int | None:
         """The round fragment `fragment` starts after inner step `step`, or None."""
-        o, h = self.offsets[fragment], self.config.outer_period
-        if step >= o and (step - o) % h == 0:
-            return (step - o) // h
-        return None
+        return self.schedule.round_at(fragment, step)
 
     def record_tokens(self, tokens: int) -> None:
         for k in range(len(self.tokens_since_sync)):
@@ -126,10 +101,8 @@ class StreamingDiLoCo:
 
     # -- the two halves of a sync -------------------------------------------
     def start_due_rounds(self, step: int) -> None:
-        for k in range(len(self.fragments)):
-            r = self.round_at(k, step)
-            if r is not None:
-                self._start(k, r, step)
+        for k, r in self.schedule.due(step):
+            self._start(k, r, step)
 
     def finish_due_rounds(self, step: int) -> None:
         for k, flight in list(self.in_flight.items()):
@@ -156,10 +129,8 @@ class StreamingDiLoCo:
         lag = self.config.outer_period - 1 if max_lag is None else min(max(max_lag, 0), self.config.outer_period - 1)
         for s in range(last + 1, step + 1):
             if s < step - lag:
-                for k in range(len(self.fragments)):
-                    r = self.round_at(k, s)
-                    if r is not None:
-                        self._sit_out(k, r, "the clock jumped past it")
+                for k, r in self.schedule.due(s):
+                    self._sit_out(k, r, "the clock jumped past it")
                 continue
             self.sync(s)
         self.finish_due_rounds(step)
@@ -169,24 +140,11 @@ class StreamingDiLoCo:
         for k in range(len(self.fragments)):
             if k in self.in_flight or self.round_at(k, step) is not None:
                 continue
-            if step < self.offsets[k]:
-                r = 0
-            else:
-                r = (step - self.offsets[k]) // self.config.outer_period + 1
-            self._start(k, r, step)
+            self._start(k, self.schedule.next_round(k, step), step)
 
     def finish_in_flight(self) -> None:
         for k in list(self.in_flight):
             self._finish(k)
-
-    def reconcile(self) -> None:
-        """No round left to catch up at (the end of a run): take the swarm's state now where it differs.
-
-        A round can end applied on some peers and failed on others (a reply lost on
-        the way); mid-run the next round repairs that, at the end this does.
-        """
-        for k in range(len(self.fragments)):
-            self._catch_up(k, 1 << 62)
 
     # -- internals -----------------------------------------------------------
     def _start(self, k: int, round_: int, step: int) -> None:
@@ -243,38 +201,6 @@ class StreamingDiLoCo:
         self.stats.peers_last[k] = avg.peers
         self._publish(k, flight.key)
 
-    def _catch_up(self, k: int, round_: int) -> bool:
-        """Before round `round_`: bring this fragment to the swarm's state.
-
-        The others report the latest round they hold and its state hashes. A newer
-        round than ours: adopt it. The same round with a different hash than the
-        majority (a late joiner that missed a round in flight, a stale peer that
-        averaged against an older anchor): re-download the majority's state.
-        Returns False when the swarm already holds `round_` itself (its state was
-        adopted and there is nothing to start). When the state cannot be fetched
-        this peer takes part with what it has and tries again next round: nobody
-        ever waits for a state, so a swarm can never lock itself out of rounds.
-        """
-        report = self.averager.latest_agreed(k, round_)
-        if report is None or report.round < self.base_round[k]:
-            return True
-        own = self.digests[k]
-        if report.round == self.base_round[k]:
-            majority = report.majority(own)
-            if majority == own:
-                return True
-            log.warning("fragment %d: this peer's state of round %d (%s) disagrees with the swarm's (%s): "
-                        "re-downloading it", k, report.round, own[:12], majority[:12])
-            if self._adopt_agreed_state(k, RoundKey(self.run_id, k, report.round), majority, count=False):
-                self.stats.resynced[k] += 1
-            return True
-        if not self._adopt_agreed_state(k, RoundKey(self.run_id, k, report.round), report.majority()):
-            log.warning("fragment %d holds round %d, the swarm %d whose state could not be fetched: "
-                        "averaging round %d with this peer's state", k, self.base_round[k], report.round, round_)
-            return True
-        log.warning("fragment %d caught up to the swarm's round %d", k, report.round)
-        return report.round < round_
-
     def _publish(self, k: int, key: RoundKey) -> None:
         """This fragment now holds the agreed state of `key`: hash it once, tell the averager."""
         self.digests[k] = state_hash(self.anchors[k], self.momenta[k])
@@ -285,62 +211,6 @@ class StreamingDiLoCo:
         self.stats.started[k] += 1
         self.stats.failed[k] += 1
         self.stats.not_averaged(f"sat out: {why}")
-
-    def adopt_swarm_state(self, step: int) -> list[int | None]:
-        """A joiner at global step `step`: take every fragment's latest agreed state from the swarm.
-
-        Anchors and momenta come from the swarm (verified by the averager); the
-        working parameters become the anchors. When nobody can serve the latest
-        round (its holders died), an older agreed round is taken; the catch-up at
-        the next round brings the fragment forward. Returns the round each fragment
-        now holds (None: the swarm reports none, the fragment stays at the run's seed).
-        """
-        held: list[int | None] = []
-        for k in range(len(self.fragments)):
-            o, h = self.offsets[k], self.config.outer_period
-            for attempt in range(JOIN_ATTEMPTS):  # the donors may move on to the next round meanwhile
-                report = self.averager.latest_agreed(k, (step - o) // h + attempt) if step >= o else None
-                if report is None and attempt == 0:
-                    held.append(None)
-                    break
-                while report is not None:
-                    key = RoundKey(self.run_id, k, report.round)
-                    if self._adopt_agreed_state(k, key, report.majority(), count=False):
-                        break
-                    # nobody could serve that round (its holders died): an older agreed state, if one is held
-                    report = self.averager.latest_agreed(k, report.round - 1)
-                if report is not None:
-                    self.fragments[k].assign(self.anchors[k])
-                    held.append(report.round)
-                    break
-            else:
-                raise AveragingFailed(f"could not download the swarm's state of fragment {k} "
-                                      f"in {JOIN_ATTEMPTS} attempts")
-        return held
-
-    def _adopt_agreed_state(self, k: int, key: RoundKey, digest: str | None = None, count: bool = True) -> bool:
-        try:
-            state = self.averager.recover(key, digest)
-        except AveragingFailed as e:
-            log.warning("could not recover %s from the swarm: %s", key, e)
-            return False
-        if state is None:
-            return False
-        n = self.anchors[k].numel()
-        for name, t in (("anchor", state.anchor), ("momentum", state.momentum)):
-            if t.dtype != torch.float32 or t.numel() != n or not bool(torch.isfinite(t).all()):
-                log.warning("refusing recovered %s of %s: %d %s values, expected %d finite float32",
-                            name, key, t.numel(), t.dtype, n)
-                return False
-        self.anchors[k] = state.anchor.reshape(-1).clone()
-        self.momenta[k] = state.momentum.reshape(-1).clone()
-        self.base_round[k] = key.round
-        self._merge(k)
-        if count:
-            self.stats.applied[k] += 1
-            self.stats.recovered[k] += 1
-        self._publish(k, key)
-        return True
 
     def _apply(self, k: int, avg: torch.Tensor) -> None:
         cfg = self.config

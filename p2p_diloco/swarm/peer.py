@@ -1,6 +1,11 @@
 """A trainer peer: reads the run config from the DHT, trains, averages fragments with the swarm.
 
-The loop reads like the simulator's: an inner step, then the Streaming DiLoCo
+`run_peer` reads top to bottom: check reachability, start the DHT, read the run
+config, then `Peer.start` (averagers, outer loop), `join` (resume, wait for the
+swarm, take its step and state), `train` (the step loop), `finish` (the rounds
+in flight, the last rounds, a checkpoint) and `summarize`.
+
+The step loop reads like the simulator's: an inner step, then the Streaming DiLoCo
 schedule, except that the schedule runs on the swarm's global step
 (`clock.SwarmClock`, shared by peers of any speed) rather than on this peer's
 own step count; the swarm sits behind `SwarmAverager`. A peer that finds the run
@@ -32,8 +37,8 @@ import torch
 from ..core.fragments import split_fragments
 from ..core.inner import InnerTrainer
 from ..core.streaming import StreamingDiLoCo
-from ..node.checkpoint import load_checkpoint, save_checkpoint
-from ..node.records import PeerProgress
+from ..node.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from ..node.records import PeerProgress, RunConfig
 from ..task.data import BatchStream, Corpus
 from ..task.device import pick_device
 from ..task.model import build_model, evaluate, lm_loss
@@ -76,178 +81,250 @@ class JoinOptions:
     resume: str | None = None  # a checkpoint directory to start from
 
 
-def anchor_hashes(outer: StreamingDiLoCo) -> list[str]:
-    return [hashlib.sha256(a.numpy().tobytes()).hexdigest() for a in outer.anchors]
-
-
 def run_peer(opts: JoinOptions) -> dict:
-    stop = {"now": False}
-
-    def request_stop(signum, frame):
-        stop["now"] = True
-
+    """Join the run, train until its end (or a stop signal), finish the rounds in flight; returns the summary."""
     reach, client_mode = _check_reachable(opts)
     dht = start_dht(opts.initial_peers, opts.host_maddrs, client_mode=client_mode,
                     announce_maddrs=opts.announce_maddrs)
-    averager = None
+    peer = None
     try:
         run = fetch_run_config(dht, opts.run_id, timeout=opts.config_timeout)
-        peer_id = str(dht.peer_id)
-        maddrs = visible_maddrs(dht)
-        device = pick_device()
-        model = build_model(run.model, run.diloco.seed).to(device)
+        peer = Peer(dht, run, opts, reach, client_mode)
+        peer.start()
+        peer.join()
+        peer.train()
+        peer.finish()
+        return peer.summarize()
+    finally:
+        if peer is not None:
+            peer.close()
+        dht.shutdown()
+
+
+class Peer:
+    """One trainer of a run: its task (model, data, inner optimizer), its outer loop and its swarm.
+
+    After `finish` every round this peer started has been applied, adopted from
+    the swarm or counted as failed (the core's guarantees, `core/streaming.py`),
+    and a checkpoint (when asked for) holds the state the summary reports. A stop
+    signal ends the step loop after the current step; a crash loses only what
+    happened since the last checkpoint, and the swarm's newer state wins when the
+    peer comes back (catch-up).
+    """
+
+    def __init__(self, dht, run: RunConfig, opts: JoinOptions, reach: reachability.Reachability | None,
+                 client_mode: bool):
+        self.dht, self.run, self.opts = dht, run, opts
+        self.reach, self.client_mode = reach, client_mode
+        self.peer_id = str(dht.peer_id)
+        self.maddrs = visible_maddrs(dht)
+        self.device = pick_device()
+        self.model = build_model(run.model, run.diloco.seed).to(self.device)
         corpus = Corpus.load(opts.data or None)
-        eval_batches = corpus.eval_batches(run.model.seq_len, 16, 32)
-        seed = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little")
-        stream = BatchStream(corpus.train, run.model.seq_len, run.batch_size, seed=seed)
-        trainer = InnerTrainer(model, run.diloco, lm_loss)
-        sizes = [f.numel for f in split_fragments(model, run.diloco.fragments)]
-        averager = SwarmAverager(dht, run.run_id, sizes, run.diloco.codec, round_timeout=run.round_timeout,
-                                 target_group_size=run.target_group_size, bandwidth=opts.bandwidth,
-                                 min_matchmaking_time=run.matchmaking_time,
-                                 client_mode=client_mode)
-        outer = StreamingDiLoCo(model, run.diloco, averager, run_id=run.run_id)
-        if opts.threads:
+        self.eval_batches = corpus.eval_batches(run.model.seq_len, 16, 32)
+        seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
+        self.stream = BatchStream(corpus.train, run.model.seq_len, run.batch_size, seed=seed)
+        self.trainer = InnerTrainer(self.model, run.diloco, lm_loss)
+        self.tokens_per_step = run.batch_size * run.model.seq_len
+        self.fragment_sizes = [f.numel for f in split_fragments(self.model, run.diloco.fragments)]
+        self.health = RoundHealth(len(self.fragment_sizes), reach, client_mode)
+        self.checkpoint_dir = opts.checkpoint_dir or opts.resume
+        self.averager: SwarmAverager | None = None
+        self.outer: StreamingDiLoCo | None = None
+        self.stopping = False  # set by SIGINT / SIGTERM: leave after the current step
+        # where the run stands for this peer
+        self.clock = SwarmClock()
+        self.resumed: CheckpointInfo | None = None
+        self.joined: dict = {"rounds_held": [], "step": 0}
+        self.time_to_join = 0.0
+        self.step, self.loss = 0, float("nan")  # this peer's inner steps and its latest training loss
+        self.global_step = self.first_step = 0
+        self.started = self.last_report = self.config_published = 0.0
+        self.pending_readings = None  # a DHT read of the others' progress, in flight
+        self.longest_hold = 0.0  # the longest time averaging held up training (one call of outer.advance)
+        self.saved_at_rounds = 0
+
+    # -- joining -------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the averagers (one process per fragment) and the outer loop; take over the stop signals."""
+        run = self.run
+        self.averager = SwarmAverager(self.dht, run.run_id, self.fragment_sizes, run.diloco.codec,
+                                      round_timeout=run.round_timeout, target_group_size=run.target_group_size,
+                                      bandwidth=self.opts.bandwidth, min_matchmaking_time=run.matchmaking_time,
+                                      client_mode=self.client_mode)
+        self.outer = StreamingDiLoCo(self.model, run.diloco, self.averager, run_id=run.run_id)
+        if self.opts.threads:
             # only now: an averager process forked after set_num_threads trips torch's "Invalid thread pool"
             # assert the first time one of its threads runs a parallel op
-            torch.set_num_threads(opts.threads)
+            torch.set_num_threads(self.opts.threads)
         _yield_cpu_to_network()
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
-        tokens_per_step = run.batch_size * run.model.seq_len
-        health = RoundHealth(len(sizes), reach, client_mode)
-        if opts.progress_json:
-            print(json.dumps({"peer_id": peer_id, "maddrs": maddrs, "client_mode": client_mode}), flush=True)
-        elif client_mode:
-            print(f"peer {peer_id}: in client mode (sends and receives, serves nothing)", file=sys.stderr)
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+        self._say_where()
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _say_where(self) -> None:
+        if self.opts.progress_json:
+            print(json.dumps({"peer_id": self.peer_id, "maddrs": self.maddrs, "client_mode": self.client_mode}),
+                  flush=True)
+        elif self.client_mode:
+            print(f"peer {self.peer_id}: in client mode (sends and receives, serves nothing)", file=sys.stderr)
         else:
-            print(f"peer {peer_id}: other peers can join the run through any of", file=sys.stderr)
-            for a in maddrs:
+            print(f"peer {self.peer_id}: other peers can join the run through any of", file=sys.stderr)
+            for a in self.maddrs:
                 print(f"  {a}", file=sys.stderr)
 
-        resumed = None
-        if opts.resume:
-            resumed = load_checkpoint(opts.resume, run.run_id, run.model, outer, trainer)
-            log.warning("resumed from %s: global step %d, fragments at rounds %s", resumed.path,
-                        resumed.global_step, resumed.rounds)
-        checkpoint_dir = opts.checkpoint_dir or opts.resume
-
+    def join(self) -> None:
+        """Resume from a checkpoint when asked; wait for the swarm; take its global step and state if under way."""
+        if self.opts.resume:
+            self.resumed = load_checkpoint(self.opts.resume, self.run.run_id, self.run.model, self.outer,
+                                           self.trainer)
+            log.warning("resumed from %s: global step %d, fragments at rounds %s", self.resumed.path,
+                        self.resumed.global_step, self.resumed.rounds)
+            self.clock = SwarmClock(self.resumed.global_step)
         join_started = time.time()
-        clock = SwarmClock(resumed.global_step if resumed else 0.0)
-        swarm = _wait_for_swarm(dht, run.run_id, peer_id, opts, stop, averager, health)
-        joined = _join(outer, clock, swarm, resumed is not None)
-        time_to_join = round(time.time() - join_started, 2)
-        if joined["rounds_held"]:
+        swarm = _wait_for_swarm(self)
+        self.joined = _join(self.outer, self.clock, swarm, self.resumed is not None)
+        self.time_to_join = round(time.time() - join_started, 2)
+        if self.joined["rounds_held"]:
             log.warning("joined a live run at global step %d in %.1fs; fragments at rounds %s",
-                        joined["step"], time_to_join, joined["rounds_held"])
+                        self.joined["step"], self.time_to_join, self.joined["rounds_held"])
 
-        start = last_report = config_published = time.time()
-        clock.start(start)
-        first_step = g = int(clock.global_step(start))
-        if opts.global_steps is not None:
-            g = min(g, opts.global_steps)
-        step, loss = 0, float("nan")
-        pending_readings = None
-        longest_hold = 0.0  # the longest time averaging held up training (one call of outer.advance)
-        saved_at_rounds = sum(outer.stats.applied)
-
-        def save() -> None:
+    # -- the step loop -----------------------------------------------------------------
+    def train(self) -> None:
+        """Inner steps until the end (--steps, --global-steps, or a stop signal); the outer schedule runs on
+        the swarm's global step after each one."""
+        self.started = self.last_report = self.config_published = time.time()
+        self.clock.start(self.started)
+        self.first_step = self.global_step = int(self.clock.global_step(self.started))
+        if self.opts.global_steps is not None:
+            self.global_step = min(self.global_step, self.opts.global_steps)
+        self.saved_at_rounds = sum(self.outer.stats.applied)
+        while not self._at_end():
+            self.loss = self.trainer.step(self.stream.next().to(self.device), schedule_step=self.global_step)
+            if self.opts.step_delay:
+                time.sleep(self.opts.step_delay)
+            self.step += 1
+            self.outer.record_tokens(self.tokens_per_step)
             now = time.time()
-            path = save_checkpoint(checkpoint_dir, run.run_id, run.model, outer, trainer, clock.global_step(now))
-            log.info("checkpoint: %s", path)
+            self._advance_schedule(now)
+            if self.checkpoint_dir and sum(self.outer.stats.applied) - self.saved_at_rounds >= self.opts.checkpoint_every:
+                self._save()
+            if now - self.last_report >= PROGRESS_EVERY_S:
+                self._report(now)
 
-        def progress(now: float) -> PeerProgress:
-            tokens_per_s = step * tokens_per_step / max(now - start, 1e-9)
-            return PeerProgress(peer_id, step, list(outer.stats.applied), tokens_per_s, averager.bytes_sent,
-                                averager.bytes_received, loss, clock.global_step(now), clock.steps_per_s, now,
-                                reachable=not client_mode)
+    def _at_end(self) -> bool:
+        opts = self.opts
+        return self.stopping or (opts.steps is not None and self.step >= opts.steps) \
+            or (opts.global_steps is not None and self.global_step >= opts.global_steps)
 
-        while not stop["now"] and (opts.steps is None or step < opts.steps) \
-                and (opts.global_steps is None or g < opts.global_steps):
-            loss = trainer.step(stream.next().to(device), schedule_step=g)
-            if opts.step_delay:
-                time.sleep(opts.step_delay)
-            step += 1
-            outer.record_tokens(tokens_per_step)
-            now = time.time()
-            target = clock.step_done(now)
-            if pending_readings is not None and pending_readings.done():
-                target = clock.observe(_readings(pending_readings, peer_id, averager, health), now)
-                pending_readings = None
-            if opts.global_steps is not None:
-                target = min(target, opts.global_steps)
-            held = time.monotonic()
-            # a round boundary passed more than a matchmaking time ago has its group already: sit it out
-            rate = clock.swarm_rate or clock.steps_per_s  # global steps per second
-            outer.advance(g, target, max_lag=math.ceil(run.matchmaking_time * rate))
-            longest_hold = max(longest_hold, time.monotonic() - held)
-            g = max(g, target)
-            if checkpoint_dir and sum(outer.stats.applied) - saved_at_rounds >= opts.checkpoint_every:
-                save()
-                saved_at_rounds = sum(outer.stats.applied)
-            if now - last_report >= PROGRESS_EVERY_S:
-                last_report = now
-                record = progress(now)
-                publish_progress(dht, run.run_id, record)
-                if now - config_published >= CONFIG_TTL / 4:  # the run outlives its host
-                    publish_run_config(dht, run, wait=False)
-                    config_published = now
-                if pending_readings is None:
-                    pending_readings = request_progress(dht, run.run_id)
-                problem = health.check(outer.stats)
-                if problem and opts.progress_json:
-                    print(json.dumps({"peer_id": peer_id, "problem": problem}), flush=True)
-                _report(opts, record, outer.stats.failed)
-        if stop["now"]:  # a clean leave: the others' clocks stop counting on this peer at once
-            publish_progress(dht, run.run_id, dataclasses.replace(progress(time.time()), training=False))
-        outer.finish_in_flight()
-        if opts.final_sync and not stop["now"]:
+    def _advance_schedule(self, now: float) -> None:
+        """Move the global step (own speed, then the others' readings when a DHT read came back); run the
+        rounds due in between."""
+        target = self.clock.step_done(now)
+        if self.pending_readings is not None and self.pending_readings.done():
+            target = self.clock.observe(_readings(self.pending_readings, self.peer_id, self.averager, self.health),
+                                        now)
+            self.pending_readings = None
+        if self.opts.global_steps is not None:
+            target = min(target, self.opts.global_steps)
+        held = time.monotonic()
+        # a round boundary passed more than a matchmaking time ago has its group already: sit it out
+        rate = self.clock.swarm_rate or self.clock.steps_per_s  # global steps per second
+        self.outer.advance(self.global_step, target, max_lag=math.ceil(self.run.matchmaking_time * rate))
+        self.longest_hold = max(self.longest_hold, time.monotonic() - held)
+        self.global_step = max(self.global_step, target)
+
+    def _report(self, now: float) -> None:
+        """Every PROGRESS_EVERY_S: publish progress (and, now and then, the run config: the run outlives its
+        host), ask for the others' progress, check the rounds' health, print a line."""
+        self.last_report = now
+        record = self._progress(now)
+        publish_progress(self.dht, self.run.run_id, record)
+        if now - self.config_published >= CONFIG_TTL / 4:
+            publish_run_config(self.dht, self.run, wait=False)
+            self.config_published = now
+        if self.pending_readings is None:
+            self.pending_readings = request_progress(self.dht, self.run.run_id)
+        problem = self.health.check(self.outer.stats)
+        if problem and self.opts.progress_json:
+            print(json.dumps({"peer_id": self.peer_id, "problem": problem}), flush=True)
+        _print_progress(self.opts, record, self.outer.stats.failed)
+
+    def _progress(self, now: float) -> PeerProgress:
+        tokens_per_s = self.step * self.tokens_per_step / max(now - self.started, 1e-9)
+        return PeerProgress(self.peer_id, self.step, list(self.outer.stats.applied), tokens_per_s,
+                            self.averager.bytes_sent, self.averager.bytes_received, self.loss,
+                            self.clock.global_step(now), self.clock.steps_per_s, now, reachable=not self.client_mode)
+
+    def _save(self) -> None:
+        path = save_checkpoint(self.checkpoint_dir, self.run.run_id, self.run.model, self.outer, self.trainer,
+                               self.clock.global_step(time.time()))
+        self.saved_at_rounds = sum(self.outer.stats.applied)
+        log.info("checkpoint: %s", path)
+
+    # -- the end of a run ----------------------------------------------------------------
+    def finish(self) -> None:
+        """Finish the rounds in flight; at a planned end, one last round of every fragment, then take the
+        swarm's state where this peer's last round failed; save."""
+        if self.stopping:  # a clean leave: the others' clocks stop counting on this peer at once
+            publish_progress(self.dht, self.run.run_id,
+                             dataclasses.replace(self._progress(time.time()), training=False))
+        self.outer.finish_in_flight()
+        if self.opts.final_sync and not self.stopping:
             # no next round to protect: a peer that reaches the end before the others waits for them
-            averager.search_timeout = run.round_timeout
-            outer.start_final_rounds(g)
-            outer.finish_in_flight()
+            self.averager.search_timeout = self.run.round_timeout
+            self.outer.start_final_rounds(self.global_step)
+            self.outer.finish_in_flight()
             time.sleep(FINAL_LINGER_S)  # the others publish their last hashes...
-            outer.reconcile()  # ...a peer whose last round failed takes theirs...
+            self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
             time.sleep(FINAL_LINGER_S)  # ...while everyone still serves its state
-        if checkpoint_dir:
-            save()
-        eval_model = build_model(run.model, run.diloco.seed)
-        outer.load_anchors_into(eval_model)
+        if self.checkpoint_dir:
+            self._save()
+
+    def summarize(self) -> dict:
+        """The run as this peer saw it; written to `opts.summary_path` (atomically) when given."""
+        eval_model = build_model(self.run.model, self.run.diloco.seed)
+        self.outer.load_anchors_into(eval_model)
+        stats, reach = self.outer.stats, self.reach
         summary = {
-            "peer_id": peer_id,
-            "maddrs": maddrs,
-            "inner_steps": step,
-            "global_step": g,
-            "joined_at_step": first_step,
-            "resumed_from_step": resumed.global_step if resumed else None,
-            "time_to_join_s": time_to_join,
-            "rounds_held_at_join": joined["rounds_held"],
-            "rounds": list(outer.stats.applied),
-            "rounds_failed": list(outer.stats.failed),
-            "rounds_recovered": list(outer.stats.recovered),
-            "rounds_resynced": list(outer.stats.resynced),
-            "rounds_averaged": outer.stats.averaged,
-            "client_mode": client_mode,
+            "peer_id": self.peer_id,
+            "maddrs": self.maddrs,
+            "inner_steps": self.step,
+            "global_step": self.global_step,
+            "joined_at_step": self.first_step,
+            "resumed_from_step": self.resumed.global_step if self.resumed else None,
+            "time_to_join_s": self.time_to_join,
+            "rounds_held_at_join": self.joined["rounds_held"],
+            "rounds": list(stats.applied),
+            "rounds_failed": list(stats.failed),
+            "rounds_recovered": list(stats.recovered),
+            "rounds_resynced": list(stats.resynced),
+            "rounds_averaged": stats.averaged,
+            "client_mode": self.client_mode,
             "reachability": reach.describe() if reach else "not checked (client mode chosen)",
-            "problem": health.verdict(outer.stats),
-            "longest_hold_s": round(longest_hold, 3),
-            "eval_loss": evaluate(eval_model, eval_batches),
-            "train_loss": loss,
-            "wire_bytes_sent": averager.bytes_sent,
-            "wire_bytes_received": averager.bytes_received,
-            "anchor_sha256": anchor_hashes(outer),
-            "wall_s": round(time.time() - start, 2),
+            "problem": self.health.verdict(stats),
+            "longest_hold_s": round(self.longest_hold, 3),
+            "eval_loss": evaluate(eval_model, self.eval_batches),
+            "train_loss": self.loss,
+            "wire_bytes_sent": self.averager.bytes_sent,
+            "wire_bytes_received": self.averager.bytes_received,
+            "state_sha256": list(self.outer.digests),  # per fragment: the hash the swarm votes on
+            "anchor_sha256": list(self.outer.digests),  # TODO(merge): old name, until local_swarm reads state_sha256
+            "wall_s": round(time.time() - self.started, 2),
         }
-        if opts.summary_path:
-            tmp = opts.summary_path + ".tmp"
+        if self.opts.summary_path:
+            tmp = self.opts.summary_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=1)
-            os.replace(tmp, opts.summary_path)
+            os.replace(tmp, self.opts.summary_path)
         return summary
-    finally:
-        if averager is not None:
-            averager.shutdown()
-        dht.shutdown()
+
+    def close(self) -> None:
+        if self.averager is not None:
+            self.averager.shutdown()
 
 
 def _yield_cpu_to_network() -> None:
@@ -300,22 +377,22 @@ def _check_reachable(opts: JoinOptions) -> tuple[reachability.Reachability | Non
     return reach, False
 
 
-def _wait_for_swarm(dht, run_id: str, peer_id: str, opts: JoinOptions, stop: dict, averager: SwarmAverager,
-                    health: RoundHealth) -> list[ClockReading]:
+def _wait_for_swarm(peer: Peer) -> list[ClockReading]:
     """Announce this peer; wait until `opts.wait_for_peers` peers are present or the run is under way.
 
     Peers that wait for each other start together: at START_MARGIN_S after the
     last one announced itself (every peer reads the same announcements).
     Returns the clock readings of the peers already training (empty: this peer starts the run).
     """
+    dht, run_id, peer_id, opts = peer.dht, peer.run.run_id, peer.peer_id, peer.opts
     announced = time.time()
     deadline = time.monotonic() + opts.config_timeout
     while True:
         publish_progress(dht, run_id, PeerProgress(peer_id, 0, time=announced, training=False))
         records = fetch_progress(dht, run_id)
-        training = _live(records, peer_id, averager, health)
+        training = _live(records, peer_id, peer.averager, peer.health)
         waiting = {p.peer_id: p.time for p in records if not p.training} | {peer_id: announced}
-        if training or stop["now"] or opts.wait_for_peers <= 1:
+        if training or peer.stopping or opts.wait_for_peers <= 1:
             return training
         if len(waiting) >= opts.wait_for_peers:
             time.sleep(max(0.0, max(waiting.values()) + START_MARGIN_S - time.time()))
@@ -339,7 +416,7 @@ def _join(outer: StreamingDiLoCo, clock: SwarmClock, swarm: list[ClockReading], 
     return {"rounds_held": held, "step": step}
 
 
-def _report(opts: JoinOptions, p: PeerProgress, failed: list[int]) -> None:
+def _print_progress(opts: JoinOptions, p: PeerProgress, failed: list[int]) -> None:
     if opts.progress_json:
         print(json.dumps({"peer_id": p.peer_id, "step": p.step, "global_step": int(p.global_step),
                           "rounds": p.rounds, "failed": sum(failed), "loss": p.loss, "tokens_per_s": p.tokens_per_s,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 
-from ..core.streaming import RoundStats
+from ..core.round_stats import RoundStats
 from .reachability import Reachability
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import sys
 import pytest
 from hivemind.utils.multiaddr import Multiaddr
 
-from p2p_diloco.core.streaming import RoundStats
+from p2p_diloco.core.round_stats import RoundStats
 from p2p_diloco.node.records import PeerProgress, RecordError
 from p2p_diloco.swarm import reachability
 from p2p_diloco.swarm.addresses import (AddressError, likeliest_first, listen_and_announce, local_addresses, port_of,

@@ -1,0 +1,121 @@
+"""Serving and fetching a fragment's agreed state: how a peer that missed a round catches up.
+
+Every peer that applies a round publishes the round's state hash (sha256 of
+anchor and momentum) in the DHT under `{run}_f{k}_hashes` and keeps a copy of
+that state to serve (`StateServing.served`, read by hivemind's
+`get_current_state` when another peer downloads it). A peer that missed the
+round picks the majority hash among live peers (`hash_records`), downloads the
+state from a peer holding it (`_download_from`, in the averager's process), and
+adopts it only if it hashes to what was agreed (`decode_state`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import aiter_with_timeout
+from hivemind.utils.streaming import combine_from_streaming
+
+from ..core.averaging import AgreedState, AveragingFailed, RoundKey
+from ..core.state_hash import state_hash
+from ..node.failpoints import reached
+
+log = logging.getLogger(__name__)
+
+HASHES_TTL = 3600.0
+
+
+class StateServing:
+    """The state half of `CodecAverager` (a mixin of a hivemind `DecentralizedAverager`)."""
+
+    served: tuple[dict, list[torch.Tensor]] | None = None  # set in the peer's main process
+
+    def get_current_state(self):
+        """Called in the peer's main process when another peer downloads this fragment's state."""
+        served = self.served
+        if served is None:
+            return {"none": True}, []
+        return served
+
+    async def _download_from(self, peer: str, timeout: float, future) -> None:
+        """Averager process: fetch (metadata, anchor bytes, momentum bytes) from one chosen peer."""
+        try:
+            stub = type(self).get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+            stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+            metadata, tensors, current = None, [], []
+
+            def take() -> None:  # one tensor's chunks are all in `current`: check their count, decode
+                if len(current) != max(current[0].chunks, 1):
+                    raise ConnectionError(f"the donor's stream ended after {len(current)} of "
+                                          f"{current[0].chunks} chunks of a tensor")
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
+                current.clear()
+
+            async for msg in aiter_with_timeout(stream, timeout=timeout):
+                if msg.metadata:
+                    metadata = msg.metadata
+                if msg.tensor_part.dtype and current:  # a dtype marks the first chunk of the next tensor
+                    take()
+                current.append(msg.tensor_part)
+            if current:
+                take()
+            future.set_result((metadata, tensors))  # tensors, not protobufs: they cross a process boundary
+        except BaseException as e:
+            if not future.done():
+                future.set_exception(e)
+
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest, context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        async for message in super().rpc_download_state(request, context):
+            yield message
+            reached("serving_state")
+
+
+
+def publish_hash(dht, run_id: str, peer_id: str, key: RoundKey, digest: str) -> None:
+    """Tell the swarm this peer holds `key`'s state hashing to `digest` (one record per peer and fragment)."""
+    dht.store(f"{run_id}_f{key.fragment}_hashes", msgpack.packb([key.round, digest]),
+              expiration_time=get_dht_time() + HASHES_TTL, subkey=peer_id, return_future=True)
+
+
+def hash_records(dht, run_id: str, fragment: int, me: str, live: set[str] | None) -> dict[str, tuple[int, str]]:
+    """Other live peers' latest (round, state hash) of `fragment` (`live` None: every peer's);
+    malformed records are logged and skipped."""
+    found = dht.get(f"{run_id}_f{fragment}_hashes", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    records = {}
+    for peer, item in found.value.items():
+        try:
+            round_, digest = msgpack.unpackb(item.value)
+            if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0 \
+                    or not isinstance(digest, str) or len(digest) != 64:
+                raise ValueError(f"({round_!r}, {digest!r})")
+        except Exception as e:
+            log.warning("ignoring a malformed hash record from %s: %s", peer, e)
+            continue
+        if str(peer) != me and (live is None or str(peer) in live):
+            records[str(peer)] = (round_, digest)
+    return records
+
+
+def decode_state(av: StateServing, metadata: bytes | None, tensors, key: RoundKey, digest: str) -> AgreedState:
+    if not metadata:
+        raise AveragingFailed("the donor has no state for this fragment")
+    meta = av.serializer.loads(metadata)
+    if not isinstance(meta, dict) or meta.get("round") != key.round or meta.get("sha256") != digest \
+            or meta.get("run") != key.run_id or meta.get("fragment") != key.fragment:
+        raise AveragingFailed(f"the donor serves {meta!r}, not {key} with hash {digest[:12]}")
+    if len(tensors) != 2 or any(t.dtype != torch.float32 or t.numel() != av.numel for t in tensors):
+        raise AveragingFailed("the donor's state has the wrong shape or dtype")
+    anchor, momentum = (t.reshape(-1) for t in tensors)
+    if state_hash(anchor, momentum) != digest:
+        raise AveragingFailed("the downloaded state does not match the agreed hash")
+    return AgreedState(anchor, momentum)
