@@ -79,8 +79,65 @@ def _listen(port: int, host_maddrs: tuple, announce_maddrs: tuple) -> tuple[list
         raise click.UsageError(str(e)) from None
 
 
+# What a user can get wrong is refused before anything starts (no daemon, no process, no download), in one line
+# that names the flag or file and what would be right; the traceback only under --verbose.
+
+log = logging.getLogger(__name__)
+
+
+def _fail(e: Exception, usage: bool = False) -> click.ClickException:
+    """`e` as the one line click prints (a usage error exits 2, else 1); with --verbose, its traceback too."""
+    log.debug("%s: %s", type(e).__name__, e, exc_info=e)
+    return click.UsageError(str(e)) if usage else click.ClickException(str(e))
+
+
+def _initial_peers(initial_peers: tuple) -> list[str]:
+    """--initial-peers, each a multiaddr with the peer id to join through; a usage error otherwise."""
+    from .swarm.dht import BootstrapError, check_initial_peers
+
+    try:
+        return check_initial_peers(list(initial_peers))
+    except BootstrapError as e:
+        raise _fail(e, usage=True) from None
+
+
+def _reach_initial_peers(initial_peers: list[str]) -> None:
+    """The last check before a peer starts: one of its initial peers accepts a TCP connection (refused: at once;
+    silent: within a few seconds), else an error naming each address and what to check."""
+    from .swarm.dht import bootstrap_unreachable, probe_initial_peers
+
+    problems = probe_initial_peers(initial_peers)
+    if problems:
+        raise _fail(bootstrap_unreachable(initial_peers, problems))
+
+
+def _output_file(path: str | None, option: str) -> None:
+    """A file written at the end (after minutes of work) must be writable now: its folder exists."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise click.UsageError(f"{option} {path}: a directory; name a file")
+    if not os.path.isdir(folder):
+        raise click.UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.UsageError(f"{option} {path}: the folder {folder} is not writable by this user")
+
+
+def _check_fragments(fragments: int, given: bool, model: str, layers: int) -> None:
+    """Block fragments are whole transformer blocks: P <= the model's blocks (`core.fragments`)."""
+    if fragments > layers:
+        from .task.model import PRESETS
+
+        bigger = ", ".join(f"{name}: {spec.layers}" for name, spec in PRESETS.items() if spec.layers >= fragments)
+        raise click.UsageError(
+            f"--fragments {fragments}{'' if given else ' (the default)'} is more than the {layers} transformer blocks "
+            f"of --model {model}: use --fragments 0 to {layers} (0: plain DiLoCo, one fragment)"
+            + (f", or a --model with more blocks ({bigger})" if bigger else ""))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages, and the full detail of an error.")
 def main(verbose: bool) -> None:
     """Decentralized training with Streaming DiLoCo: simulate it, or run peers."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
@@ -88,20 +145,24 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--workers", default=4, show_default=True, help="Simulated workers M.")
-@click.option("--steps", default=3000, show_default=True, help="Inner steps per worker (the token budget).")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Simulated workers M.")
+@click.option("--steps", default=3000, show_default=True, type=click.IntRange(min=1),
+              help="Inner steps per worker (the token budget).")
 @click.option("--methods", default=None, help="Comma-separated methods [default: data_parallel,diloco,"
               "streaming_diloco,streaming_diloco_ef]; also streaming_diloco_fp32.")
 @click.option("--model", default="small", show_default=True,
               help="Model preset: tiny, small (0.2M), base (0.8M), large (4.8M).")
-@click.option("--batch-size", default=4, show_default=True, help="Sequences per worker per inner step.")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per worker per inner step.")
 @diloco_options
 @click.option("--inner-lr", default=None, help="Inner AdamW lr for every method [default: each method's best of "
               "the README sweep], or a comma list to sweep: each method runs with each value and reports its best.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
-@click.option("--eval-every", default=100, show_default=True, help="Inner steps between eval points of the curve.")
-@click.option("--jobs", default=None, type=int, help="Methods run in parallel [default: CPU cores].")
+@click.option("--data", multiple=True, type=click.Path(exists=True),
+              help="Text file or folder to train on instead of the stdlib sources.")
+@click.option("--eval-every", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Inner steps between eval points of the curve.")
+@click.option("--jobs", default=None, type=click.IntRange(min=1), help="Methods run in parallel [default: CPU cores].")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON here.")
 @click.option("--plot", "plot_path", default=None,
               help="PNG of eval loss against tokens [default: next to --json, else ./simulate.png].")
@@ -109,15 +170,27 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
              plot_path, **diloco):
     """Compare data-parallel, DiLoCo and Streaming DiLoCo in one process on the same token budget."""
     from .task import simulate as sim
+    from .task.model import model_spec
 
     method_list = [m.strip() for m in methods.split(",")] if methods else list(sim.DEFAULT_METHODS)
-    base = dict(seed=seed, **_pop_diloco(diloco))
+    given = _pop_diloco(diloco)
+    base = dict(seed=seed, **given)
     settings = sim.SimSettings(workers=workers, steps=steps, batch_size=batch_size, model=model,
                                eval_every=eval_every, data=list(data), base=base,
                                inner_lr=dict(sim.DEFAULT_INNER_LR))
-    if workers < 1 or steps < 1 or batch_size < 1 or eval_every < 1:
-        raise click.UsageError("--workers, --steps, --batch-size and --eval-every must be >= 1")
     lrs = _floats(inner_lr) if inner_lr else []
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        _output_file(path, option)
+    try:  # what would stop a method's process at its start, said before any starts
+        layers = model_spec(model).layers
+        for m in method_list:
+            if m not in sim.METHODS:
+                raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(sim.METHODS)}")
+            config = settings.config_for(m)
+            if sim.METHODS[m] is not None:  # data-parallel has no fragments
+                _check_fragments(config.fragments, "fragments" in given, model, layers)
+    except ConfigError as e:
+        raise _fail(e, usage=True) from None
     jobs = jobs or os.cpu_count() or 1
     try:
         if len(lrs) > 1:
@@ -160,6 +233,7 @@ def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, r
         spec = model_spec(model)
     except (ConfigError, RecordError) as e:
         raise click.UsageError(str(e)) from None
+    _check_fragments(config.fragments, "fragments" in diloco_values, model, spec.layers)
     if batch_size < 1 or round_timeout <= 0 or (target_group_size is not None and target_group_size < 2):
         raise click.UsageError("--batch-size must be >= 1, --round-timeout > 0, --target-group-size >= 2")
     if not 2.0 <= matchmaking_time < round_timeout:
@@ -205,6 +279,7 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
          initial_peers, port, host_maddrs, announce_maddrs, identity_path, run_config_path, maddrs_file, **diloco):
     """Bootstrap DHT node for a run: publishes the run config and stays up until Ctrl-C."""
     from .node.records import RecordError, RunConfig
+    from .swarm.dht import BootstrapError, DHTStartError
     from .swarm.host import run_host
 
     if run_config_path:
@@ -216,22 +291,56 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
     else:
         run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout,
                           target_group_size, matchmaking_time, None, _pop_diloco(diloco))
+    if identity_path is not None:
+        _identity_file(identity_path)
+    peers = _initial_peers(initial_peers)
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
-    run_host(run, list(initial_peers), listen, announce, identity_path, maddrs_file)
+    if peers:
+        _reach_initial_peers(peers)
+    try:
+        run_host(run, peers, listen, announce, identity_path, maddrs_file)
+    except (BootstrapError, DHTStartError) as e:
+        raise _fail(e) from None
+
+
+def _identity_file(path: str) -> None:
+    """--identity: a key file to read, or one to create in a folder that exists."""
+    if os.path.isdir(path):
+        raise click.UsageError(f"--identity {path}: a directory; name a key file (created if missing)")
+    if os.path.exists(path):
+        from hivemind.p2p import PeerID
+
+        try:
+            with open(path, "rb") as f:
+                PeerID.from_identity(f.read())
+        except OSError as e:
+            raise click.UsageError(f"--identity {path}: cannot read it ({e.strerror})") from None
+        except Exception as e:
+            raise click.UsageError(f"--identity {path}: not a key file (it does not parse: {e}); name a file that "
+                                   "does not exist yet, and a new key is written there") from None
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise click.UsageError(f"--identity {path}: the folder {folder} does not exist (the key file is created "
+                               "if missing, its folder is not)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.UsageError(f"--identity {path}: cannot create the key file, {folder} is not writable")
 
 
 @main.command()
 @profile_option
 @click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any live peer of the run.")
 @click.option("--run-id", default="default", show_default=True)
-@click.option("--steps", default=None, type=int, help="Inner steps to train [default: until Ctrl-C].")
-@click.option("--bandwidth", default=None, type=float, help="Declared bandwidth, for load balancing.")
+@click.option("--steps", default=None, type=click.IntRange(min=1), help="Inner steps to train [default: until Ctrl-C].")
+@click.option("--bandwidth", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Declared bandwidth, for load balancing.")
 @click.option("--client-mode", is_flag=True, help="Never accept connections: send parts and receive means only "
               "[default: accept them, unless a dial-back from the host finds this peer unreachable].")
 @network_options(0, "0: any free one. Others must be able to connect to it, or this peer runs in client mode.")
-@click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
+@click.option("--data", multiple=True, type=click.Path(exists=True),
+              help="Text file or folder to train on instead of the stdlib sources.")
 @click.option("--summary", "summary_path", default=None, help="Write a JSON summary here at the end.")
-@click.option("--threads", default=None, type=int, help="torch threads [default: torch's choice].")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads [default: torch's choice].")
 @click.option("--step-delay", default=0.0, type=click.FloatRange(min=0), show_default=True,
               help="Sleep this many seconds after every inner step: a deliberately slow peer, for tests.")
 @click.option("--checkpoint-dir", default=None, help="Save this peer's state here (safetensors + metadata, "
@@ -252,13 +361,7 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
          wait_for_peers):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
     from .node import failpoints
-    from .core.averaging import AveragingFailed
-    from .node.checkpoint import CheckpointError
-    from .node.records import RecordError
-    from .swarm.peer import JoinOptions, run_peer
 
-    if steps is not None and steps < 1:
-        raise click.UsageError("--steps must be >= 1")
     try:
         armed = failpoints.armed()
     except failpoints.FailpointError as e:
@@ -266,16 +369,28 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
     if armed:
         click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer SIGKILLs itself at hit {armed[1]} of "
                    f"{armed[0]} ({failpoints.POINTS[armed[0]]})", err=True)
+    _check_run_id(run_id)
+    initial_peers = _initial_peers(initial_peers)
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
-    opts = JoinOptions(list(initial_peers), run_id, steps, bandwidth, client_mode, listen, announce, list(data),
+    _join_files(run_id, data, summary_path, checkpoint_dir, resume)
+    _reach_initial_peers(initial_peers)
+
+    from .core.averaging import AveragingFailed
+    from .node.checkpoint import CheckpointError
+    from .node.records import RecordError
+    from .swarm.dht import BootstrapError, DHTStartError
+    from .swarm.peer import JoinOptions, run_peer
+
+    opts = JoinOptions(initial_peers, run_id, steps, bandwidth, client_mode, listen, announce, list(data),
                        summary_path, progress_json, global_steps is not None, threads, global_steps=global_steps,
                        wait_for_peers=wait_for_peers,
                        step_delay=step_delay, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        resume=resume)
     try:
         summary = run_peer(opts)
-    except (RecordError, TimeoutError, ConfigError, AveragingFailed, CheckpointError) as e:
-        raise click.ClickException(str(e)) from None
+    except (RecordError, TimeoutError, ConfigError, AveragingFailed, CheckpointError, BootstrapError,
+            DHTStartError) as e:
+        raise _fail(e) from None
     click.echo(f"done: {summary['inner_steps']} inner steps to global step {summary['global_step']}, "
                f"eval loss {summary['eval_loss']:.4f}, sent {summary['wire_bytes_sent'] / 1e6:.2f} MB"
                + (" (client mode)" if summary["client_mode"] else ""), err=progress_json)
@@ -286,6 +401,44 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
         raise click.ClickException(summary["problem"])
 
 
+def _check_run_id(run_id: str) -> None:
+    """--run-id names DHT keys: refused before the DHT starts, not after."""
+    from .node.records import RecordError, check_run_id
+
+    try:
+        check_run_id(run_id)
+    except RecordError as e:
+        raise click.UsageError(f"--run-id: {e}") from None
+
+
+def _join_files(run_id: str, data: tuple, summary_path: str | None, checkpoint_dir: str | None,
+                resume: str | None) -> None:
+    """What join reads and writes on this machine, checked before it touches the network: the checkpoint to
+    resume from (whole, of this run), where checkpoints and the summary go, the data (text, two files or more)."""
+    from .node.checkpoint import CheckpointError, check_checkpoint_dir, check_checkpoint_target
+
+    def check(option: str, function, *args, usage: bool = True) -> None:
+        try:
+            function(*args)
+        except CheckpointError as e:  # its message starts with the directory or file
+            raise _fail(CheckpointError(f"{option} {e}"), usage=usage) from None
+
+    if resume is not None:  # a damaged checkpoint is no usage error: exit 1, as when it is found at load
+        check("--resume", check_checkpoint_dir, resume, run_id, usage=False)
+    if checkpoint_dir is not None:
+        check("--checkpoint-dir", check_checkpoint_target, checkpoint_dir)
+    elif resume is not None:  # it saves where it resumed from
+        check("--resume", check_checkpoint_target, resume)
+    _output_file(summary_path, "--summary")
+    if data:
+        from .task.data import Corpus
+
+        try:
+            Corpus.load(list(data), max_bytes=1)
+        except ConfigError as e:
+            raise _fail(ConfigError(f"--data: {e}"), usage=True) from None
+
+
 def _slashed(values: list[int]) -> str:
     return "/".join(map(str, values))
 
@@ -293,21 +446,28 @@ def _slashed(values: list[int]) -> str:
 @main.command("local-swarm")
 @profile_option
 @click.option("--peers", default=4, show_default=True, help="Trainer processes.")
-@click.option("--steps", default=1200, show_default=True, help="Inner steps per trainer.")
+@click.option("--steps", default=1200, show_default=True, help="The global step every trainer stops at.")
 @run_options
 @click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
 @click.option("--timeout", default=1800.0, show_default=True, help="Give up after this many seconds.")
 @click.option("--json", "json_path", default=None, help="Write the summary as JSON here.")
+@click.option("--workdir", default=None, help="Where the peers' logs and summaries go [default: a new temp dir].")
+@click.option("--progress-every", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds between plain progress lines when the output is not a terminal (else bars).")
 @click.option("--slow-peer-delay", default=0.0, type=click.FloatRange(min=0), show_default=True,
               help="The last peer sleeps this many seconds after every inner step (peers of different speeds).")
 @click.option("--late-peer-after", default=0.0, type=click.FloatRange(min=0), show_default=True,
               help="The last peer joins this many seconds after the others started (a mid-run join).")
 def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size,
-                matchmaking_time, data, timeout, json_path, slow_peer_delay, late_peer_after, **diloco):
-    """A host and N trainers as separate processes on 127.0.0.1, all stopping at global step --steps."""
+                matchmaking_time, data, timeout, json_path, workdir, progress_every, slow_peer_delay,
+                late_peer_after, **diloco):
+    """A host and N trainers as separate processes on 127.0.0.1, all stopping at global step --steps.
+
+    A peer that dies is reported and the others train on; exits 0 when at least two trainers (one, with
+    --peers 1) finished holding the same state and none reported a problem, else 1 with the reason."""
     import json
 
-    from .swarm.local_swarm import LocalSwarm
+    from .swarm.local_swarm import LocalSwarm, summary_table
 
     if peers < 1 or steps < 1:
         raise click.UsageError("--peers and --steps must be >= 1")
@@ -316,29 +476,22 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
     run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
                       target_group_size or (peers if peers >= 2 else None), matchmaking_time, None,
                       _pop_diloco(diloco))
-    swarm = LocalSwarm(run, peers, steps, data=list(data), slow_peer_delay=slow_peer_delay,
+    swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), slow_peer_delay=slow_peer_delay,
                        late_peer_after=late_peer_after)
     # SIGTERM must unwind like Ctrl-C, through the cleanup that stops every child (the host included)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        report = swarm.run_all(timeout)
+        report = swarm.run_all(timeout, progress_every=progress_every)
     except (RuntimeError, TimeoutError) as e:
         raise click.ClickException(str(e)) from None
     click.echo()
-    click.echo(f"{'peer':>54} {'steps':>6} {'rounds applied':>14} {'failed':>10} {'eval_loss':>9} {'sent MB':>8} "
-               f"{'recv MB':>8}")
-    for p in report["peers"]:
-        click.echo(f"{p['peer_id']:>54} {p['inner_steps']:6d} {_slashed(p['rounds']):>14} "
-                   f"{_slashed(p['rounds_failed']):>10} {p['eval_loss']:9.4f} {p['wire_bytes_sent'] / 1e6:8.2f} "
-                   f"{p['wire_bytes_received'] / 1e6:8.2f}")
-    click.echo(f"consensus: {report['consensus']}   wall: {report['wall_s']:.0f}s   logs: {report['workdir']}")
+    click.echo(summary_table(report))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=1)
         click.echo(f"report: {json_path}")
-    if report["problems"]:
-        raise click.ClickException("peers that averaged no round while others trained: "
-                                   + "; ".join(report["problems"]))
+    if report["failure"]:
+        raise click.ClickException(report["failure"])
 
 
 @main.command()
@@ -347,9 +500,15 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
 def status(initial_peers, run_id):
     """Who is in the run: step, rounds, throughput and bytes, read from the DHT."""
     from .node.records import RecordError
-    from .swarm.dht import fetch_progress, fetch_run_config, start_dht
+    from .swarm.dht import BootstrapError, DHTStartError, fetch_progress, fetch_run_config, start_dht
 
-    dht = start_dht(list(initial_peers), client_mode=True)
+    _check_run_id(run_id)
+    peers = _initial_peers(initial_peers)
+    _reach_initial_peers(peers)
+    try:
+        dht = start_dht(peers, client_mode=True)
+    except (BootstrapError, DHTStartError) as e:
+        raise _fail(e) from None
     try:
         try:
             run = fetch_run_config(dht, run_id, timeout=10)

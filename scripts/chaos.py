@@ -128,7 +128,7 @@ def chaos(args) -> dict:
                     finished.append({"name": t.name, **json.load(f)})
         if not finished:
             raise RuntimeError(f"no trainer finished; logs in {swarm.workdir}")
-        hashes = {tuple(p["anchor_sha256"]) for p in finished}
+        hashes = {tuple(p["state_sha256"]) for p in finished}
         return {"seed": args.seed, "peers": args.peers, "steps": args.steps, "wall_s": round(wall, 1),
                 "faults": [e for e in events if e["event"] in ("SIGKILL", "SIGTERM", "SIGSTOP")],
                 "events": events, "consensus": len(hashes) == 1,

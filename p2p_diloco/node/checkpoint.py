@@ -20,7 +20,9 @@ files: a crash at any moment leaves either the old or the new checkpoint whole.
 Loading checks the metadata, the file's hash, every tensor's name, shape and
 dtype against the model being resumed, and that the anchors hash to the recorded
 digests; anything wrong raises `CheckpointError` naming it, and nothing on disk
-is touched.
+is touched. `check_checkpoint_dir` checks what can be checked without the run
+(the metadata, the state file's hash), so that `join --resume` refuses a bad
+checkpoint before it touches the network.
 """
 
 from __future__ import annotations
@@ -104,19 +106,8 @@ def save_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: Streami
 def read_checkpoint(directory: str, run_id: str, spec: ModelSpec, config: DiLoCoConfig
                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Metadata and tensors of the checkpoint in `directory`, checked against this run; raises CheckpointError."""
+    meta, state_path = _whole_checkpoint(directory, run_id)
     meta_path = os.path.join(directory, META_NAME)
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_path}: no checkpoint here") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
-                              f"expected {FORMAT_VERSION}")
-    if meta.get("run_id") != run_id:
-        raise CheckpointError(f"{meta_path}: a checkpoint of run {meta.get('run_id')!r}, not {run_id!r}")
     if meta.get("model") != spec.to_dict():
         raise CheckpointError(f"{meta_path}: model {meta.get('model')} differs from the run's {spec.to_dict()}")
     try:
@@ -125,23 +116,10 @@ def read_checkpoint(directory: str, run_id: str, spec: ModelSpec, config: DiLoCo
         raise CheckpointError(f"{meta_path}: bad diloco config ({e})") from None
     if saved.fragments != config.fragments:
         raise CheckpointError(f"{meta_path}: saved with {saved.fragments} fragments, the run has {config.fragments}")
-    name = meta.get("state_file")
-    if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".safetensors"):
-        raise CheckpointError(f"{meta_path}: bad state_file {name!r}")
-    state_path = os.path.join(directory, name)
-    if not os.path.exists(state_path):
-        raise CheckpointError(f"{state_path}: missing (named by {META_NAME})")
-    digest = _sha256(state_path)
-    if digest != meta.get("state_sha256"):
-        raise CheckpointError(f"{state_path}: sha256 {digest[:12]} does not match the recorded "
-                              f"{str(meta.get('state_sha256'))[:12]} (truncated or changed)")
     try:
         tensors = load_file(state_path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{state_path}: not a readable safetensors file ({e})") from None
-    for key in ("global_step", "inner_step"):
-        if not isinstance(meta.get(key), (int, float)) or meta[key] < 0:
-            raise CheckpointError(f"{meta_path}: bad {key} {meta.get(key)!r}")
     return meta, tensors
 
 
@@ -197,6 +175,83 @@ def load_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: Streami
         "param_groups": [{**g, "params": cg["params"]} for g, cg in zip(groups, current["param_groups"])]})
     trainer.step_count = int(meta["inner_step"])
     return CheckpointInfo(where, run_id, float(meta["global_step"]), int(meta["inner_step"]), list(outer.base_round))
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What `check_checkpoint_dir` found: a checkpoint that is whole, of some run, not yet matched to a model."""
+
+    path: str  # the state file
+    run_id: str
+    global_step: float
+    inner_step: int
+
+
+def check_checkpoint_dir(directory: str, run_id: str | None = None) -> CheckpointSummary:
+    """Check what can be checked of the checkpoint in `directory` before the run config is known (before a peer
+    touches the network): the directory, `checkpoint.json` (readable, its format version, the run, the steps),
+    the state file it names (present, its sha256). `load_checkpoint` checks the rest against the run's model.
+    Raises CheckpointError naming the file; reads the state file once, changes nothing."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: {'not a directory' if os.path.exists(directory) else 'no such directory'}"
+                              " (nothing to resume from)")
+    meta, state_path = _whole_checkpoint(directory, run_id)
+    return CheckpointSummary(state_path, meta["run_id"], float(meta["global_step"]), int(meta["inner_step"]))
+
+
+def _whole_checkpoint(directory: str, run_id: str | None) -> tuple[dict[str, Any], str]:
+    """(metadata, state file path) of the checkpoint in `directory`: `checkpoint.json` readable, of this format
+    and run (any run: None), with sane steps, naming a state file that is present and hashes as recorded."""
+    meta_path = os.path.join(directory, META_NAME)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path}: missing, so no checkpoint here") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                              f"expected {FORMAT_VERSION}")
+    saved_run = meta.get("run_id")
+    if not isinstance(saved_run, str):
+        raise CheckpointError(f"{meta_path}: bad run_id {saved_run!r}")
+    if run_id is not None and saved_run != run_id:
+        raise CheckpointError(f"{meta_path}: a checkpoint of run {saved_run!r}, not {run_id!r}")
+    for key in ("global_step", "inner_step"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise CheckpointError(f"{meta_path}: bad {key} {value!r}")
+    name = meta.get("state_file")
+    if not isinstance(name, str) or os.path.basename(name) != name or not name.endswith(".safetensors"):
+        raise CheckpointError(f"{meta_path}: bad state_file {name!r}")
+    state_path = os.path.join(directory, name)
+    if not os.path.isfile(state_path):
+        raise CheckpointError(f"{state_path}: missing (named by {META_NAME})")
+    digest = _sha256(state_path)
+    if digest != meta.get("state_sha256"):
+        raise CheckpointError(f"{state_path}: sha256 {digest[:12]} does not match the recorded "
+                              f"{str(meta.get('state_sha256'))[:12]} (truncated or changed)")
+    return meta, state_path
+
+
+def check_checkpoint_target(directory: str) -> None:
+    """`directory` can take checkpoints: a writable directory, or one `save_checkpoint` can create (its nearest
+    existing ancestor is a writable directory). Raises CheckpointError naming it."""
+    path = os.path.abspath(directory)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{directory}: a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{directory}: not writable by this user")
+        return
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CheckpointError(f"{directory}: cannot be created, {ancestor} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{directory}: cannot be created, {ancestor} is not writable by this user")
 
 
 def _sha256(path: str) -> str:

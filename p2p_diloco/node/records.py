@@ -109,6 +109,9 @@ class RunConfig:
         for name, value in asdict(model).items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RecordError(f"{kind} record: model {name} must be a positive integer, got {value!r}")
+        if diloco.fragments > model.layers:
+            raise RecordError(f"{kind} record: fragments={diloco.fragments}, but the model has only {model.layers} "
+                              "transformer blocks, so at most that many block fragments")
         batch_size = _count(obj, kind, "batch_size")
         if batch_size < 1:
             raise RecordError(f"{kind} record: batch_size must be >= 1")

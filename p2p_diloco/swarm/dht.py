@@ -3,15 +3,27 @@
 Keys are namespaced by run id: `{run}_config` holds the host's `RunConfig`;
 `{run}_progress` holds one `PeerProgress` per peer (subkey = peer id). Values are
 msgpack bytes, validated on read; a malformed record is logged and ignored.
+
+Bootstrap: a node joins through `initial_peers`, multiaddrs ending in the
+peer id of a live peer of the run. Their syntax can be checked before anything
+starts (`check_initial_peers`), whether they accept a TCP connection too
+(`probe_initial_peers`); a node that still cannot join raises `BootstrapError`
+(the message says which address, what failed and what to check), and a daemon
+that does not start for another reason raises `DHTStartError`. Either way the
+node's process and its daemon have exited by themselves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import hivemind
+from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
+from hivemind.utils.multiaddr import Multiaddr
 
 from ..node.records import PeerProgress, RecordError, RunConfig, check_run_id
 from . import reachability
@@ -22,6 +34,112 @@ log = logging.getLogger(__name__)
 
 CONFIG_TTL = 120.0
 PROGRESS_TTL = 60.0
+PROBE_TIMEOUT_S = 4.0  # a bootstrap peer that does not accept a TCP connection in this time counts as unreachable
+
+
+class BootstrapError(ValueError):
+    """This node cannot join the swarm through its initial peers; the message names them and what to check."""
+
+
+class DHTStartError(RuntimeError):
+    """The DHT node's libp2p daemon did not start for a reason other than its initial peers."""
+
+
+def check_initial_peers(maddrs: list[str], option: str = "--initial-peers") -> list[str]:
+    """Each of `maddrs` must be a multiaddr with the peer id of the peer to join through (`/p2p/<id>`, as the
+    host prints it); raises BootstrapError naming the first one that is not."""
+    example = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... (copy it whole from what the host printed)"
+    for text in maddrs:
+        try:
+            m = Multiaddr(text)
+        except Exception as e:
+            raise BootstrapError(f"{option} {text!r} is not a multiaddr ({e}); expected e.g. {example}") from None
+        if "p2p" not in m:
+            raise BootstrapError(f"{option} {text!r} has no /p2p/<peer id> at its end; expected e.g. {example}")
+        try:
+            PeerID.from_base58(m["p2p"])
+        except Exception:
+            raise BootstrapError(f"{option} {text!r}: {m['p2p']!r} is not a peer id; expected e.g. {example}") \
+                from None
+    return maddrs
+
+
+def _tcp_target(maddr: str) -> tuple[str, int] | None:
+    """(host, port) to open a TCP connection to, or None for an address that is not plain TCP (a relay, QUIC)."""
+    try:
+        m = Multiaddr(maddr)
+        names = [p.name for p in m.protocols()]
+        if "p2p-circuit" in names or "tcp" not in names:
+            return None
+        host = next(m[p] for p in ("ip4", "ip6", "dns", "dns4", "dns6") if p in names)
+        return host, int(m["tcp"])
+    except Exception:
+        return None
+
+
+async def _connect_problem(host: str, port: int, timeout: float) -> str | None:
+    """None if `host:port` accepts a TCP connection within `timeout`, else what happened, in words."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except asyncio.TimeoutError:
+        return f"no answer from {host}:{port} within {timeout:.0f} s"
+    except ConnectionRefusedError:
+        return f"{host}:{port} refused the connection (nothing listens on that port there)"
+    except OSError as e:  # name not found, network unreachable, ...
+        return f"cannot connect to {host}:{port} ({e.strerror or e})"
+    writer.close()
+    return None
+
+
+def probe_initial_peers(maddrs: list[str], timeout: float = PROBE_TIMEOUT_S) -> list[str] | None:
+    """Why none of `maddrs` can be reached, one reason per address; None when one of them accepts a TCP
+    connection, or when one is not a plain TCP address (then only the daemon can tell)."""
+    targets = [_tcp_target(m) for m in maddrs]
+    if not maddrs or any(t is None for t in targets):
+        return None
+
+    async def probe_all() -> list[str | None]:
+        return await asyncio.gather(*(_connect_problem(host, port, timeout) for host, port in targets))
+
+    problems = asyncio.run(probe_all())
+    if any(p is None for p in problems):
+        return None
+    return [f"{m}: {p}" for m, p in zip(maddrs, problems)]
+
+
+def bootstrap_unreachable(maddrs: list[str], problems: list[str]) -> BootstrapError:
+    """The error for `maddrs` none of which can be reached, with `probe_initial_peers`' reasons."""
+    ports = ", ".join(sorted({str(t[1]) for t in map(_tcp_target, maddrs) if t}, key=int)) or "-"
+    if len(maddrs) == 1:
+        which, check = "the bootstrap peer", f"the address is the one the host printed, that the host is up, " \
+            f"and that its TCP port {ports} is open"
+    else:
+        which, check = f"any of the {len(maddrs)} bootstrap peers", "the addresses are the ones the hosts " \
+            f"printed, that a host is up, and that its TCP port ({ports}) is open"
+    return BootstrapError(
+        f"cannot reach {which} in --initial-peers: {'; '.join(problems)}. Check that {check} to this machine "
+        "(firewall, port forwarding); --client-mode does not help: it only stops others from connecting to this "
+        "peer")
+
+
+def _start_failure(error: P2PDaemonError, initial_peers: list[str], identity_path: str | None) -> Exception:
+    """A project exception, with what to check, for the libp2p daemon's `error`."""
+    reason = reachability.daemon_reason(error)
+    if initial_peers and "bootstrap" in reason:
+        problems = probe_initial_peers(initial_peers)
+        if problems:
+            return bootstrap_unreachable(initial_peers, problems)
+        return BootstrapError(
+            f"no peer in --initial-peers answered as the peer id in its address ({', '.join(initial_peers)}), "
+            "though its TCP port accepts connections: check that the address is the one the host printed since it "
+            "last started (a host started without --identity gets a new peer id each time) and that it is a "
+            "p2p-diloco host or peer")
+    if initial_peers and "multiaddr" in reason:
+        return BootstrapError(f"--initial-peers {', '.join(initial_peers)}: {reason}")
+    if identity_path and "already taken" in reason:
+        return BootstrapError(f"--identity {identity_path}: another peer of the swarm runs with this key (its peer "
+                              "id is taken): stop it, or give this one a key file of its own")
+    return DHTStartError(f"the DHT node did not start: {reason}")
 
 
 class _DHT(hivemind.DHT):
@@ -35,10 +153,16 @@ def start_dht(initial_peers: list[str] | None = None, host_maddrs: list[str] | N
               announce_maddrs: list[str] | None = None) -> hivemind.DHT:
     """A DHT node (and its p2pd). `host_maddrs` default to loopback (tests, local swarms); the CLI passes
     every interface (`addresses.listen_and_announce`). A node not in client mode answers dial-backs
-    (`reachability`), so that peers can learn whether they can be reached."""
-    dht = _DHT(start=True, initial_peers=initial_peers or None,
-               host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"], announce_maddrs=announce_maddrs or None,
-               identity_path=identity_path, client_mode=client_mode)
+    (`reachability`), so that peers can learn whether they can be reached.
+
+    Raises BootstrapError when it cannot join through `initial_peers`, DHTStartError when its daemon does not
+    start for another reason (the daemon's own message is the exception's cause)."""
+    try:
+        dht = _DHT(start=True, initial_peers=initial_peers or None,
+                   host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"], announce_maddrs=announce_maddrs or None,
+                   identity_path=identity_path, client_mode=client_mode)
+    except P2PDaemonError as e:
+        raise _start_failure(e, list(initial_peers or []), identity_path) from e
     if not client_mode:
         reachability.serve(dht)
     return dht

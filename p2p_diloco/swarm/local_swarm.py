@@ -3,6 +3,14 @@
 Every child runs in its own session and is killed with its whole process group
 on exit, Ctrl-C or failure (hivemind's DHT, averagers and p2pd die with their
 peer through PR_SET_PDEATHSIG), so nothing is left behind.
+
+The swarm outlives its members: a trainer that dies (SIGKILL, OOM, a crash) is
+reported on stderr when it dies (its process group is killed at once: no orphaned
+averager or p2pd), the others train on to the end, and the report names it under
+`crashed` with its last known progress and the last lines of its log. A host that
+dies is reported the same way; the trainers know each other through the DHT and
+re-publish the run config, so the run goes on without it. `failure` (see `verdict`)
+says whether the run as a whole failed: consensus is computed over the finishers.
 """
 
 from __future__ import annotations
@@ -15,12 +23,14 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..node.records import RunConfig
 
 HOST_START_TIMEOUT = 60.0
 LOOPBACK = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]  # a local swarm stays on this machine
+PLAIN_PROGRESS_EVERY_S = 10.0  # a line per peer this often when the output is not a terminal
+LOG_TAIL_LINES = 5
 
 
 @dataclass
@@ -30,6 +40,32 @@ class _Child:
     log_path: str
 
 
+@dataclass
+class _Trainer:
+    """A trainer as local-swarm sees it: its process, summary path and last progress line (`join --progress-json`)."""
+    child: _Child
+    summary_path: str
+    progress: dict | None = None  # the latest {"step", "global_step", "rounds", ...} line
+    maddrs: list[str] = field(default_factory=list)
+    ended: bool = False  # its exit was noticed (and reported if it died)
+    summary: dict | None = None  # what it wrote when it finished (`join --summary`); None: it died
+
+    @property
+    def name(self) -> str:
+        return self.child.name
+
+    def read_progress(self) -> None:
+        for line in self.child.proc.stdout:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "step" in record:
+                self.progress = record
+            elif "maddrs" in record:
+                self.maddrs = record["maddrs"]
+
+
 class LocalSwarm:
     def __init__(self, run: RunConfig, peers: int, steps: int, workdir: str | None = None,
                  data: list[str] | None = None, slow_peer_delay: float = 0.0, late_peer_after: float = 0.0):
@@ -37,9 +73,12 @@ class LocalSwarm:
         (`slow_peer_delay` seconds of sleep per inner step) or join late (`late_peer_after` seconds)."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
         self.slow_peer_delay, self.late_peer_after = slow_peer_delay, late_peer_after
+        if workdir:
+            os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir or tempfile.mkdtemp(prefix="p2p-diloco-swarm-")
         self.children: list[_Child] = []
-        self.progress: dict[int, dict] = {}
+        self.host: _Child | None = None
+        self.crashed: list[dict] = []  # the members that died, as noticed (see `_death`)
 
     def spawn(self, name: str, args: list[str], stdout=None, env: dict[str, str] | None = None) -> _Child:
         log_path = os.path.join(self.workdir, f"{name}.log")
@@ -58,7 +97,9 @@ class LocalSwarm:
         with open(config_path, "wb") as f:
             f.write(self.run.encode())
         maddrs_path = os.path.join(self.workdir, "host.json")
-        host = self.spawn("host", ["host", "--run-config", config_path, "--maddrs-file", maddrs_path, *LOOPBACK])
+        _remove_stale(maddrs_path)  # a --workdir of an earlier run: its files must not pass for this run's
+        host = self.host = self.spawn("host", ["host", "--run-config", config_path, "--maddrs-file", maddrs_path,
+                                               *LOOPBACK])
         deadline = time.monotonic() + HOST_START_TIMEOUT
         while not os.path.exists(maddrs_path):
             if host.proc.poll() is not None:
@@ -74,6 +115,7 @@ class LocalSwarm:
         """Start one trainer that stops at global step `self.steps`; returns it and its summary's path.
         `env`: extra environment variables (e.g. a failpoint, see `p2p_diloco.node.failpoints`)."""
         summary = os.path.join(self.workdir, f"{name}.json")
+        _remove_stale(summary)
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
                 "--summary", summary, "--progress-json", "--threads", "1",
                 "--wait-for-peers", str(wait_for), *LOOPBACK, *(extra or [])]
@@ -81,75 +123,86 @@ class LocalSwarm:
             args += ["--data", d]
         return self.spawn(name, args, stdout=subprocess.PIPE, env=env), summary
 
-    def _read_progress(self, index: int, child: _Child) -> None:
-        for line in child.proc.stdout:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if "step" in record:
-                self.progress[index] = record
-
-    def run_all(self, timeout: float, show_progress: bool = True) -> dict:
-        from tqdm import tqdm
-
+    def run_all(self, timeout: float, show_progress: bool = True,
+                progress_every: float = PLAIN_PROGRESS_EVERY_S) -> dict:
+        """Run the swarm to global step `steps`; returns the report (see `_collect`). Raises TimeoutError when it
+        does not finish in `timeout` s, RuntimeError when the host does not come up; stops every child in any case.
+        Progress: tqdm bars on a terminal, else a plain line per peer every `progress_every` s (stderr)."""
         start = time.time()
+        view = _ProgressView([f"peer{i}" for i in range(self.peers)], self.steps, show_progress, progress_every)
         try:
             maddr = self.start_host()
-            late = self.peers - 1 if self.late_peer_after > 0 else None
-            trainers = []
-
-            def spawn_trainer(i: int) -> None:
-                extra = ["--step-delay", str(self.slow_peer_delay)] if i == self.peers - 1 and self.slow_peer_delay \
-                    else []
-                wait_for = self.peers if late is None else self.peers - 1
-                child, summary = self.start_trainer(f"peer{i}", maddr, wait_for, extra)
-                threading.Thread(target=self._read_progress, args=(i, child), daemon=True).start()
-                trainers.append((child, summary))
-
-            for i in range(self.peers):
-                if i != late:
-                    spawn_trainer(i)
-            late_at = time.monotonic() + self.late_peer_after
-            bars = [tqdm(total=self.steps, desc=f"peer{i}", position=i, unit="step", disable=not show_progress,
-                         mininterval=0.5) for i in range(self.peers)]
-            deadline = time.monotonic() + timeout
-            try:
-                while any(c.proc.poll() is None for c, _ in trainers) or (late is not None and late_at is not None):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"the swarm did not finish in {timeout:.0f}s; logs in {self.workdir}")
-                    if late is not None and late_at is not None and time.monotonic() >= late_at:
-                        spawn_trainer(late)
-                        late_at = None
-                    for i, bar in enumerate(bars):
-                        p = self.progress.get(i)
-                        if p:
-                            bar.n = p["global_step"]
-                            bar.set_postfix_str(f"inner {p['step']} rounds {'/'.join(map(str, p['rounds']))} "
-                                                f"(failed {p.get('failed', 0)}) "
-                                                f"loss {p['loss']:.3f} {p['tokens_per_s']:.0f} tok/s "
-                                                f"sent {p['bytes_sent'] / 1e6:.2f} MB", refresh=False)
-                            bar.refresh()
-                    time.sleep(0.5)
-            finally:
-                for bar in bars:
-                    bar.close()
-            peers, failures, problems = [], [], []
-            for child, summary in trainers:
-                if not os.path.exists(summary):  # it crashed: no summary at all
-                    failures.append(f"{child.name} exited with code {child.proc.returncode}; see {child.log_path}")
-                    continue
-                with open(summary) as f:
-                    peers.append(json.load(f))
-                if peers[-1].get("problem"):  # it finished, but averaged nothing: `join` exited non-zero
-                    problems.append(f"{child.name}: {peers[-1]['problem']}")
-            if failures:
-                raise RuntimeError("; ".join(failures))
-            hashes = [tuple(p["anchor_sha256"]) for p in peers]
-            return {"consensus": len(set(hashes)) == 1, "wall_s": round(time.time() - start, 2),
-                    "workdir": self.workdir, "problems": problems, "peers": peers}
+            trainers = [self._start(i, maddr) for i in range(self.peers) if i != self._late_index()]
+            self._watch(trainers, maddr, timeout, view)
+            return self._collect(trainers, time.time() - start)
         finally:
+            view.close()
             self.stop()
+
+    def _late_index(self) -> int | None:
+        return self.peers - 1 if self.late_peer_after > 0 else None
+
+    def _start(self, i: int, maddr: str) -> _Trainer:
+        extra = ["--step-delay", str(self.slow_peer_delay)] if i == self.peers - 1 and self.slow_peer_delay else []
+        wait_for = self.peers if self._late_index() is None else self.peers - 1
+        trainer = _Trainer(*self.start_trainer(f"peer{i}", maddr, wait_for, extra))
+        threading.Thread(target=trainer.read_progress, daemon=True).start()
+        return trainer
+
+    def _watch(self, trainers: list[_Trainer], maddr: str, timeout: float, view: _ProgressView) -> None:
+        """Until every trainer has exited: start the late one when due, report deaths, show progress."""
+        deadline = time.monotonic() + timeout
+        late_at = None if self._late_index() is None else time.monotonic() + self.late_peer_after
+        while late_at is not None or not all(t.ended for t in trainers):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the swarm did not finish in {timeout:.0f}s; logs in {self.workdir}")
+            if late_at is not None and time.monotonic() >= late_at:
+                trainers.append(self._start(self._late_index(), self._bootstrap(maddr, trainers)))
+                late_at = None
+            self._notice_exits(trainers, view)
+            view.update(trainers)
+            time.sleep(0.5)
+
+    def _bootstrap(self, maddr: str, trainers: list[_Trainer]) -> str:
+        """Whom a late trainer joins through: the host, or a live trainer once the host is gone."""
+        if self.host.proc.poll() is None:
+            return maddr
+        return next((t.maddrs[0] for t in trainers if t.maddrs and t.child.proc.poll() is None), maddr)
+
+    def _notice_exits(self, trainers: list[_Trainer], view: _ProgressView) -> None:
+        """Report each member that exited since the last look: a dead one on stderr, at once; the others go on."""
+        host = self.host
+        if host.proc.poll() is not None and not any(c["name"] == "host" for c in self.crashed):
+            self.crashed.append(_death(host, None, self.steps))
+            view.say(f"host died ({_exit_reason(host.proc.returncode)}); the trainers go on without it "
+                     f"(they know each other through the DHT); log: {host.log_path}")
+        for t in trainers:
+            if t.ended or t.child.proc.poll() is None:
+                continue
+            t.ended = True
+            if os.path.exists(t.summary_path):
+                with open(t.summary_path) as f:
+                    t.summary = {"name": t.name, **json.load(f)}
+                view.finished(t)
+                continue
+            _signal_group(t.child.proc, signal.SIGKILL)  # its averagers and p2pd go with it, now
+            self.crashed.append(_death(t.child, t.progress, self.steps))
+            view.died(t, f"{t.name} died: {_describe_death(self.crashed[-1])}; the others go on; "
+                         f"log: {t.child.log_path}")
+
+    def _collect(self, trainers: list[_Trainer], wall: float) -> dict:
+        """The report: the finishers' summaries under `peers` (each with its `name`), the dead under `crashed`,
+        `consensus` (the finishers hold the same state: bit-identical anchors and momenta, by `state_sha256`)
+        and `failure` (`verdict`)."""
+        peers = [t.summary for t in trainers if t.summary is not None]
+        # a finisher that averaged nothing while others trained says so in its summary (`join` exited non-zero)
+        problems = [f"{p['name']}: {p['problem']}" for p in peers if p.get("problem")]
+        hashes = {tuple(p["state_sha256"]) for p in peers}
+        report = {"consensus": len(hashes) == 1, "trainers": self.peers, "finished": [p["name"] for p in peers],
+                  "crashed": self.crashed, "wall_s": round(wall, 2), "workdir": self.workdir,
+                  "problems": problems, "peers": peers}
+        report["failure"] = verdict(report)
+        return report
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every child's process group, then SIGKILL whatever is left, p2pd daemons included."""
@@ -178,6 +231,167 @@ class LocalSwarm:
         while family and time.monotonic() < deadline:  # orphans are reaped by init shortly after
             family = {pid for pid in family if os.path.exists(f"/proc/{pid}")}
             time.sleep(0.1)
+
+
+def verdict(report: dict) -> str | None:
+    """Why the run failed, in one line, or None: it succeeded when at least two trainers finished (one, with
+    --peers 1) holding the same state (bit-identical anchors and momenta) and none of them reported a problem.
+    Members killed by a signal (trainers or the host: SIGKILL, the OOM killer) do not fail it: they are reported,
+    and the others' result stands; a trainer that exited with an error of its own does."""
+    dead = ", ".join(f"{c['name']} ({c['exit']})" for c in report["crashed"]) or "none"
+    finished = report["finished"]
+    if not finished:
+        return f"no trainer finished; dead: {dead}; logs in {report['workdir']}"
+    if len(finished) < min(2, report["trainers"]):
+        return f"only {finished[0]} finished, so nothing was compared; dead: {dead}; logs in {report['workdir']}"
+    if not report["consensus"]:
+        groups: dict[tuple, list[str]] = {}
+        for p in report["peers"]:
+            groups.setdefault(tuple(p["state_sha256"]), []).append(p["name"])
+        return "the trainers that finished disagree: " + " vs ".join(", ".join(g) for g in groups.values()) \
+            + " hold different states"
+    if report["problems"]:
+        return "peers that averaged no round while others trained: " + "; ".join(report["problems"])
+    errors = [c for c in report["crashed"] if c["name"] != "host" and (c["exit_code"] or 0) > 0]
+    if errors:  # killed by a signal is a fault the swarm must survive; exiting with an error is a bug or bad set-up
+        return "trainers that stopped with an error (not killed): " + "; ".join(
+            f"{c['name']} ({c['exit']}, log {c['log']})" for c in errors)
+    return None
+
+
+def summary_table(report: dict) -> str:
+    """A row per trainer (the dead ones too), the consensus line, and the dead members' last log lines."""
+    rows = [f"{'name':>6} {'peer':>52} {'steps':>6} {'rounds applied':>14} {'failed':>10} {'eval_loss':>9} "
+            f"{'sent MB':>8} {'recv MB':>8}"]
+    dead = {c["name"]: c for c in report["crashed"]}
+    finished = {p["name"]: p for p in report["peers"]}
+    for name in sorted(set(dead) | set(finished), key=lambda n: (n == "host", len(n), n)):
+        if name in finished:
+            p = finished[name]
+            rows.append(f"{name:>6} {p['peer_id']:>52} {p['inner_steps']:6d} {_slashed(p['rounds']):>14} "
+                        f"{_slashed(p['rounds_failed']):>10} {p['eval_loss']:9.4f} "
+                        f"{p['wire_bytes_sent'] / 1e6:8.2f} {p['wire_bytes_received'] / 1e6:8.2f}")
+        else:
+            rows.append(f"{name:>6} died: {_describe_death(dead[name])}")
+    over = f"over the {len(finished)} of {report['trainers']} trainers that finished"
+    rows.append(f"consensus: {report['consensus']} ({over})   wall: {report['wall_s']:.0f}s   "
+                f"logs: {report['workdir']}")
+    for c in report["crashed"]:
+        rows.append(f"last lines of {c['log']}:")
+        rows += [f"    {line}" for line in c["log_tail"] or ["(empty)"]]
+    return "\n".join(rows)
+
+
+class _ProgressView:
+    """The swarm's progress on stderr: a tqdm bar per peer on a terminal; elsewhere (a log file, a pipe, CI) a
+    plain line per running peer every `every` seconds and one when it finishes, with no cursor moves or \\r.
+    `say` prints a line that stays (a death), shown even when progress is off."""
+
+    def __init__(self, names: list[str], steps: int, show: bool, every: float):
+        self.steps, self.every, self.show = steps, every, show
+        self.last = time.monotonic()
+        self.bars = None
+        if show and sys.stderr.isatty() and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bars = {name: tqdm(total=steps, desc=name, position=i, unit="step", mininterval=0.5)
+                         for i, name in enumerate(names)}
+
+    def update(self, trainers: list[_Trainer]) -> None:
+        if self.bars is not None:
+            for t in trainers:
+                if t.progress and not t.ended:
+                    self.bars[t.name].n = min(t.progress["global_step"], self.steps)
+                    self.bars[t.name].set_postfix_str(_progress_text(t.progress), refresh=False)
+                    self.bars[t.name].refresh()
+        elif self.show and time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            for t in trainers:
+                if not t.ended:
+                    self.say(_progress_line(t.name, t.progress, self.steps))
+
+    def finished(self, t: _Trainer) -> None:
+        if self.bars is None and self.show:
+            p = t.summary
+            self.say(f"{t.name}  finished  global {p['global_step']}/{self.steps}  inner {p['inner_steps']}  "
+                     f"rounds {_slashed(p['rounds'])} (failed {sum(p['rounds_failed'])})  "
+                     f"eval loss {p['eval_loss']:.4f}  sent {p['wire_bytes_sent'] / 1e6:.2f} MB")
+
+    def died(self, t: _Trainer, text: str) -> None:
+        if self.bars is not None:
+            self.bars[t.name].set_postfix_str(f"died ({_exit_reason(t.child.proc.returncode)})")
+        self.say(text)
+
+    def say(self, text: str) -> None:
+        if self.bars is not None:
+            self.bars[next(iter(self.bars))].write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        for bar in (self.bars or {}).values():
+            bar.close()
+        self.bars = None
+
+
+def _progress_text(p: dict) -> str:
+    return (f"inner {p['step']}  rounds {_slashed(p['rounds'])} (failed {p.get('failed', 0)})  loss {p['loss']:.3f}  "
+            f"{p['tokens_per_s']:.0f} tok/s  sent {p['bytes_sent'] / 1e6:.2f} MB")
+
+
+def _progress_line(name: str, p: dict | None, steps: int) -> str:
+    if p is None:
+        return f"{name}  starting"
+    return f"{name}  global {min(p['global_step'], steps)}/{steps}  {_progress_text(p)}"
+
+
+def _death(child: _Child, progress: dict | None, steps: int) -> dict:
+    """What is known of a member that died: how, its last progress line, the last lines of its log."""
+    p = progress or {}
+    return {"name": child.name, "exit_code": child.proc.returncode, "exit": _exit_reason(child.proc.returncode),
+            "global_step": p.get("global_step"), "steps": steps, "inner_steps": p.get("step"),
+            "rounds": p.get("rounds"), "rounds_failed": p.get("failed"), "log": child.log_path,
+            "log_tail": _log_tail(child.log_path)}
+
+
+def _describe_death(c: dict) -> str:
+    if c["name"] == "host":
+        return f"{c['exit']}"
+    if c["global_step"] is None:
+        return f"{c['exit']} before it reported any progress"
+    return (f"{c['exit']} at global step {c['global_step']}/{c['steps']} (inner {c['inner_steps']}, "
+            f"rounds {_slashed(c['rounds'])}, failed {c['rounds_failed']})")
+
+
+def _exit_reason(returncode: int | None) -> str:
+    """'SIGKILL' for a process killed by a signal, else 'exit code N'."""
+    if returncode is not None and returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _log_tail(path: str, lines: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line.rstrip()[:300] for line in text.splitlines() if line.strip()][-lines:]
+
+
+def _remove_stale(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _slashed(values: list[int]) -> str:
+    return "/".join(map(str, values))
 
 
 def _descendants(pid: int) -> set[int]:

@@ -312,7 +312,6 @@ class Peer:
             "wire_bytes_sent": self.averager.bytes_sent,
             "wire_bytes_received": self.averager.bytes_received,
             "state_sha256": list(self.outer.digests),  # per fragment: the hash the swarm votes on
-            "anchor_sha256": list(self.outer.digests),  # TODO(merge): old name, until local_swarm reads state_sha256
             "wall_s": round(time.time() - self.started, 2),
         }
         if self.opts.summary_path:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass, field
 
 import msgpack
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
@@ -145,8 +147,13 @@ def _answer(prober: str, reply: object) -> Reachability:
 
 async def _probe(initial_peers: list[str], host_maddrs: list[str], announce_maddrs: list[str],
                  timeout: float) -> Reachability:
-    p2p = await P2P.create(initial_peers=initial_peers, host_maddrs=host_maddrs,
-                           announce_maddrs=announce_maddrs or None)
+    try:
+        p2p = await P2P.create(initial_peers=initial_peers, host_maddrs=host_maddrs,
+                               announce_maddrs=announce_maddrs or None)
+    except P2PDaemonError:
+        # the daemon exits at once: let asyncio reap it while this loop runs, or it warns that the loop is closed
+        await asyncio.sleep(0.2)
+        raise
     try:
         maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         errors = []
@@ -167,8 +174,16 @@ def check(initial_peers: list[str], host_maddrs: list[str], announce_maddrs: lis
     node that might not be reachable."""
     try:
         return asyncio.run(_probe(initial_peers, host_maddrs, announce_maddrs, timeout))
-    except Exception as e:  # the daemon did not start, the bootstrap peers are down, ...
+    except P2PDaemonError as e:  # the bootstrap peers are down, or the daemon did not start: `start_dht` says which
+        return Reachability(None, error=f"its libp2p daemon did not start: {daemon_reason(e)}")
+    except Exception as e:
         return Reachability(None, error=f"{type(e).__name__}: {e}")
+
+
+def daemon_reason(error: P2PDaemonError) -> str:
+    """The reason in a libp2p daemon's start failure, without hivemind's prefix and the daemon's timestamp:
+    "Daemon failed to start: 2026/11/23 18:14:09 failed to connect to bootstrap peers" -> the last four words."""
+    return re.sub(r"^Daemon failed to start:\s*(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\s*)?", "", str(error))
 
 
 def peer_ids_of(maddrs: list[str]) -> list[str]:

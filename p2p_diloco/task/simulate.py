@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -41,6 +42,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
 DEFAULT_METHODS = ("data_parallel", "diloco", "streaming_diloco", "streaming_diloco_ef")
 # each method's inner lr: its best of the sweep {2e-3, 4e-3, 8e-3, 1.6e-2} reported in the README
 DEFAULT_INNER_LR: dict[str, float] = {name: 8e-3 for name in METHODS}
+PLAIN_PROGRESS_EVERY_S = 10.0  # a progress line per method this often when the output is not a terminal
 
 
 @dataclass
@@ -169,10 +171,59 @@ def _worker(label: str, method: str, settings: SimSettings, queue) -> None:
         queue.put(("error", label, f"{type(e).__name__}: {e}"))
 
 
-def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int) -> dict[str, dict]:
-    """Run (label, method, settings) jobs in `jobs` processes, with one progress bar each."""
-    from tqdm import tqdm
+class _Progress:
+    """A tqdm bar per run on a terminal; elsewhere (a log file, a pipe, CI) a plain line per running run every
+    `every` seconds and one when it ends, on stderr: no cursor moves or carriage returns in a log."""
 
+    def __init__(self, runs: list[tuple[str, str, SimSettings]], every: float = PLAIN_PROGRESS_EVERY_S):
+        self.width = max(len(label) for label, _, _ in runs)
+        self.total = {label: s.steps for label, _, s in runs}
+        self.at: dict[str, tuple[int, float | None, float]] = {}  # running: (step, loss, started)
+        self.every, self.last = every, time.monotonic()
+        self.bars = None
+        if sys.stderr.isatty() and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bars = {label: tqdm(total=s.steps, desc=label.rjust(self.width), position=i, leave=True,
+                                     unit="step", mininterval=1.0) for i, (label, _, s) in enumerate(runs)}
+
+    def started(self, label: str) -> None:
+        self.at[label] = (0, None, time.monotonic())
+        if self.bars:
+            self.bars[label].reset()  # the rate and elapsed time count from now, not from when the bar was made
+
+    def step(self, label: str, step: int, loss: float) -> None:
+        self.at[label] = (step, loss, self.at[label][2])
+        if self.bars:
+            self.bars[label].n = step
+            self.bars[label].set_postfix(loss=f"{loss:.3f}")
+        elif time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            for name, (n, value, _) in self.at.items():
+                loss_text = f"  loss {value:.3f}" if value is not None else ""
+                self._line(f"{name:<{self.width}}  step {n}/{self.total[name]}{loss_text}")
+
+    def ended(self, label: str, result: dict | None) -> None:
+        _, _, started = self.at.pop(label)
+        if self.bars:
+            if result:
+                self.bars[label].set_postfix(eval=f"{result['eval_loss']:.4f}")
+        elif result:
+            self._line(f"{label:<{self.width}}  done  step {self.total[label]}/{self.total[label]}  "
+                       f"eval loss {result['eval_loss']:.4f}  ({time.monotonic() - started:.0f} s)")
+        else:
+            self._line(f"{label:<{self.width}}  failed")
+
+    def _line(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        for b in (self.bars or {}).values():
+            b.close()
+
+
+def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int) -> dict[str, dict]:
+    """Run (label, method, settings) jobs in `jobs` processes, with their progress (`_Progress`)."""
     for _, method, settings in runs:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -182,10 +233,7 @@ def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int) -> dict[str, d
             Corpus.load(settings.data, max_bytes=1)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    width = max(len(label) for label, _, _ in runs)
-    bars = {label: tqdm(total=s.steps, desc=label.rjust(width), position=i, leave=True, unit="step",
-                        mininterval=1.0)
-            for i, (label, _, s) in enumerate(runs)}
+    progress = _Progress(runs)
     todo, running, results, errors = list(runs), {}, {}, {}
     try:
         while todo or running:
@@ -193,7 +241,7 @@ def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int) -> dict[str, d
                 label, method, settings = todo.pop(0)
                 running[label] = ctx.Process(target=_worker, args=(label, method, settings, queue), daemon=True)
                 running[label].start()
-                bars[label].reset()  # the rate and elapsed time count from now, not from when the bar was made
+                progress.started(label)
             try:
                 kind, label, *rest = queue.get(timeout=1.0)
             except Exception:  # queue.Empty: check for workers that died without a word
@@ -201,23 +249,21 @@ def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int) -> dict[str, d
                     if not p.is_alive():
                         errors[label] = f"process exited with code {p.exitcode}"
                         del running[label]
+                        progress.ended(label, None)
                 continue
             if kind == "progress":
-                step, loss = rest
-                bars[label].n = step
-                bars[label].set_postfix(loss=f"{loss:.3f}")
+                progress.step(label, *rest)
             else:
                 running.pop(label).join()
                 if kind == "done":
                     results[label] = rest[0]
-                    bars[label].set_postfix(eval=f"{results[label]['eval_loss']:.4f}")
                 else:
                     errors[label] = rest[0]
+                progress.ended(label, results.get(label))
     finally:
         for p in running.values():
             p.kill()
-        for b in bars.values():
-            b.close()
+        progress.close()
     if errors:
         raise SimulationFailed("; ".join(f"{label}: {e}" for label, e in errors.items()))
     return results

@@ -170,7 +170,7 @@ def test_host_and_three_trainers_on_separate_machines_with_default_flags(machine
         assert summary["rounds_failed"] == [0, 0, 0], (name, summary["rounds_failed"])
         assert summary["eval_loss"] < 4.0  # trained: an untrained byte model is at ln(256) = 5.55
         assert "rounds per fragment: applied" in swarm.log(name)
-        hashes.add(tuple(summary["anchor_sha256"]))
+        hashes.add(tuple(summary["state_sha256"]))
     assert len(hashes) == 1, "the trainers ended apart"
 
 
@@ -196,7 +196,7 @@ def test_a_trainer_that_cannot_be_reached_is_told_so_and_trains_in_client_mode(m
         # no round fails because one member cannot accept connections (one may be lost as t3 joins late,
         # after its dial-back)
         assert sum(summary["rounds_failed"]) <= 1, (name, summary["rounds_failed"])
-        hashes.add(tuple(summary["anchor_sha256"]))
+        hashes.add(tuple(summary["state_sha256"]))
     assert results["t3"][1]["rounds_averaged"] >= 3  # it took part, not only downloaded
     assert len(hashes) == 1, "the trainers ended apart"
 

@@ -9,7 +9,8 @@ from p2p_diloco.task.model import model_spec
 
 
 def run_config() -> RunConfig:
-    return RunConfig("run-1", DiLoCoConfig(outer_period=30, codec="int8"), model_spec("tiny"), 4, "stdlib", 30.0, 3)
+    return RunConfig("run-1", DiLoCoConfig(outer_period=30, codec="int8", fragments=2), model_spec("tiny"), 4, "stdlib",
+                     30.0, 3)
 
 
 def test_run_config_round_trip():

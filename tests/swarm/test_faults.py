@@ -114,8 +114,8 @@ def swarm(request, tmp_path):
 
 
 def assert_consensus(summaries: list[dict]) -> None:
-    hashes = {tuple(p["anchor_sha256"]) for p in summaries}
-    assert len(hashes) == 1, [p["anchor_sha256"][:2] for p in summaries]
+    hashes = {tuple(p["state_sha256"]) for p in summaries}
+    assert len(hashes) == 1, [p["state_sha256"][:2] for p in summaries]
     for p in summaries:
         assert p["eval_loss"] < 4.0  # finite and trained (an untrained byte model: 5.55)
         # averaging never held training up longer than the configured timeout

@@ -55,20 +55,6 @@ def run_local_swarm(tmp_path, *args: str, timeout: float = 170) -> dict:
     return json.loads(out.read_text())
 
 
-def test_local_swarm_of_three_peers(tmp_path):
-    report = run_local_swarm(tmp_path, "--steps", "200", "-H", "40", "--fragments", "2")
-    assert report["consensus"] is True
-    assert len(report["peers"]) == 3
-    losses = [p["eval_loss"] for p in report["peers"]]
-    assert max(losses) - min(losses) < 1e-6  # identical anchors, identical eval
-    assert max(losses) < 4.0  # an untrained byte model is at ln(256) = 5.55
-    for p in report["peers"]:
-        assert p["global_step"] == 200
-        assert p["rounds"] == report["peers"][0]["rounds"] and min(p["rounds"]) >= 3
-        assert sum(p["rounds_failed"]) <= 1  # a round lost under load is caught up from the swarm
-        assert p["wire_bytes_sent"] > 0 and p["wire_bytes_received"] > 0
-
-
 def test_a_slow_peer_does_not_hold_the_fast_ones_back(tmp_path):
     report = run_local_swarm(tmp_path, "--steps", "300", "--slow-peer-delay", "0.2")
     assert report["consensus"] is True
@@ -156,7 +142,7 @@ def test_malformed_dht_records_are_ignored_with_a_warning(dhts, caplog):
 
 def test_a_config_of_another_protocol_version_is_refused(dhts):
     (dht,) = dhts(1)
-    run = RunConfig("v2run", DiLoCoConfig(), model_spec("tiny"), 2, "stdlib")
+    run = RunConfig("v2run", DiLoCoConfig(fragments=2), model_spec("tiny"), 2, "stdlib")
     assert publish_run_config(dht, run)
     assert fetch_run_config(dht, "v2run") == run
     obj = msgpack.unpackb(run.encode(), raw=False)

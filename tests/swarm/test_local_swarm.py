@@ -1,0 +1,234 @@
+"""`p2p-diloco local-swarm` outlives its members: a trainer or the host SIGKILLed from outside at a random moment
+of training is reported, the others finish, and the summary says who died and whether the finishers agree.
+Its output to a pipe is plain lines (no cursor moves, no carriage returns), and so is `simulate`'s.
+
+Each swarm test runs the CLI in a subprocess on the tiny model, bounded in time; whatever it started is
+killed afterwards, even when the test fails (its peers are found by their working directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from p2p_diloco.swarm.local_swarm import verdict
+
+TIMEOUT = 150  # seconds for one local-swarm run (a busy 2-core machine included)
+STEPS = 200
+ESCAPES = re.compile(rb"\x1b\[|\r")
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, process group) of a live process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+class Run:
+    """`local-swarm` in a subprocess with its stdout and stderr read (as bytes) while it runs."""
+
+    def __init__(self, tmp_path, peers: int, *args: str):
+        self.workdir, self.json_path = tmp_path / "swarm", tmp_path / "swarm.json"
+        cmd = [sys.executable, "-m", "p2p_diloco.cli", "local-swarm", "--model", "tiny", "--peers", str(peers),
+               "--steps", str(STEPS), "-H", "40", "--fragments", "2", "--round-timeout", "20",
+               "--timeout", str(TIMEOUT - 20), "--progress-every", "1", "--workdir", str(self.workdir),
+               "--json", str(self.json_path), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.out, self.err = bytearray(), bytearray()
+        self.readers = [threading.Thread(target=self._read, args=(s, b), daemon=True)
+                        for s, b in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for r in self.readers:
+            r.start()
+        self.groups: set[int] = set()  # process groups of the swarm's members (a member and its p2pd share one)
+
+    @staticmethod
+    def _read(stream, buffer: bytearray) -> None:
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            buffer.extend(chunk)
+
+    def member(self, name: str) -> int:
+        """Pid of the swarm member `name` (peerN or host): the child of local-swarm naming its file in workdir."""
+        mark = f"{self.workdir}/{name}.json" if name != "host" else f"{self.workdir}/run_config.msgpack"
+        for pid in _pids():
+            st = _stat(pid)
+            if st and st[0] == self.proc.pid and mark in _cmdline(pid):
+                return pid
+        raise AssertionError(f"no process for {name}")
+
+    def wait_for_training(self, name: str, global_step: int) -> None:
+        """Until local-swarm's progress line says `name` passed `global_step`."""
+        deadline = time.monotonic() + TIMEOUT
+        pattern = re.compile(rf"^{name}  global (\d+)/".encode(), re.M)
+        while not any(int(m.group(1)) >= global_step for m in pattern.finditer(bytes(self.err))):
+            assert self.proc.poll() is None, self.text()
+            assert time.monotonic() < deadline, f"{name} never reached global step {global_step}\n" + self.text()
+            time.sleep(0.2)
+        self.groups |= {_stat(pid)[1] for pid in _pids() if _stat(pid) and _stat(pid)[0] == self.proc.pid}
+
+    def finish(self) -> dict:
+        self.proc.wait(timeout=TIMEOUT)
+        for r in self.readers:
+            r.join(timeout=10)
+        return json.loads(self.json_path.read_text())
+
+    def text(self) -> str:
+        return (self.out + b"\n" + self.err).decode(errors="replace")[-6000:]
+
+    def close(self) -> None:
+        """SIGTERM local-swarm (it stops its members), then SIGKILL whatever of the swarm is left."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in _pids():
+            if str(self.workdir) in _cmdline(pid) and (st := _stat(pid)):
+                self.groups.add(st[1])
+        for group in self.groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def leftovers(self) -> list[str]:
+        time.sleep(0.5)  # SIGKILLed processes are reaped by init
+        return [_cmdline(pid) for pid in _pids() if (st := _stat(pid)) and st[1] in self.groups]
+
+
+@pytest.fixture
+def run(tmp_path):
+    started = []
+
+    def start(peers: int, *args: str) -> Run:
+        started.append(Run(tmp_path, peers, *args))
+        return started[-1]
+
+    yield start
+    for r in started:
+        r.close()
+        assert not r.leftovers(), "processes of the swarm left behind"
+
+
+def assert_plain_output(r: Run, peers: int) -> None:
+    """Output to a pipe: no escape sequences, no carriage returns; plain progress lines of every peer."""
+    assert not ESCAPES.search(r.out + r.err), r.text()
+    for i in range(peers):
+        line = rf"^peer{i}  global \d+/{STEPS}  inner \d+  rounds [\d/]+ \(failed \d+\)  loss [\d.]+  " \
+            r"\d+ tok/s  sent [\d.]+ MB"
+        assert re.search(line.encode(), r.err, re.M), r.text()
+
+
+def assert_finishers_agree(report: dict, names: list[str]) -> None:
+    assert report["finished"] == names and report["consensus"] is True and report["failure"] is None
+    peers = report["peers"]
+    assert [p["name"] for p in peers] == names
+    assert len({tuple(p["state_sha256"]) for p in peers}) == 1
+    losses = [p["eval_loss"] for p in peers]
+    assert max(losses) - min(losses) < 1e-6  # identical anchors, identical eval
+    assert max(losses) < 4.0  # an untrained byte model is at ln(256) = 5.55
+    for p in peers:
+        assert p["global_step"] == STEPS and min(p["rounds"]) >= 2
+        assert p["wire_bytes_sent"] > 0 and p["wire_bytes_received"] > 0
+
+
+def test_a_trainer_killed_from_outside_is_reported_and_the_others_finish_in_consensus(run):
+    rng = random.Random()
+    victim, delay = f"peer{rng.randrange(5)}", rng.uniform(0, 3)
+    r = run(5)
+    r.wait_for_training(victim, 50)  # after its first rounds
+    time.sleep(delay)
+    os.kill(r.member(victim), signal.SIGKILL)  # the trainer only, as the OOM killer would
+    report = r.finish()
+    why = f"{victim} killed {delay:.1f}s after global step 50\n" + r.text()
+    assert r.proc.returncode == 0, why
+    dead, = report["crashed"]
+    assert dead["name"] == victim and dead["exit"] == "SIGKILL" and dead["exit_code"] == -signal.SIGKILL, why
+    assert 50 <= dead["global_step"] < STEPS and len(dead["rounds"]) == 3, why
+    assert dead["log"] == str(r.workdir / f"{victim}.log")
+    assert_finishers_agree(report, [f"peer{i}" for i in range(5) if f"peer{i}" != victim])
+    for p in report["peers"]:  # they went on averaging after the death: every fragment applied rounds since
+        # (how many rounds a crash costs, at chosen moments of a round, is tests/swarm/test_faults.py's subject)
+        assert all(a > b for a, b in zip(p["rounds"], dead["rounds"])), why
+    # reported while the others trained on, and in the summary
+    assert re.search(rf"^{victim} died: SIGKILL at global step \d+/{STEPS}".encode(), r.err, re.M), why
+    assert re.search(rf"^ +{victim} died: SIGKILL".encode(), r.out, re.M), why
+    assert b"consensus: True (over the 4 of 5 trainers that finished)" in r.out, why
+    assert_plain_output(r, 5)
+
+
+def test_the_swarm_outlives_its_host(run):
+    """Three trainers (also the plain multi-process swarm test): the host dies mid-run, they all finish."""
+    r = run(3)
+    r.wait_for_training("peer0", 50)
+    time.sleep(random.uniform(0, 2))
+    os.kill(r.member("host"), signal.SIGKILL)
+    report = r.finish()
+    assert r.proc.returncode == 0, r.text()
+    dead, = report["crashed"]
+    assert dead["name"] == "host" and dead["exit"] == "SIGKILL", r.text()
+    assert_finishers_agree(report, ["peer0", "peer1", "peer2"])
+    for p in report["peers"]:  # every trainer took part in every round, the host gone or not
+        assert p["rounds"] == report["peers"][0]["rounds"] and min(p["rounds"]) >= 3
+        assert sum(p["rounds_failed"]) <= 1  # a round lost under load is caught up from the swarm
+    assert re.search(rb"^host died \(SIGKILL\); the trainers go on", r.err, re.M), r.text()
+    assert_plain_output(r, 3)
+
+
+def _report(finished: list[tuple[str, str]], crashed: list[str], problems=(), trainers: int = 3,
+            exit_code: int = -9) -> dict:
+    peers = [{"name": n, "state_sha256": [h]} for n, h in finished]
+    exit = "SIGKILL" if exit_code < 0 else f"exit code {exit_code}"
+    return {"finished": [n for n, _ in finished], "peers": peers, "trainers": trainers, "workdir": "/w",
+            "consensus": len({h for _, h in finished}) == 1, "problems": list(problems),
+            "crashed": [{"name": n, "exit": exit, "exit_code": exit_code, "log": f"/w/{n}.log"} for n in crashed]}
+
+
+def test_the_exit_rule():
+    assert verdict(_report([("peer0", "a"), ("peer2", "a")], ["peer1", "host"])) is None
+    assert verdict(_report([("peer0", "a")], [], trainers=1)) is None
+    assert "no trainer finished; dead: peer0 (SIGKILL), peer1 (SIGKILL)" in verdict(_report([], ["peer0", "peer1"]))
+    assert "only peer2 finished" in verdict(_report([("peer2", "a")], ["peer0", "peer1"]))
+    assert "peer0, peer2 vs peer1 hold different states" in \
+        verdict(_report([("peer0", "a"), ("peer1", "b"), ("peer2", "a")], []))
+    assert "averaged no round" in verdict(_report([("peer0", "a"), ("peer1", "a")], [], ["peer1: no round"]))
+    # a trainer that stopped with an error of its own (a traceback, not a kill) fails the run; a dead host does not
+    assert "peer1 (exit code 1, log /w/peer1.log)" in \
+        verdict(_report([("peer0", "a"), ("peer2", "a")], ["peer1"], exit_code=1))
+    assert verdict(_report([("peer0", "a"), ("peer2", "a")], ["host"], exit_code=1)) is None
+
+
+def test_simulate_writes_plain_progress_lines_to_a_pipe(tmp_path):
+    cmd = [sys.executable, "-m", "p2p_diloco.cli", "simulate", "--model", "tiny", "--workers", "2", "--steps", "6",
+           "-H", "6", "--fragments", "2", "--warmup", "2", "--eval-every", "6", "--jobs", "1",
+           "--methods", "streaming_diloco", "--plot", str(tmp_path / "p.png")]
+    proc = subprocess.run(cmd, capture_output=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output.decode()[-3000:]
+    assert not ESCAPES.search(output), output.decode()
+    assert re.search(rb"^streaming_diloco  done  step 6/6  eval loss [\d.]+", proc.stderr, re.M), output.decode()
