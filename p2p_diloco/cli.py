@@ -10,6 +10,8 @@ import sys
 import click
 
 from .core.config import ConfigError
+from .flag_checks import (check_fragments, check_identity_file, check_join_files, check_output_file,
+                          check_run_id_flag, fail, parse_initial_peers, probe_bootstrap)
 from .node.profiles import profile_option
 
 
@@ -79,63 +81,6 @@ def _listen(port: int, host_maddrs: tuple, announce_maddrs: tuple) -> tuple[list
         raise click.UsageError(str(e)) from None
 
 
-# What a user can get wrong is refused before anything starts (no daemon, no process, no download), in one line
-# that names the flag or file and what would be right; the traceback only under --verbose.
-
-log = logging.getLogger(__name__)
-
-
-def _fail(e: Exception, usage: bool = False) -> click.ClickException:
-    """`e` as the one line click prints (a usage error exits 2, else 1); with --verbose, its traceback too."""
-    log.debug("%s: %s", type(e).__name__, e, exc_info=e)
-    return click.UsageError(str(e)) if usage else click.ClickException(str(e))
-
-
-def _initial_peers(initial_peers: tuple) -> list[str]:
-    """--initial-peers, each a multiaddr with the peer id to join through; a usage error otherwise."""
-    from .swarm.dht import BootstrapError, check_initial_peers
-
-    try:
-        return check_initial_peers(list(initial_peers))
-    except BootstrapError as e:
-        raise _fail(e, usage=True) from None
-
-
-def _reach_initial_peers(initial_peers: list[str]) -> None:
-    """The last check before a peer starts: one of its initial peers accepts a TCP connection (refused: at once;
-    silent: within a few seconds), else an error naming each address and what to check."""
-    from .swarm.dht import bootstrap_unreachable, probe_initial_peers
-
-    problems = probe_initial_peers(initial_peers)
-    if problems:
-        raise _fail(bootstrap_unreachable(initial_peers, problems))
-
-
-def _output_file(path: str | None, option: str) -> None:
-    """A file written at the end (after minutes of work) must be writable now: its folder exists."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise click.UsageError(f"{option} {path}: a directory; name a file")
-    if not os.path.isdir(folder):
-        raise click.UsageError(f"{option} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.UsageError(f"{option} {path}: the folder {folder} is not writable by this user")
-
-
-def _check_fragments(fragments: int, given: bool, model: str, layers: int) -> None:
-    """Block fragments are whole transformer blocks: P <= the model's blocks (`core.fragments`)."""
-    if fragments > layers:
-        from .task.model import PRESETS
-
-        bigger = ", ".join(f"{name}: {spec.layers}" for name, spec in PRESETS.items() if spec.layers >= fragments)
-        raise click.UsageError(
-            f"--fragments {fragments}{'' if given else ' (the default)'} is more than the {layers} transformer blocks "
-            f"of --model {model}: use --fragments 0 to {layers} (0: plain DiLoCo, one fragment)"
-            + (f", or a --model with more blocks ({bigger})" if bigger else ""))
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages, and the full detail of an error.")
 def main(verbose: bool) -> None:
@@ -180,7 +125,7 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
                                inner_lr=dict(sim.DEFAULT_INNER_LR))
     lrs = _floats(inner_lr) if inner_lr else []
     for option, path in (("--json", json_path), ("--plot", plot_path)):
-        _output_file(path, option)
+        check_output_file(path, option)
     try:  # what would stop a method's process at its start, said before any starts
         layers = model_spec(model).layers
         for m in method_list:
@@ -188,9 +133,9 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
                 raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(sim.METHODS)}")
             config = settings.config_for(m)
             if sim.METHODS[m] is not None:  # data-parallel has no fragments
-                _check_fragments(config.fragments, "fragments" in given, model, layers)
+                check_fragments(config.fragments, "fragments" in given, model, layers)
     except ConfigError as e:
-        raise _fail(e, usage=True) from None
+        raise fail(e, usage=True) from None
     jobs = jobs or os.cpu_count() or 1
     try:
         if len(lrs) > 1:
@@ -233,7 +178,7 @@ def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, r
         spec = model_spec(model)
     except (ConfigError, RecordError) as e:
         raise click.UsageError(str(e)) from None
-    _check_fragments(config.fragments, "fragments" in diloco_values, model, spec.layers)
+    check_fragments(config.fragments, "fragments" in diloco_values, model, spec.layers)
     if batch_size < 1 or round_timeout <= 0 or (target_group_size is not None and target_group_size < 2):
         raise click.UsageError("--batch-size must be >= 1, --round-timeout > 0, --target-group-size >= 2")
     if not 2.0 <= matchmaking_time < round_timeout:
@@ -292,39 +237,15 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
         run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout,
                           target_group_size, matchmaking_time, None, _pop_diloco(diloco))
     if identity_path is not None:
-        _identity_file(identity_path)
-    peers = _initial_peers(initial_peers)
+        check_identity_file(identity_path)
+    peers = parse_initial_peers(initial_peers)
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
     if peers:
-        _reach_initial_peers(peers)
+        probe_bootstrap(peers)
     try:
         run_host(run, peers, listen, announce, identity_path, maddrs_file)
     except (BootstrapError, DHTStartError) as e:
-        raise _fail(e) from None
-
-
-def _identity_file(path: str) -> None:
-    """--identity: a key file to read, or one to create in a folder that exists."""
-    if os.path.isdir(path):
-        raise click.UsageError(f"--identity {path}: a directory; name a key file (created if missing)")
-    if os.path.exists(path):
-        from hivemind.p2p import PeerID
-
-        try:
-            with open(path, "rb") as f:
-                PeerID.from_identity(f.read())
-        except OSError as e:
-            raise click.UsageError(f"--identity {path}: cannot read it ({e.strerror})") from None
-        except Exception as e:
-            raise click.UsageError(f"--identity {path}: not a key file (it does not parse: {e}); name a file that "
-                                   "does not exist yet, and a new key is written there") from None
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise click.UsageError(f"--identity {path}: the folder {folder} does not exist (the key file is created "
-                               "if missing, its folder is not)")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.UsageError(f"--identity {path}: cannot create the key file, {folder} is not writable")
+        raise fail(e) from None
 
 
 @main.command()
@@ -369,11 +290,11 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
     if armed:
         click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer SIGKILLs itself at hit {armed[1]} of "
                    f"{armed[0]} ({failpoints.POINTS[armed[0]]})", err=True)
-    _check_run_id(run_id)
-    initial_peers = _initial_peers(initial_peers)
+    check_run_id_flag(run_id)
+    initial_peers = parse_initial_peers(initial_peers)
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
-    _join_files(run_id, data, summary_path, checkpoint_dir, resume)
-    _reach_initial_peers(initial_peers)
+    check_join_files(run_id, data, summary_path, checkpoint_dir, resume)
+    probe_bootstrap(initial_peers)
 
     from .core.averaging import AveragingFailed
     from .node.checkpoint import CheckpointError
@@ -390,7 +311,7 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
         summary = run_peer(opts)
     except (RecordError, TimeoutError, ConfigError, AveragingFailed, CheckpointError, BootstrapError,
             DHTStartError) as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     click.echo(f"done: {summary['inner_steps']} inner steps to global step {summary['global_step']}, "
                f"eval loss {summary['eval_loss']:.4f}, sent {summary['wire_bytes_sent'] / 1e6:.2f} MB"
                + (" (client mode)" if summary["client_mode"] else ""), err=progress_json)
@@ -399,44 +320,6 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
                err=progress_json)
     if summary["problem"]:
         raise click.ClickException(summary["problem"])
-
-
-def _check_run_id(run_id: str) -> None:
-    """--run-id names DHT keys: refused before the DHT starts, not after."""
-    from .node.records import RecordError, check_run_id
-
-    try:
-        check_run_id(run_id)
-    except RecordError as e:
-        raise click.UsageError(f"--run-id: {e}") from None
-
-
-def _join_files(run_id: str, data: tuple, summary_path: str | None, checkpoint_dir: str | None,
-                resume: str | None) -> None:
-    """What join reads and writes on this machine, checked before it touches the network: the checkpoint to
-    resume from (whole, of this run), where checkpoints and the summary go, the data (text, two files or more)."""
-    from .node.checkpoint import CheckpointError, check_checkpoint_dir, check_checkpoint_target
-
-    def check(option: str, function, *args, usage: bool = True) -> None:
-        try:
-            function(*args)
-        except CheckpointError as e:  # its message starts with the directory or file
-            raise _fail(CheckpointError(f"{option} {e}"), usage=usage) from None
-
-    if resume is not None:  # a damaged checkpoint is no usage error: exit 1, as when it is found at load
-        check("--resume", check_checkpoint_dir, resume, run_id, usage=False)
-    if checkpoint_dir is not None:
-        check("--checkpoint-dir", check_checkpoint_target, checkpoint_dir)
-    elif resume is not None:  # it saves where it resumed from
-        check("--resume", check_checkpoint_target, resume)
-    _output_file(summary_path, "--summary")
-    if data:
-        from .task.data import Corpus
-
-        try:
-            Corpus.load(list(data), max_bytes=1)
-        except ConfigError as e:
-            raise _fail(ConfigError(f"--data: {e}"), usage=True) from None
 
 
 def _slashed(values: list[int]) -> str:
@@ -448,7 +331,8 @@ def _slashed(values: list[int]) -> str:
 @click.option("--peers", default=4, show_default=True, help="Trainer processes.")
 @click.option("--steps", default=1200, show_default=True, help="The global step every trainer stops at.")
 @run_options
-@click.option("--data", multiple=True, help="Text file or folder to train on instead of the stdlib sources.")
+@click.option("--data", multiple=True, type=click.Path(exists=True),
+              help="Text file or folder to train on instead of the stdlib sources.")
 @click.option("--timeout", default=1800.0, show_default=True, help="Give up after this many seconds.")
 @click.option("--json", "json_path", default=None, help="Write the summary as JSON here.")
 @click.option("--workdir", default=None, help="Where the peers' logs and summaries go [default: a new temp dir].")
@@ -473,6 +357,7 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
         raise click.UsageError("--peers and --steps must be >= 1")
     if late_peer_after and peers < 2:
         raise click.UsageError("--late-peer-after needs --peers >= 2 (someone must be there to join)")
+    check_output_file(json_path, "--json")
     run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
                       target_group_size or (peers if peers >= 2 else None), matchmaking_time, None,
                       _pop_diloco(diloco))
@@ -502,13 +387,13 @@ def status(initial_peers, run_id):
     from .node.records import RecordError
     from .swarm.dht import BootstrapError, DHTStartError, fetch_progress, fetch_run_config, start_dht
 
-    _check_run_id(run_id)
-    peers = _initial_peers(initial_peers)
-    _reach_initial_peers(peers)
+    check_run_id_flag(run_id)
+    peers = parse_initial_peers(initial_peers)
+    probe_bootstrap(peers)
     try:
         dht = start_dht(peers, client_mode=True)
     except (BootstrapError, DHTStartError) as e:
-        raise _fail(e) from None
+        raise fail(e) from None
     try:
         try:
             run = fetch_run_config(dht, run_id, timeout=10)

@@ -208,7 +208,7 @@ def test_every_flag_is_checked_before_anything_starts(case, closed_port, files):
 
 def test_verbose_logs_the_detail_of_an_error(caplog, closed_port):
     refused = f"/ip4/127.0.0.1/tcp/{closed_port}/p2p/{PEER_ID}"
-    with caplog.at_level(logging.DEBUG, logger="p2p_diloco.cli"):
+    with caplog.at_level(logging.DEBUG, logger="p2p_diloco.flag_checks"):
         result = CliRunner().invoke(main, ["-v", "status", "--initial-peers", refused])
     assert result.exit_code == 1 and "cannot reach the bootstrap peer" in result.stderr
     assert any(r.levelno == logging.DEBUG and r.exc_info and isinstance(r.exc_info[1], BootstrapError)

@@ -1,0 +1,132 @@
+"""Checks of the CLI's flags and files, run before anything starts (no daemon, no process, no download).
+
+What a user can get wrong is refused in one line that names the flag or file and
+what would be right; the traceback only under --verbose. A usage error exits 2,
+anything else 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+from .core.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+
+
+def fail(e: Exception, usage: bool = False) -> click.ClickException:
+    """`e` as the one line click prints (a usage error exits 2, else 1); with --verbose, its traceback too."""
+    log.debug("%s: %s", type(e).__name__, e, exc_info=e)
+    return click.UsageError(str(e)) if usage else click.ClickException(str(e))
+
+
+def parse_initial_peers(initial_peers: tuple) -> list[str]:
+    """--initial-peers, each a multiaddr with the peer id to join through; a usage error otherwise."""
+    from .swarm.dht import BootstrapError, check_initial_peers
+
+    try:
+        return check_initial_peers(list(initial_peers))
+    except BootstrapError as e:
+        raise fail(e, usage=True) from None
+
+
+def probe_bootstrap(initial_peers: list[str]) -> None:
+    """The last check before a peer starts: one of its initial peers accepts a TCP connection (refused: at once;
+    silent: within a few seconds), else an error naming each address and what to check."""
+    from .swarm.dht import bootstrap_unreachable, probe_initial_peers
+
+    problems = probe_initial_peers(initial_peers)
+    if problems:
+        raise fail(bootstrap_unreachable(initial_peers, problems))
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """A file written at the end (after minutes of work) must be writable now: its folder exists."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise click.UsageError(f"{option} {path}: a directory; name a file")
+    if not os.path.isdir(folder):
+        raise click.UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.UsageError(f"{option} {path}: the folder {folder} is not writable by this user")
+
+
+def check_fragments(fragments: int, given: bool, model: str, layers: int) -> None:
+    """Block fragments are whole transformer blocks: P <= the model's blocks (`core.fragments`)."""
+    if fragments > layers:
+        from .task.model import PRESETS
+
+        bigger = ", ".join(f"{name}: {spec.layers}" for name, spec in PRESETS.items() if spec.layers >= fragments)
+        raise click.UsageError(
+            f"--fragments {fragments}{'' if given else ' (the default)'} is more than the {layers} transformer blocks "
+            f"of --model {model}: use --fragments 0 to {layers} (0: plain DiLoCo, one fragment)"
+            + (f", or a --model with more blocks ({bigger})" if bigger else ""))
+
+
+def check_identity_file(path: str) -> None:
+    """--identity: a key file to read, or one to create in a folder that exists."""
+    if os.path.isdir(path):
+        raise click.UsageError(f"--identity {path}: a directory; name a key file (created if missing)")
+    if os.path.exists(path):
+        from hivemind.p2p import PeerID
+
+        try:
+            with open(path, "rb") as f:
+                PeerID.from_identity(f.read())
+        except OSError as e:
+            raise click.UsageError(f"--identity {path}: cannot read it ({e.strerror})") from None
+        except Exception as e:
+            raise click.UsageError(f"--identity {path}: not a key file (it does not parse: {e}); name a file that "
+                                   "does not exist yet, and a new key is written there") from None
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise click.UsageError(f"--identity {path}: the folder {folder} does not exist (the key file is created "
+                               "if missing, its folder is not)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.UsageError(f"--identity {path}: cannot create the key file, {folder} is not writable")
+
+
+def check_run_id_flag(run_id: str) -> None:
+    """--run-id names DHT keys: refused before the DHT starts, not after."""
+    from .node.records import RecordError, check_run_id
+
+    try:
+        check_run_id(run_id)
+    except RecordError as e:
+        raise click.UsageError(f"--run-id: {e}") from None
+
+
+def check_join_files(run_id: str, data: tuple, summary_path: str | None, checkpoint_dir: str | None,
+                resume: str | None) -> None:
+    """What join reads and writes on this machine, checked before it touches the network: the checkpoint to
+    resume from (whole, of this run), where checkpoints and the summary go, the data (text, two files or more)."""
+    from .node.checkpoint import CheckpointError, check_checkpoint_dir, check_checkpoint_target
+
+    def check(option: str, function, *args, usage: bool = True) -> None:
+        try:
+            function(*args)
+        except CheckpointError as e:  # its message starts with the directory or file
+            raise fail(CheckpointError(f"{option} {e}"), usage=usage) from None
+
+    if resume is not None:  # a damaged checkpoint is no usage error: exit 1, as when it is found at load
+        check("--resume", check_checkpoint_dir, resume, run_id, usage=False)
+    if checkpoint_dir is not None:
+        check("--checkpoint-dir", check_checkpoint_target, checkpoint_dir)
+    elif resume is not None:  # it saves where it resumed from
+        check("--resume", check_checkpoint_target, resume)
+    check_output_file(summary_path, "--summary")
+    if data:
+        from .task.data import Corpus
+
+        try:
+            Corpus.load(list(data), max_bytes=1)
+        except ConfigError as e:
+            raise fail(ConfigError(f"--data: {e}"), usage=True) from None
