@@ -19,7 +19,7 @@ import pytest
 
 from p2p_diloco.emulation.machines import Machines, available, namespaces_left
 
-from test_swarm import p2pd_pids
+from processes import p2pd_pids
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=f"namespace tests: {available()}")
 

@@ -28,7 +28,7 @@ from p2p_diloco.node.records import RunConfig
 from p2p_diloco.swarm.local_swarm import LocalSwarm
 from p2p_diloco.task.model import lm_loss, model_spec
 
-from test_swarm import p2pd_pids
+from processes import p2pd_pids
 
 ROUND_TIMEOUT = 20.0
 STEPS = 240

@@ -13,18 +13,13 @@ import torch
 from hivemind.utils import get_dht_time
 
 from p2p_diloco.core.averaging import AveragingFailed, RoundKey, RoundReport
-
 from p2p_diloco.core.config import DiLoCoConfig
 from p2p_diloco.core.state_hash import state_hash
 from p2p_diloco.node.records import PeerProgress, RecordError, RunConfig
 from p2p_diloco.swarm.averager import SwarmAverager
 from p2p_diloco.swarm.dht import fetch_progress, fetch_run_config, publish_run_config, start_dht, visible_maddrs
 from p2p_diloco.task.model import model_spec
-
-
-def p2pd_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-x", "p2pd"], capture_output=True, text=True).stdout
-    return {int(x) for x in out.split()}
+from processes import p2pd_pids
 
 
 @pytest.fixture
