@@ -4,10 +4,8 @@ import pytest
 import torch
 
 from p2p_diloco.core.averaging import AveragingFailed, RoundKey
-
-from p2p_diloco.core.local_group import LocalGroup
-
 from p2p_diloco.core.codecs import get_codec
+from p2p_diloco.core.local_group import LocalGroup
 from p2p_diloco.core.parts import butterfly_parts
 
 
