@@ -51,75 +51,95 @@ class Trainer:
         return self.child.proc.poll() is None
 
 
-def chaos(args) -> dict:
-    rng = random.Random(args.seed)
-    run = RunConfig("chaos", DiLoCoConfig(total_steps=args.steps), model_spec(args.model), 4, "stdlib",
-                    round_timeout=args.round_timeout, target_group_size=None, matchmaking_time=3.0)
-    swarm = LocalSwarm(run, args.peers, args.steps, workdir=args.workdir)
-    events, trainers, counter = [], [], [0]
-    start = time.monotonic()
+class Chaos:
+    """One chaotic run: the swarm, its trainers (dead ones too), the faults to come and what happened."""
 
-    def log(what: str, name: str) -> None:
-        events.append({"t": round(time.monotonic() - start, 1), "event": what, "peer": name})
-        print(f"[{events[-1]['t']:7.1f}s] {what:8s} {name}", flush=True)
+    def __init__(self, args):
+        self.args = args
+        self.rng = random.Random(args.seed)
+        run = RunConfig("chaos", DiLoCoConfig(total_steps=args.steps), model_spec(args.model), 4, "stdlib",
+                        round_timeout=args.round_timeout, target_group_size=None, matchmaking_time=3.0)
+        self.swarm = LocalSwarm(run, args.peers, args.steps, workdir=args.workdir)
+        self.events: list[dict] = []
+        self.trainers: list[Trainer] = []
+        self.pending: list[tuple[float, str, Trainer | None]] = []  # (when, action, trainer)
+        self.start = time.monotonic()
+        self.maddr = ""
 
-    def new_trainer(wait_for: int = 1, resume: str | None = None) -> Trainer:
-        counter[0] += 1
-        name = f"peer{counter[0]}"
-        ckpt = os.path.join(swarm.workdir, f"ckpt-{name}")
+    def run(self) -> dict:
+        args = self.args
+        try:
+            self.maddr = self.swarm.start_host()
+            for _ in range(args.peers):
+                self.new_trainer(wait_for=args.peers)
+            next_fault = time.monotonic() + 20 + self.rng.expovariate(1 / args.fault_every)
+            while any(t.alive() for t in self.trainers if t.fate in ("running", "stopped")):
+                now = time.monotonic()
+                if now - self.start > args.timeout:
+                    raise TimeoutError(f"the chaos run did not end in {args.timeout:.0f}s; "
+                                       f"logs in {self.swarm.workdir}")
+                running = [t for t in self.trainers if t.fate == "running" and t.alive() and t.last]
+                near_end = any(t.last.get("global_step", 0) > 0.9 * args.steps for t in running)
+                self.do_due_actions(now, near_end)
+                if now >= next_fault and running and not near_end:
+                    self.fault(self.rng.choice(running), now)
+                    next_fault = now + self.rng.expovariate(1 / args.fault_every)
+                time.sleep(0.5)
+            return self.report(time.monotonic() - self.start)
+        finally:
+            self.swarm.stop()
+
+    def log(self, what: str, name: str) -> None:
+        self.events.append({"t": round(time.monotonic() - self.start, 1), "event": what, "peer": name})
+        print(f"[{self.events[-1]['t']:7.1f}s] {what:8s} {name}", flush=True)
+
+    def new_trainer(self, wait_for: int = 1, resume: str | None = None) -> Trainer:
+        name = f"peer{len(self.trainers) + 1}"
+        ckpt = os.path.join(self.swarm.workdir, f"ckpt-{name}")
         extra = ["--resume", resume] if resume else ["--checkpoint-dir", ckpt, "--checkpoint-every", "10"]
-        t = Trainer(swarm, name, maddr, wait_for, extra)
+        t = Trainer(self.swarm, name, self.maddr, wait_for, extra)
         t.checkpoint = resume or ckpt
-        trainers.append(t)
-        log("join" if not resume else "resume", name)
+        self.trainers.append(t)
+        self.log("join" if not resume else "resume", name)
         return t
 
-    try:
-        maddr = swarm.start_host()
-        for _ in range(args.peers):
-            new_trainer(wait_for=args.peers)
-        pending: list[tuple[float, str, Trainer | None]] = []  # (when, action, trainer)
-        next_fault = time.monotonic() + 20 + rng.expovariate(1 / args.fault_every)
-        while any(t.alive() for t in trainers if t.fate in ("running", "stopped")):
-            now = time.monotonic()
-            if now - start > args.timeout:
-                raise TimeoutError(f"the chaos run did not end in {args.timeout:.0f}s; logs in {swarm.workdir}")
-            running = [t for t in trainers if t.fate == "running" and t.alive() and t.last]
-            near_end = any(t.last.get("global_step", 0) > 0.9 * args.steps for t in running)
-            for item in [p for p in pending if p[0] <= now]:
-                pending.remove(item)
-                _, action, t = item
-                if near_end and action != "cont":
-                    continue  # a newcomer would arrive after the run's last round
-                if action == "cont":
-                    os.kill(t.child.proc.pid, signal.SIGCONT)
-                    t.fate = "running"
-                    log("resumed", t.name)
-                elif action == "replace":
-                    new_trainer()
-                elif action == "restart":
-                    new_trainer(resume=t.checkpoint)
-            if now >= next_fault and running and not near_end:
-                victim = rng.choice(running)
-                fault = rng.choice(["SIGKILL", "SIGTERM", "SIGSTOP"])
-                if fault == "SIGKILL":
-                    os.killpg(victim.child.proc.pid, signal.SIGKILL)
-                    victim.fate = "killed"
-                    pending.append((now + rng.uniform(3, 10), "replace", None))
-                elif fault == "SIGTERM":
-                    os.kill(victim.child.proc.pid, signal.SIGTERM)
-                    victim.fate = "left"
-                    pending.append((now + rng.uniform(15, 25), "restart", victim))
-                else:
-                    os.kill(victim.child.proc.pid, signal.SIGSTOP)
-                    victim.fate = "stopped"
-                    pending.append((now + rng.uniform(5, 15), "cont", victim))
-                log(fault, victim.name)
-                next_fault = now + rng.expovariate(1 / args.fault_every)
-            time.sleep(0.5)
-        wall = time.monotonic() - start
+    def do_due_actions(self, now: float, near_end: bool) -> None:
+        """Resume stalled trainers; replace crashed ones; restart departed ones from their checkpoints."""
+        for item in [p for p in self.pending if p[0] <= now]:
+            self.pending.remove(item)
+            _, action, t = item
+            if near_end and action != "cont":
+                continue  # a newcomer would arrive after the run's last round
+            if action == "cont":
+                os.kill(t.child.proc.pid, signal.SIGCONT)
+                t.fate = "running"
+                self.log("resumed", t.name)
+            elif action == "replace":
+                self.new_trainer()
+            elif action == "restart":
+                self.new_trainer(resume=t.checkpoint)
+
+    def fault(self, victim: Trainer, now: float) -> None:
+        """SIGKILL (replaced in 3-10 s), SIGTERM (back from its checkpoint in 15-25 s) or SIGSTOP (5-15 s)."""
+        kind = self.rng.choice(["SIGKILL", "SIGTERM", "SIGSTOP"])
+        if kind == "SIGKILL":
+            os.killpg(victim.child.proc.pid, signal.SIGKILL)
+            victim.fate = "killed"
+            self.pending.append((now + self.rng.uniform(3, 10), "replace", None))
+        elif kind == "SIGTERM":
+            os.kill(victim.child.proc.pid, signal.SIGTERM)
+            victim.fate = "left"
+            self.pending.append((now + self.rng.uniform(15, 25), "restart", victim))
+        else:
+            os.kill(victim.child.proc.pid, signal.SIGSTOP)
+            victim.fate = "stopped"
+            self.pending.append((now + self.rng.uniform(5, 15), "cont", victim))
+        self.log(kind, victim.name)
+
+    def report(self, wall: float) -> dict:
+        args = self.args
         finished, lost = [], 0
-        for t in trainers:
+        for t in self.trainers:
             if t.fate == "killed":
                 lost += t.last.get("step", 0)
                 continue
@@ -127,18 +147,16 @@ def chaos(args) -> dict:
                 with open(t.summary) as f:
                     finished.append({"name": t.name, **json.load(f)})
         if not finished:
-            raise RuntimeError(f"no trainer finished; logs in {swarm.workdir}")
+            raise RuntimeError(f"no trainer finished; logs in {self.swarm.workdir}")
         hashes = {tuple(p["state_sha256"]) for p in finished}
         return {"seed": args.seed, "peers": args.peers, "steps": args.steps, "wall_s": round(wall, 1),
-                "faults": [e for e in events if e["event"] in ("SIGKILL", "SIGTERM", "SIGSTOP")],
-                "events": events, "consensus": len(hashes) == 1,
+                "faults": [e for e in self.events if e["event"] in ("SIGKILL", "SIGTERM", "SIGSTOP")],
+                "events": self.events, "consensus": len(hashes) == 1,
                 "rounds_applied": [p["rounds"] for p in finished],
                 "rounds_failed": [p["rounds_failed"] for p in finished],
                 "inner_steps_lost_with_crashed_peers": lost,
                 "time_to_join_s": {p["name"]: p["time_to_join_s"] for p in finished if p["joined_at_step"] > 0},
-                "eval_loss": [p["eval_loss"] for p in finished], "workdir": swarm.workdir}
-    finally:
-        swarm.stop()
+                "eval_loss": [p["eval_loss"] for p in finished], "workdir": self.swarm.workdir}
 
 
 def baseline(args) -> float:
@@ -161,7 +179,7 @@ def main() -> None:
     parser.add_argument("--baseline-json", default=None, help="A report of an undisturbed run (skips running one).")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
-    report = chaos(args)
+    report = Chaos(args).run()
     if args.baseline_json:
         with open(args.baseline_json) as f:
             calm = json.load(f)["baseline_eval_loss"]

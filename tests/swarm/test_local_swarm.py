@@ -182,9 +182,10 @@ def test_a_trainer_killed_from_outside_is_reported_and_the_others_finish_in_cons
     assert_plain_output(r, 5)
 
 
-def test_the_swarm_outlives_its_host(run):
-    """Three trainers (also the plain multi-process swarm test): the host dies mid-run, they all finish."""
-    r = run(3)
+def test_peers_of_different_speeds_outlive_their_host(run):
+    """Three trainers, the last one slow (0.5 s of sleep per step): the host dies mid-run, they all finish, every
+    one in every round, and the fast ones never waited for the slow one (also the plain multi-process test)."""
+    r = run(3, "--slow-peer-delay", "0.5")
     r.wait_for_training("peer0", 50)
     time.sleep(random.uniform(0, 2))
     os.kill(r.member("host"), signal.SIGKILL)
@@ -195,7 +196,12 @@ def test_the_swarm_outlives_its_host(run):
     assert_finishers_agree(report, ["peer0", "peer1", "peer2"])
     for p in report["peers"]:  # every trainer took part in every round, the host gone or not
         assert p["rounds"] == report["peers"][0]["rounds"] and min(p["rounds"]) >= 3
-        assert sum(p["rounds_failed"]) <= 1  # a round lost under load is caught up from the swarm
+        # a round or two lost to the host's death or the slow member's lateness are caught up from the swarm
+        assert sum(p["rounds_failed"]) <= 2
+    *fast, slow = sorted(report["peers"], key=lambda p: p["name"])
+    assert slow["inner_steps"] < 0.4 * min(p["inner_steps"] for p in fast), r.text()
+    for p in fast:  # they trained at their own pace, not at the slow one's
+        assert p["inner_steps"] >= 0.8 * p["global_step"], r.text()
     assert re.search(rb"^host died \(SIGKILL\); the trainers go on", r.err, re.M), r.text()
     assert_plain_output(r, 3)
 
@@ -221,14 +227,3 @@ def test_the_exit_rule():
     assert "peer1 (exit code 1, log /w/peer1.log)" in \
         verdict(_report([("peer0", "a"), ("peer2", "a")], ["peer1"], exit_code=1))
     assert verdict(_report([("peer0", "a"), ("peer2", "a")], ["host"], exit_code=1)) is None
-
-
-def test_simulate_writes_plain_progress_lines_to_a_pipe(tmp_path):
-    cmd = [sys.executable, "-m", "p2p_diloco.cli", "simulate", "--model", "tiny", "--workers", "2", "--steps", "6",
-           "-H", "6", "--fragments", "2", "--warmup", "2", "--eval-every", "6", "--jobs", "1",
-           "--methods", "streaming_diloco", "--plot", str(tmp_path / "p.png")]
-    proc = subprocess.run(cmd, capture_output=True, timeout=120)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output.decode()[-3000:]
-    assert not ESCAPES.search(output), output.decode()
-    assert re.search(rb"^streaming_diloco  done  step 6/6  eval loss [\d.]+", proc.stderr, re.M), output.decode()

@@ -50,21 +50,8 @@ def run_local_swarm(tmp_path, *args: str, timeout: float = 170) -> dict:
     return json.loads(out.read_text())
 
 
-def test_a_slow_peer_does_not_hold_the_fast_ones_back(tmp_path):
-    report = run_local_swarm(tmp_path, "--steps", "300", "--slow-peer-delay", "0.2")
-    assert report["consensus"] is True
-    *fast, slow = report["peers"]
-    for p in report["peers"]:  # every peer took part in every round...
-        assert p["rounds"] == fast[0]["rounds"] and min(p["rounds"]) >= 3
-        assert sum(p["rounds_failed"]) <= 1
-    # ...while the fast ones trained at their own pace: they did not idle at the slow one's speed
-    assert slow["inner_steps"] < 0.4 * min(p["inner_steps"] for p in fast)
-    for p in fast:
-        assert p["inner_steps"] >= 0.8 * p["global_step"]
-
-
 def test_a_late_peer_joins_with_the_swarm_state(tmp_path):
-    report = run_local_swarm(tmp_path, "--steps", "700", "--late-peer-after", "12")
+    report = run_local_swarm(tmp_path, "--steps", "500", "--late-peer-after", "12")
     assert report["consensus"] is True
     *first, late = report["peers"]
     assert late["joined_at_step"] > 60 and late["rounds_held_at_join"]

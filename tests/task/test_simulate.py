@@ -1,6 +1,7 @@
 """The simulator end to end on the tiny model: the CLI, the JSON report and the plot."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,9 @@ def test_simulate_cli_writes_report_and_plot(tmp_path):
            "--methods", "data_parallel,diloco,streaming_diloco", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the output is a pipe, not a terminal: plain progress lines, no bars (escape codes, carriage returns)
+    assert "\x1b[" not in proc.stdout + proc.stderr and "\r" not in proc.stdout + proc.stderr, proc.stderr
+    assert re.search(r"^streaming_diloco  done  step 24/24  eval loss [\d.]+", proc.stderr, re.M), proc.stderr
     report = json.loads(out.read_text())
     methods = report["methods"]
     assert set(methods) == {"data_parallel", "diloco", "streaming_diloco"}
