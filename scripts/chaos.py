@@ -26,26 +26,23 @@ import time
 
 from p2p_diloco.core.config import DiLoCoConfig
 from p2p_diloco.node.records import RunConfig
-from p2p_diloco.swarm.local_swarm import LocalSwarm
+from p2p_diloco.swarm.local_swarm import LocalSwarm, TrainerProcess
 from p2p_diloco.task.model import model_spec
 
 
 class Trainer:
-    def __init__(self, swarm: LocalSwarm, name: str, maddr: str, wait_for: int, extra: list[str]):
-        self.name = name
-        self.child, self.summary = swarm.start_trainer(name, maddr, wait_for, extra)
-        self.last: dict = {}
-        self.fate = "running"
-        threading.Thread(target=self._read, daemon=True).start()
+    """A trainer of the chaotic run: its process (progress read as it comes) and its fate."""
 
-    def _read(self):
-        for line in self.child.proc.stdout:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if "step" in record:
-                self.last = record
+    def __init__(self, swarm: LocalSwarm, name: str, maddr: str, wait_for: int, extra: list[str]):
+        self.process = TrainerProcess(*swarm.start_trainer(name, maddr, wait_for, extra))
+        threading.Thread(target=self.process.read_progress, daemon=True).start()
+        self.name, self.child, self.summary = name, self.process.child, self.process.summary_path
+        self.fate = "running"  # running, stopped (SIGSTOP), killed (SIGKILL) or left (SIGTERM)
+        self.checkpoint = ""
+
+    @property
+    def last(self) -> dict:
+        return self.process.progress or {}
 
     def alive(self) -> bool:
         return self.child.proc.poll() is None

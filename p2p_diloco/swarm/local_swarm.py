@@ -41,7 +41,7 @@ class _Child:
 
 
 @dataclass
-class _Trainer:
+class TrainerProcess:
     """A trainer as local-swarm sees it: its process, summary path and last progress line (`join --progress-json`)."""
     child: _Child
     summary_path: str
@@ -142,14 +142,14 @@ class LocalSwarm:
     def _late_index(self) -> int | None:
         return self.peers - 1 if self.late_peer_after > 0 else None
 
-    def _start(self, i: int, maddr: str) -> _Trainer:
+    def _start(self, i: int, maddr: str) -> TrainerProcess:
         extra = ["--step-delay", str(self.slow_peer_delay)] if i == self.peers - 1 and self.slow_peer_delay else []
         wait_for = self.peers if self._late_index() is None else self.peers - 1
-        trainer = _Trainer(*self.start_trainer(f"peer{i}", maddr, wait_for, extra))
+        trainer = TrainerProcess(*self.start_trainer(f"peer{i}", maddr, wait_for, extra))
         threading.Thread(target=trainer.read_progress, daemon=True).start()
         return trainer
 
-    def _watch(self, trainers: list[_Trainer], maddr: str, timeout: float, view: _ProgressView) -> None:
+    def _watch(self, trainers: list[TrainerProcess], maddr: str, timeout: float, view: _ProgressView) -> None:
         """Until every trainer has exited: start the late one when due, report deaths, show progress."""
         deadline = time.monotonic() + timeout
         late_at = None if self._late_index() is None else time.monotonic() + self.late_peer_after
@@ -163,13 +163,13 @@ class LocalSwarm:
             view.update(trainers)
             time.sleep(0.5)
 
-    def _bootstrap(self, maddr: str, trainers: list[_Trainer]) -> str:
+    def _bootstrap(self, maddr: str, trainers: list[TrainerProcess]) -> str:
         """Whom a late trainer joins through: the host, or a live trainer once the host is gone."""
         if self.host.proc.poll() is None:
             return maddr
         return next((t.maddrs[0] for t in trainers if t.maddrs and t.child.proc.poll() is None), maddr)
 
-    def _notice_exits(self, trainers: list[_Trainer], view: _ProgressView) -> None:
+    def _notice_exits(self, trainers: list[TrainerProcess], view: _ProgressView) -> None:
         """Report each member that exited since the last look: a dead one on stderr, at once; the others go on."""
         host = self.host
         if host.proc.poll() is not None and not any(c["name"] == "host" for c in self.crashed):
@@ -190,7 +190,7 @@ class LocalSwarm:
             view.died(t, f"{t.name} died: {_describe_death(self.crashed[-1])}; the others go on; "
                          f"log: {t.child.log_path}")
 
-    def _collect(self, trainers: list[_Trainer], wall: float) -> dict:
+    def _collect(self, trainers: list[TrainerProcess], wall: float) -> dict:
         """The report: the finishers' summaries under `peers` (each with its `name`), the dead under `crashed`,
         `consensus` (the finishers hold the same state: bit-identical anchors and momenta, by `state_sha256`)
         and `failure` (`verdict`)."""
@@ -297,7 +297,7 @@ class _ProgressView:
             self.bars = {name: tqdm(total=steps, desc=name, position=i, unit="step", mininterval=0.5)
                          for i, name in enumerate(names)}
 
-    def update(self, trainers: list[_Trainer]) -> None:
+    def update(self, trainers: list[TrainerProcess]) -> None:
         if self.bars is not None:
             for t in trainers:
                 if t.progress and not t.ended:
@@ -310,14 +310,14 @@ class _ProgressView:
                 if not t.ended:
                     self.say(_progress_line(t.name, t.progress, self.steps))
 
-    def finished(self, t: _Trainer) -> None:
+    def finished(self, t: TrainerProcess) -> None:
         if self.bars is None and self.show:
             p = t.summary
             self.say(f"{t.name}  finished  global {p['global_step']}/{self.steps}  inner {p['inner_steps']}  "
                      f"rounds {_slashed(p['rounds'])} (failed {sum(p['rounds_failed'])})  "
                      f"eval loss {p['eval_loss']:.4f}  sent {p['wire_bytes_sent'] / 1e6:.2f} MB")
 
-    def died(self, t: _Trainer, text: str) -> None:
+    def died(self, t: TrainerProcess, text: str) -> None:
         if self.bars is not None:
             self.bars[t.name].set_postfix_str(f"died ({_exit_reason(t.child.proc.returncode)})")
         self.say(text)
