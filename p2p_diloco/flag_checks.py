@@ -75,11 +75,10 @@ def check_identity_file(path: str) -> None:
     if os.path.isdir(path):
         raise click.UsageError(f"--identity {path}: a directory; name a key file (created if missing)")
     if os.path.exists(path):
-        from hivemind.p2p import PeerID
+        from .swarm.dht import identity_peer_id
 
         try:
-            with open(path, "rb") as f:
-                PeerID.from_identity(f.read())
+            identity_peer_id(path)
         except OSError as e:
             raise click.UsageError(f"--identity {path}: cannot read it ({e.strerror})") from None
         except Exception as e:

@@ -64,6 +64,13 @@ def check_initial_peers(maddrs: list[str], option: str = "--initial-peers") -> l
     return maddrs
 
 
+def identity_peer_id(path: str) -> PeerID:
+    """The peer id of the key file at `path` (`host --identity`); raises OSError, or another error for a file
+    that is not a libp2p private key."""
+    with open(path, "rb") as f:
+        return PeerID.from_identity(f.read())
+
+
 def _tcp_target(maddr: str) -> tuple[str, int] | None:
     """(host, port) to open a TCP connection to, or None for an address that is not plain TCP (a relay, QUIC)."""
     try:
