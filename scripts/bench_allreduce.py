@@ -1,106 +1,367 @@
-"""One fragment's all-reduce on loopback: our codec averager against stock hivemind + Float16Compression.
+"""One fragment's all-reduce on emulated links: ours (fp32/fp16/fp4) against stock hivemind and gloo.
 
-N peers (DHT + averager each) on 127.0.0.1 average one tensor of --numel values;
-the time of a round is from the first `step` call to the last result, best of
---repeats. Also checks the error against the true mean and that every peer got
-the same result.
+Every peer is a process in a network namespace of its own (root only), its link
+shaped as a links file says (`p2p_diloco.emulation`): rate caps with `tbf`, delay
+by the project's delay line. For each configuration (codec, peers, payload) the
+peers run `--repeats` rounds; a round's all-reduce time is from the first member
+entering the aggregation (the group is formed: matchmaking is not counted) to
+the last member holding the result, read from the members' wall clocks (one
+machine, one clock). The ideal is `2·(N−1)/N · S / R`: S the payload bytes one
+peer's vector takes on the wire in that codec, R the per-peer rate.
 
-    python scripts/bench_allreduce.py                    # 4 peers, 16M values
-    python scripts/bench_allreduce.py --numel 1000000 --repeats 2 --json out.json
+Also measured: stock hivemind `DecentralizedAverager` with `Float16Compression`
+(its aggregation, timed the same way) and `torch.distributed` gloo all-reduce
+(fp32, barrier first). Every member's result must be bit-identical (sha256).
+
+    python scripts/bench_allreduce.py --peers 4 --mbit 50 --delay-ms 0 --payload-mb 4 16
+    python scripts/bench_allreduce.py --quick     # one small configuration, a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import select
+import subprocess
+import sys
 import time
 
 import torch
-from hivemind.averaging import DecentralizedAverager
-from hivemind.compression import Float16Compression
 
-from p2p_diloco.core.averaging import RoundKey
-from p2p_diloco.swarm.averager import SwarmAverager
-from p2p_diloco.swarm.dht import start_dht, visible_maddrs
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
-def bench_ours(dhts, xs, codec: str, repeats: int, timeout: float) -> dict:
-    avs = [SwarmAverager(d, "bench", [xs[0].numel()], codec, round_timeout=timeout, target_group_size=len(dhts),
-                         min_matchmaking_time=2.0, search_timeout=timeout) for d in dhts]
-    try:
-        best, results = float("inf"), None
-        for r in range(repeats):
-            start = time.perf_counter()
-            pending = [av.begin(RoundKey("bench", 0, r), x, 1.0) for av, x in zip(avs, xs)]
-            results = [p.result().mean for p in pending]
-            best = min(best, time.perf_counter() - start)
-        sent = avs[0].bytes_sent / repeats
-        return {"seconds": best, "identical": all(torch.equal(results[0], m) for m in results),
-                "rel_error": rel_error(results[0], xs), "bytes_sent_per_peer": sent}
-    finally:
-        for av in avs:
-            av.shutdown()
+# ---------------------------------------------------------------- worker side (one per namespace)
+
+def _vector(seed: int, rank: int, numel: int) -> torch.Tensor:
+    return torch.randn(numel, generator=torch.Generator().manual_seed(seed * 1000 + rank))
 
 
-def bench_stock(dhts, xs, repeats: int, timeout: float) -> dict:
-    avs = [DecentralizedAverager([x.clone()], dht=d, prefix="stockbench", start=True, target_group_size=len(dhts),
-                                 min_matchmaking_time=2.0, request_timeout=1.0, allreduce_timeout=timeout,
-                                 compression=Float16Compression()) for d, x in zip(dhts, xs)]
-    try:
-        best = float("inf")
-        for _ in range(repeats):
-            for av, x in zip(avs, xs):
-                with av.get_tensors() as t:
-                    t[0].copy_(x)
-            start = time.perf_counter()
-            controls = [av.step(wait=False, timeout=timeout) for av in avs]
-            for c in controls:
-                c.result()
-            best = min(best, time.perf_counter() - start)
-        outs = []
-        for av in avs:
-            with av.get_tensors() as t:
-                outs.append(t[0].clone())
-        return {"seconds": best, "identical": all(torch.equal(outs[0], o) for o in outs),
-                "rel_error": max(rel_error(o, xs) for o in outs), "bytes_sent_per_peer": None}
-    finally:
-        for av in avs:
-            av.shutdown()
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
 
 
-def rel_error(mean: torch.Tensor, xs: list[torch.Tensor]) -> float:
-    true = sum(xs) / len(xs)
-    return float((mean - true).norm() / true.norm())
+class _TimedStock:
+    """Stock hivemind averaging, its aggregation timed like ours."""
+
+    @staticmethod
+    def make(dht, numel, peers, timeout, prefix):
+        from hivemind.averaging import DecentralizedAverager
+        from hivemind.compression import Float16Compression
+
+        class Timed(DecentralizedAverager):
+            async def _aggregate_with_group(self, *args, **kwargs):
+                began = time.time()
+                await super()._aggregate_with_group(*args, **kwargs)
+                return {"began": began, "ended": time.time()}
+
+        return Timed([torch.zeros(numel)], dht=dht, prefix=prefix, start=True, target_group_size=peers,
+                     min_matchmaking_time=2.0, request_timeout=1.0, allreduce_timeout=timeout,
+                     compression=Float16Compression())
+
+
+def _worker_round(av, impl: str, x: torch.Tensor, key, timeout: float) -> tuple[dict, torch.Tensor]:
+    if impl == "ours":
+        pending = av.begin(key, x, 1.0)
+        mean = pending.result().mean
+        return pending.control.result(), mean
+    with av.get_tensors() as t:
+        t[0].copy_(x)
+    stats = av.step(timeout=timeout)
+    with av.get_tensors() as t:
+        return stats, t[0].clone()
+
+
+def worker(args) -> None:
+    """Start a DHT node on `--address`, print its multiaddrs, then run the configurations read from stdin."""
+    from p2p_diloco.core.averaging import RoundKey
+    from p2p_diloco.swarm.averager import SwarmAverager
+    from p2p_diloco.swarm.dht import start_dht, visible_maddrs
+
+    torch.set_num_threads(1)
+    if os.environ.get("BENCH_DEBUG"):
+        import logging
+        logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.DEBUG)
+    dht = start_dht(args.initial_peers or None, host_maddrs=[f"/ip4/{args.address}/tcp/0"])
+    print(json.dumps({"maddrs": visible_maddrs(dht)}), flush=True)
+    previous = None  # shut down only once every peer answered (a reducer may still be streaming means)
+    for line in sys.stdin:
+        if previous is not None:
+            previous.shutdown()
+        job = json.loads(line)
+        x = _vector(job["seed"], args.rank, job["numel"])
+        prefix = f"b{job['id']}"
+        if job["impl"] == "ours":
+            av = SwarmAverager(dht, prefix, [job["numel"]], job["codec"], round_timeout=job["timeout"],
+                               target_group_size=job["peers"], min_matchmaking_time=2.0,
+                               search_timeout=job["timeout"])
+        else:
+            av = _TimedStock.make(dht, job["numel"], job["peers"], job["timeout"], prefix)
+        previous, rounds = av, []
+        for r in range(job["repeats"]):
+            try:
+                stats, mean = _worker_round(av, job["impl"], x, RoundKey(prefix, 0, r), job["timeout"])
+                rounds.append({"began": stats["began"], "ended": stats["ended"], "sha": _digest(mean),
+                               "sent": stats.get("sent")})
+            except Exception as e:
+                rounds.append({"error": repr(e)[:300]})
+        print(json.dumps({"rounds": rounds}), flush=True)
+    if previous is not None:
+        previous.shutdown()
+    dht.shutdown()
+
+
+def gloo_worker(args) -> None:
+    """One rank of a gloo all-reduce (fp32); prints each repeat's (began, ended) after a barrier."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "eth0"
+    dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world)
+    x = _vector(args.seed, args.rank, args.numel)
+    rounds = []
+    for _ in range(args.repeats):
+        y = x.clone()
+        dist.barrier()
+        began = time.time()
+        dist.all_reduce(y)
+        rounds.append({"began": began, "ended": time.time(), "sha": _digest(y)})
+    print(json.dumps({"rounds": rounds}), flush=True)
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- coordinator side
+
+def _read_json_line(proc: subprocess.Popen, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{what}: the process exited (code {proc.poll()})")
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    raise TimeoutError(f"{what}: no answer in {timeout:.0f}s")
+
+
+def _round_times(answers: list[dict]) -> list[dict]:
+    """Per repeat: the all-reduce's time (first member in to last member out) and whether results agree."""
+    out = []
+    for rounds in zip(*(a["rounds"] for a in answers)):
+        errors = [r["error"] for r in rounds if "error" in r]
+        if errors:
+            out.append({"error": errors[0]})
+            continue
+        out.append({"seconds": max(r["ended"] for r in rounds) - min(r["began"] for r in rounds),
+                    "sent_max": max((r.get("sent") or 0) for r in rounds),
+                    "member_seconds": sorted(round(r["ended"] - min(q["began"] for q in rounds), 3) for r in rounds),
+                    "start_spread": max(r["began"] for r in rounds) - min(r["began"] for r in rounds),
+                    "identical": len({r["sha"] for r in rounds}) == 1})
+    return out
+
+
+class Bench:
+    def __init__(self, net, peers: int, log_dir: str):
+        self.net, self.peers, self.log_dir = net, peers, log_dir
+        self.procs: list[subprocess.Popen] = []
+        self.jobs = 0
+
+    def start(self) -> None:
+        maddrs = None
+        for i in range(self.peers):
+            argv = [sys.executable, os.path.abspath(__file__), "worker", "--rank", str(i),
+                    "--address", self.net.address(i)]
+            if maddrs:
+                argv += ["--initial-peers", *maddrs[:1]]
+            log = open(os.path.join(self.log_dir, f"worker{i}.log"), "w")
+            proc = self.net.popen(i, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            self.procs.append(proc)
+            answer = _read_json_line(proc, 90, f"worker {i} start")
+            maddrs = maddrs or answer["maddrs"]
+
+    def run(self, impl: str, codec: str, numel: int, repeats: int, timeout: float) -> list[dict]:
+        self.jobs += 1
+        job = {"id": self.jobs, "impl": impl, "codec": codec, "numel": numel, "repeats": repeats,
+               "peers": self.peers, "timeout": timeout, "seed": self.jobs}
+        for p in self.procs:
+            p.stdin.write(json.dumps(job) + "\n")
+            p.stdin.flush()
+        answers = [_read_json_line(p, repeats * (timeout + 30) + 60, f"{impl} {codec}") for p in self.procs]
+        return _round_times(answers)
+
+    def gloo(self, numel: int, repeats: int, timeout: float) -> list[dict]:
+        port = 29500 + self.jobs
+        self.jobs += 1
+        procs = []
+        for i in range(self.peers):
+            argv = [sys.executable, os.path.abspath(__file__), "gloo", "--rank", str(i), "--world", str(self.peers),
+                    "--master", f"{self.net.address(0)}:{port}", "--numel", str(numel), "--repeats", str(repeats),
+                    "--seed", str(self.jobs)]
+            log = open(os.path.join(self.log_dir, f"gloo{i}.log"), "w")
+            procs.append(self.net.popen(i, argv, stdout=subprocess.PIPE, stderr=log, text=True,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        try:
+            answers = [_read_json_line(p, repeats * timeout + 60, "gloo") for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+        return _round_times(answers)
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _ideal_seconds(peers: int, payload_bytes: int, mbit: float) -> float:
+    return 2 * (peers - 1) / peers * payload_bytes / (mbit * 1e6 / 8)
+
+
+def _best(rounds: list[dict]) -> dict:
+    ok = [r for r in rounds if "seconds" in r]
+    if not ok:
+        return {"seconds": None, "identical": False, "errors": [r["error"] for r in rounds]}
+    ok.sort(key=lambda r: r["seconds"])
+    times = [r["seconds"] for r in ok]
+    return {"seconds": times[len(times) // 2], "best": times[0], "start_spread": ok[len(ok) // 2]["start_spread"],
+            "member_seconds": ok[len(ok) // 2]["member_seconds"], "identical": all(r["identical"] for r in ok),
+            "errors": [r["error"] for r in rounds if "error" in r]}
+
+
+def _numel_for(codec: str, payload_bytes: int) -> int:
+    from p2p_diloco.core.codecs import get_codec
+    c = get_codec(codec)
+    lo, hi = 1, payload_bytes * 8  # no codec takes under a bit per value
+    while lo < hi:  # the largest vector whose payload fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if c.wire_size(mid) <= payload_bytes else (lo, mid - 1)
+    return lo
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peers", type=int, default=4)
-    ap.add_argument("--numel", type=int, default=16 * 2**20)
+    sub = ap.add_subparsers(dest="cmd")
+    w = sub.add_parser("worker")
+    w.add_argument("--rank", type=int, required=True)
+    w.add_argument("--address", required=True)
+    w.add_argument("--initial-peers", nargs="*", default=[])
+    g = sub.add_parser("gloo")
+    for name in ("--rank", "--world", "--numel", "--repeats", "--seed"):
+        g.add_argument(name, type=int, required=True)
+    g.add_argument("--master", required=True)
+    ap.add_argument("--peers", type=int, nargs="+", default=[4])
+    ap.add_argument("--mbit", type=float, default=50.0)
+    ap.add_argument("--delay-ms", type=float, nargs="+", default=[0.0],
+                    help="one-way delay between two peers (each link gets half)")
+    ap.add_argument("--payload-mb", type=float, nargs="+", default=[4.0, 16.0])
+    ap.add_argument("--codecs", nargs="+", default=["fp32", "fp16", "fp4"])
+    ap.add_argument("--stock", action="store_true", help="also stock hivemind Float16Compression")
+    ap.add_argument("--gloo", action="store_true", help="also torch.distributed gloo (fp32)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--logs", default="/tmp/bench_allreduce_logs")
     args = ap.parse_args()
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(args.numel, generator=g) for _ in range(args.peers)]
-    dhts = [start_dht()]
-    dhts += [start_dht(visible_maddrs(dhts[0])) for _ in range(args.peers - 1)]
-    rows = {}
+    if args.cmd == "worker":
+        return worker(args)
+    if args.cmd == "gloo":
+        return gloo_worker(args)
+    run_benchmarks(args)
+
+
+def _network(peers: int, mbit: float, one_way_ms: float):
     try:
-        for codec in ("fp32", "fp16", "fp4"):
-            rows[f"p2p_diloco {codec}"] = bench_ours(dhts, xs, codec, args.repeats, args.timeout)
-        rows["hivemind Float16Compression"] = bench_stock(dhts, xs, args.repeats, args.timeout)
-    finally:
-        for d in dhts:
-            d.shutdown()
-    print(f"{args.peers} peers on loopback, {args.numel:,} values, best of {args.repeats}")
-    print(f"{'averager':>28} {'seconds':>8} {'MB sent/peer':>12} {'rel error':>10} {'identical':>9}")
-    for name, r in rows.items():
-        sent = f"{r['bytes_sent_per_peer'] / 1e6:12.1f}" if r["bytes_sent_per_peer"] else f"{'-':>12}"
-        print(f"{name:>28} {r['seconds']:8.2f} {sent} {r['rel_error']:10.2e} {str(r['identical']):>9}")
+        import p2p_diloco.emulation.wan  # noqa
+    except ImportError:  # INTERIM until wan lands
+        from p2p_diloco.emulation.machines import Machines
+        m = Machines(peers)
+        for i in range(peers):
+            for ns, dev in ((m.names[i], "eth0"), (m.switch, f"p{i}")):
+                subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                                f"{mbit}mbit", "burst", "64kb", "latency", "400ms"], check=True)
+        return m
+    from p2p_diloco.emulation.links import Link
+    from p2p_diloco.emulation.wan import Wan
+    return Wan([Link(mbit, mbit, one_way_ms / 2)] * peers)
+
+
+def run_benchmarks(args) -> None:
+    os.makedirs(args.logs, exist_ok=True)
+    rows = []
+    for peers in args.peers:
+        for delay in args.delay_ms:
+            net = _network(peers, args.mbit, delay)
+            bench = Bench(net, peers, args.logs)
+            try:
+                bench.start()
+                rows += _configurations(bench, args, peers, delay)
+            finally:
+                bench.close()
+                net.close()
+            _write(args, rows)
+    _print(rows)
+
+
+def _configurations(bench: Bench, args, peers: int, delay: float) -> list[dict]:
+    rows = []
+    for mb in args.payload_mb:
+        payload = int(mb * 1e6)
+        ideal = _ideal_seconds(peers, payload, args.mbit)
+        timeout = max(30.0, 6 * ideal + 4 * delay / 1000)
+        impls = [("ours", c) for c in args.codecs] + ([("stock", "fp16")] if args.stock else [])
+        for impl, codec in impls:
+            numel = _numel_for(codec, payload)
+            result = _best(bench.run(impl, codec, numel, args.repeats, timeout))
+            rows.append(_row(impl, codec, peers, delay, payload, numel, ideal, result))
+            print(_line(rows[-1]), flush=True)
+        if args.gloo:
+            numel = payload // 4
+            rows.append(_row("gloo", "fp32", peers, delay, payload, numel, ideal,
+                             _best(bench.gloo(numel, args.repeats, timeout))))
+            print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _row(impl, codec, peers, delay, payload, numel, ideal, result) -> dict:
+    seconds = result["seconds"]
+    return {"impl": impl, "codec": codec, "peers": peers, "one_way_delay_ms": delay, "payload_bytes": payload,
+            "numel": numel, "ideal_s": ideal, **result,
+            "fraction_of_ideal": (ideal / seconds) if seconds else None}
+
+
+def _line(r: dict) -> str:
+    frac = f"{100 * r['fraction_of_ideal']:5.1f}%" if r["fraction_of_ideal"] else "  fail"
+    secs = f"{r['seconds']:7.2f}" if r["seconds"] else "      -"
+    return (f"{r['impl']:>6} {r['codec']:>5} N={r['peers']} delay={r['one_way_delay_ms']:4.0f}ms "
+            f"payload={r['payload_bytes'] / 1e6:5.1f}MB ideal={r['ideal_s']:6.2f}s took={secs}s {frac} "
+            f"spread={r.get('start_spread') or 0:.2f}s identical={r['identical']} {('errors: ' + r['errors'][0]) if r['errors'] else ''}")
+
+
+def _print(rows: list[dict]) -> None:
+    print()
+    for r in rows:
+        print(_line(r))
+
+
+def _write(args, rows: list[dict]) -> None:
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peers": args.peers, "numel": args.numel, "results": rows}, f, indent=1)
+            json.dump({"mbit": args.mbit, "repeats": args.repeats, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
