@@ -82,9 +82,6 @@ def worker(args) -> None:
     from p2p_diloco.swarm.dht import start_dht, visible_maddrs
 
     torch.set_num_threads(1)
-    if os.environ.get("BENCH_DEBUG"):
-        import logging
-        logging.getLogger("hivemind.p2p.p2p_daemon").setLevel(logging.DEBUG)
     dht = start_dht(args.initial_peers or None, host_maddrs=[f"/ip4/{args.address}/tcp/0"])
     print(json.dumps({"maddrs": visible_maddrs(dht)}), flush=True)
     previous = None  # shut down only once every peer answered (a reducer may still be streaming means)
@@ -275,6 +272,7 @@ def main() -> None:
     ap.add_argument("--gloo", action="store_true", help="also torch.distributed gloo (fp32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--png", default=None, help="fraction of the ideal per configuration, as bars")
     ap.add_argument("--logs", default="/tmp/bench_allreduce_logs")
     args = ap.parse_args()
     if args.cmd == "worker":
@@ -285,22 +283,14 @@ def main() -> None:
 
 
 def _network(peers: int, mbit: float, one_way_ms: float):
-    try:
-        import p2p_diloco.emulation.wan  # noqa
-    except ImportError:  # INTERIM until wan lands
-        from p2p_diloco.emulation.machines import Machines
-        m = Machines(peers)
-        for i in range(peers):
-            for ns, dev in ((m.names[i], "eth0"), (m.switch, f"p{i}")):
-                subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-                                f"{mbit}mbit", "burst", "64kb", "latency", "400ms"], check=True)
-        return m
     from p2p_diloco.emulation.links import Link
     from p2p_diloco.emulation.wan import Wan
     return Wan([Link(mbit, mbit, one_way_ms / 2)] * peers)
 
 
 def run_benchmarks(args) -> None:
+    from p2p_diloco.emulation.wan import exit_on_sigterm
+    exit_on_sigterm()  # the namespaces go with us, even on SIGTERM
     os.makedirs(args.logs, exist_ok=True)
     rows = []
     for peers in args.peers:
@@ -315,6 +305,8 @@ def run_benchmarks(args) -> None:
                 net.close()
             _write(args, rows)
     _print(rows)
+    if args.png:
+        _plot(rows, args.png, args.mbit)
 
 
 def _configurations(bench: Bench, args, peers: int, delay: float) -> list[dict]:
@@ -362,6 +354,33 @@ def _write(args, rows: list[dict]) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mbit": args.mbit, "repeats": args.repeats, "rows": rows}, f, indent=1)
+
+
+def _plot(rows: list[dict], path: str, mbit: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["peers"], r["one_way_delay_ms"], r["payload_bytes"]) for r in rows})
+    impls = list(dict.fromkeys((r["impl"], r["codec"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(groups) * 1.2), 4.5))
+    width = 0.8 / len(impls)
+    for j, (impl, codec) in enumerate(impls):
+        ys = []
+        for g in groups:
+            hit = [r for r in rows if (r["peers"], r["one_way_delay_ms"], r["payload_bytes"]) == g
+                   and (r["impl"], r["codec"]) == (impl, codec)]
+            ys.append(100 * (hit[0]["fraction_of_ideal"] or 0) if hit else 0)
+        label = f"{'p2p_diloco' if impl == 'ours' else 'hivemind' if impl == 'stock' else impl} {codec}"
+        ax.bar([i + j * width for i in range(len(groups))], ys, width, label=label)
+    ax.axhline(90, color="k", lw=0.8, ls="--")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"N={n}\n{d:.0f} ms\n{p / 1e6:.0f} MB" for n, d, p in groups], fontsize=8)
+    ax.set_ylabel("% of 2(N-1)/N*S/R")
+    ax.set_title(f"All-reduce time against the link-rate ideal, {mbit:.0f} Mbit/s per peer")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

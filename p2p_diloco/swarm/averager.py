@@ -36,7 +36,8 @@ from hivemind.utils.mpfuture import MPFuture
 from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage,
                               RoundKey, RoundReport)
 from ..node.failpoints import reached
-from .butterfly import ButterflyProtocol
+from ..core.codecs import get_codec
+from .butterfly import FLOOR_RATE, ButterflyProtocol
 from .lifetime import die_with_parent
 from .state_serving import StateServing, decode_state, hash_records, publish_hash
 
@@ -69,7 +70,9 @@ class SwarmAverager(FragmentAverager):
 
     def __init__(self, dht, run_id: str, fragment_sizes: list[int], codec_name: str, *, round_timeout: float,
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
-                 bandwidth: float | None = None, client_mode: bool = False, search_timeout: float | None = None):
+                 uplink_mbit: float | None = None, client_mode: bool = False, search_timeout: float | None = None):
+        """`uplink_mbit`: this peer's uplink as declared (`join --bandwidth`): every member of a group learns it
+        (load balancing, deadlines: see `butterfly`); None: unknown."""
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
         # a group forms about one matchmaking time after its first member came: a peer that finds none by one
         # more matchmaking time (it came late, or nobody came) gives up, not after the whole round timeout.
@@ -80,6 +83,8 @@ class SwarmAverager(FragmentAverager):
         self.peer_id = str(dht.peer_id)
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.rate = (uplink_mbit or 0.0) * 125_000.0  # bytes/s; 0: unknown
+        self.fragment_sizes = list(fragment_sizes)
         # peers known to be training (from their progress records); None: unknown, trust every record.
         # A dead peer's state-hash record outlives it: it must not count as the swarm's state, nor as a donor.
         self.live_peers: set[str] | None = None
@@ -90,9 +95,11 @@ class SwarmAverager(FragmentAverager):
             CodecAverager(numel, codec_name, dht=dht, prefix=f"{run_id}_f{k}", start=True,
                           target_group_size=target_group_size, min_group_size=2,
                           min_matchmaking_time=min_matchmaking_time,
-                          request_timeout=min(1.0, min_matchmaking_time / 2),
-                          allreduce_timeout=round_timeout, next_chunk_timeout=round_timeout,
-                          bandwidth=bandwidth, client_mode=client_mode, declare_state_period=3600)
+                          request_timeout=min_matchmaking_time / 2,
+                          # no bound on the whole all-reduce: a slow link may need long for a large fragment;
+                          # the butterfly's per-chunk deadlines (from the members' rates) notice a stalled member
+                          allreduce_timeout=None, next_chunk_timeout=round_timeout,
+                          client_mode=client_mode, declare_state_period=3600)
             for k, numel in enumerate(fragment_sizes)]
         signal.signal(signal.SIGINT, previous)  # hivemind makes the creating process ignore Ctrl-C
 
@@ -104,7 +111,7 @@ class SwarmAverager(FragmentAverager):
             tensors[0].copy_(outer_grad.reshape(-1))
         av.set_group_bits(format(key.round % (1 << 16), "016b"))
         meta = {"run": key.run_id, "fragment": key.fragment, "round": key.round, "codec": self.codec_name,
-                "numel": int(outer_grad.numel()), "weight": float(weight)}
+                "numel": int(outer_grad.numel()), "weight": float(weight), "rate": self.rate}
         control = av.step(gather=meta, weight=float(weight), wait=False, timeout=self.search_timeout,
                           allow_retries=False)
         return _SwarmPending(self, av, key, control, time.time())
@@ -169,12 +176,18 @@ class _SwarmPending(PendingAverage):
     def __init__(self, owner: SwarmAverager, av: CodecAverager, key: RoundKey, control, started: float):
         self.owner, self.av, self.key, self.control, self.started = owner, av, key, control, started
 
+    def _safety_net(self) -> float:
+        """How long to wait for the averager process at most: the round's own deadlines come first; this only
+        catches a process that stopped answering. Enough for the fragment both ways at FLOOR_RATE, 4 times."""
+        wire = get_codec(self.owner.codec_name).wire_size(self.owner.fragment_sizes[self.key.fragment])
+        return self.owner.search_timeout + self.owner.round_timeout + 8 * wire / FLOOR_RATE + 5
+
     def done(self) -> bool:
         return self.control.done()
 
     def result(self) -> FragmentAverage:
         try:
-            gathered = self.control.result(timeout=self.owner.round_timeout * 2 + 5)
+            gathered = self.control.result(timeout=self._safety_net())
         except Exception as e:
             raise AveragingFailed(f"{self.key}: {type(e).__name__}: {e}") from None
         stats = gathered

@@ -51,6 +51,12 @@ from ..node.failpoints import reached
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 17
+# Deadlines follow from the links (README "Deadlines"): a chunk may take DEADLINE_FLOOR_S (connection set-up and a
+# few round trips of up to ~1 s) plus DEADLINE_FACTOR times what the group's slowest uplink needs to move one chunk
+# to, and one mean from, every other member; a member whose rate nobody knows counts as FLOOR_RATE.
+FLOOR_RATE = 125_000.0  # bytes/s (1 Mbit/s)
+DEADLINE_FLOOR_S = 5.0
+DEADLINE_FACTOR = 4.0
 # a member that sends us a part of a group we are not in (we gave up matchmaking while the leader counted us
 # in) gets BAD_GROUP_ID after this long, instead of hanging until the round timeout
 GROUP_REGISTRATION_S = 3.0
@@ -67,11 +73,30 @@ class _Group:
     me: int  # this peer's index in `peers`
     weights: list[float]  # tokens behind each member's outer gradient
     reducers: list[int]  # members that reduce a part (not in client mode)
-    bandwidths: list[float]  # declared by the reducers, for load balancing
+    rates: list[float]  # each member's uplink in bytes/s as it declared it; 0: unknown
 
     @property
     def total_weight(self) -> float:
         return float(sum(self.weights))
+
+    @property
+    def bandwidths(self) -> list[float]:
+        """The reducers' uplinks for load balancing: an unknown one counts as the median of the known ones."""
+        known = sorted(r for r in self.rates if r > 0)
+        rates = [r or (known[len(known) // 2] if known else 1.0) for r in self.rates]
+        return [rates[i] for i in self.reducers]
+
+    @property
+    def chunk_deadline(self) -> float:
+        """Seconds the next chunk (or mean) of a stream may take before its sender counts as stalled."""
+        return chunk_deadline(self.rates, len(self.peers))
+
+
+def chunk_deadline(rates: list[float], members: int, chunk_bytes: int = CHUNK_BYTES) -> float:
+    """DEADLINE_FLOOR_S + DEADLINE_FACTOR x the time the slowest member's uplink (unknown: FLOOR_RATE) takes to
+    send one chunk to, and one mean to, each of the other members."""
+    slowest = min((r if r > 0 else FLOOR_RATE) for r in rates)
+    return DEADLINE_FLOOR_S + DEADLINE_FACTOR * 2 * (members - 1) * chunk_bytes / slowest
 
 
 def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
@@ -79,7 +104,7 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
     each with a positive finite weight. Raises AllreduceException naming the first peer that differs."""
     peers = list(group_info.peer_ids)
     try:
-        bandwidths, modes, user = zip(*map(serializer.loads, group_info.gathered))
+        _, modes, user = zip(*map(serializer.loads, group_info.gathered))
         meta = [serializer.loads(u) for u in user]
     except Exception as e:
         raise AllreduceException(f"malformed group metadata: {e}") from None
@@ -95,11 +120,14 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
         w = m.get("weight")
         if not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
             raise AllreduceException(f"peer {peer} declared weight {w!r}")
+        rate = m.get("rate", 0.0)
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not math.isfinite(rate) or rate < 0:
+            raise AllreduceException(f"peer {peer} declared uplink rate {rate!r}")
     reducers = [i for i, mode in enumerate(modes) if mode != _CLIENT_MODE]
     if not reducers:
         raise AllreduceException("no member can reduce (all in client mode)")
     return _Group(peers, index, [float(m["weight"]) for m in meta], reducers,
-                  [float(bandwidths[i] or 0) or 1.0 for i in reducers])
+                  [float(m.get("rate", 0.0)) for m in meta])
 
 
 def chunk_spans(numel: int, codec: Codec) -> list[tuple[int, int]]:
@@ -130,8 +158,9 @@ class Reduction:
     Deterministic: chunk k's mean is the fp32 sum over members in the group's order of weight/total x decoded
     chunk, encoded once; every member receives the same bytes."""
 
-    def __init__(self, codec: Codec, numel: int, peers: list[PeerID], weights: list[float], me: PeerID):
-        self.codec, self.numel, self.me = codec, numel, me
+    def __init__(self, codec: Codec, numel: int, peers: list[PeerID], weights: list[float], me: PeerID,
+                 deadline: float):
+        self.codec, self.numel, self.me, self.deadline = codec, numel, me, deadline
         self.peers = peers
         self.weights = dict(zip(peers, weights))
         self.total_weight = float(sum(weights))
@@ -212,7 +241,7 @@ class ButterflyProtocol:
         reduction = None
         if group.me in owner_part:
             lo, hi = owner_part[group.me]
-            reduction = Reduction(codec, hi - lo, group.peers, group.weights, self.peer_id)
+            reduction = Reduction(codec, hi - lo, group.peers, group.weights, self.peer_id, group.chunk_deadline)
         self._running_groups[group_info.group_id].set_result(reduction)
         traffic = {"sent": 0, "received": 0}
         async with enter_asynchronously(self.get_tensors()) as tensors:
@@ -237,7 +266,7 @@ class ButterflyProtocol:
                         owner: int, reduction: Reduction | None, traffic: dict) -> None:
         """Our contribution to the part `owner` reduces goes out chunk by chunk; that part's mean comes back into
         `out` chunk by chunk, while later chunks are still on their way."""
-        weight, timeout = group.weights[group.me], self._allreduce_timeout
+        weight, timeout = group.weights[group.me], group.chunk_deadline
         chunks = chunk_spans(mine.numel(), codec)
         payloads = _encoded_ahead(codec, mine, chunks)
         if owner == group.me:
@@ -364,7 +393,7 @@ class ButterflyProtocol:
         try:
             for k in range(len(reduction.chunks)):
                 try:
-                    mean = await reduction.mean(k, self._allreduce_timeout)
+                    mean = await reduction.mean(k, reduction.deadline)
                 except Exception:
                     yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
                     return
@@ -372,7 +401,7 @@ class ButterflyProtocol:
                                                   tensor_part=runtime_pb2.Tensor(buffer=mean))
             # keep our side open until the member ends its side (it has every mean then): closing first could
             # reset the stream with the last mean still in flight
-            await asyncio.wait_for(reading, self._allreduce_timeout)
+            await asyncio.wait_for(reading, reduction.deadline)
         except asyncio.TimeoutError:
             log.debug("member %s did not end its stream after the last mean", context.remote_id)
         finally:
@@ -392,7 +421,7 @@ class ButterflyProtocol:
                 k += 1
                 if k == len(reduction.chunks):
                     break
-                msg = await asyncio.wait_for(anext(stream), self._allreduce_timeout)
+                msg = await asyncio.wait_for(anext(stream), reduction.deadline)
         except Exception as e:
             reduction.fail(AllreduceException(f"part from {peer}: {e!r}"))
             return

@@ -150,7 +150,7 @@ class Peer:
         run = self.run
         self.averager = SwarmAverager(self.dht, run.run_id, self.fragment_sizes, run.diloco.codec,
                                       round_timeout=run.round_timeout, target_group_size=run.target_group_size,
-                                      bandwidth=self.opts.bandwidth, min_matchmaking_time=run.matchmaking_time,
+                                      uplink_mbit=self.opts.bandwidth, min_matchmaking_time=run.matchmaking_time,
                                       client_mode=self.client_mode)
         self.outer = StreamingDiLoCo(self.model, run.diloco, self.averager, run_id=run.run_id)
         if self.opts.threads:
