@@ -10,7 +10,7 @@ import sys
 import click
 
 from .core.config import ConfigError
-from .flag_checks import (check_fragments, check_identity_file, check_join_files, check_output_file,
+from .flag_checks import (check_fragments, check_identity_file, check_join_files, check_links, check_output_file,
                           check_run_id_flag, fail, parse_initial_peers, probe_bootstrap)
 from .node.profiles import profile_option
 
@@ -343,10 +343,14 @@ def _slashed(values: list[int]) -> str:
               help="The last peer sleeps this many seconds after every inner step (peers of different speeds).")
 @click.option("--late-peer-after", default=0.0, type=click.FloatRange(min=0), show_default=True,
               help="The last peer joins this many seconds after the others started (a mid-run join).")
+@click.option("--links", "links_path", default=None,
+              help="TOML file of emulated WAN links (e.g. peers/links-mixed.toml): each member on a machine of its "
+                   "own (a network namespace) behind its upload/download rate, delay and loss. Root only.")
 def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size,
                 matchmaking_time, data, timeout, json_path, workdir, progress_every, slow_peer_delay,
-                late_peer_after, **diloco):
-    """A host and N trainers as separate processes on 127.0.0.1, all stopping at global step --steps.
+                late_peer_after, links_path, **diloco):
+    """A host and N trainers as separate processes on 127.0.0.1 (or behind emulated WAN links, --links), all
+    stopping at global step --steps.
 
     A peer that dies is reported and the others train on; exits 0 when at least two trainers (one, with
     --peers 1) finished holding the same state and none reported a problem, else 1 with the reason."""
@@ -359,11 +363,12 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
     if late_peer_after and peers < 2:
         raise click.UsageError("--late-peer-after needs --peers >= 2 (someone must be there to join)")
     check_output_file(json_path, "--json")
+    links = check_links(links_path, peers)
     run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
                       target_group_size or (peers if peers >= 2 else None), matchmaking_time, None,
                       _pop_diloco(diloco))
     swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), slow_peer_delay=slow_peer_delay,
-                       late_peer_after=late_peer_after)
+                       late_peer_after=late_peer_after, links=links)
     # SIGTERM must unwind like Ctrl-C, through the cleanup that stops every child (the host included)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:

@@ -17,8 +17,6 @@ from .core.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-
-
 def fail(e: Exception, usage: bool = False) -> click.ClickException:
     """`e` as the one line click prints (a usage error exits 2, else 1); with --verbose, its traceback too."""
     log.debug("%s: %s", type(e).__name__, e, exc_info=e)
@@ -129,3 +127,21 @@ def check_join_files(run_id: str, data: tuple, summary_path: str | None, checkpo
             Corpus.load(list(data), max_bytes=1)
         except ConfigError as e:
             raise fail(ConfigError(f"--data: {e}"), usage=True) from None
+
+
+def check_links(path: str | None, peers: int):
+    """--links: None, or (the host's link, each trainer's link) from a valid links file, on a machine where
+    namespaces can be made (root); else one line naming the file, the key and the reason."""
+    if path is None:
+        return None
+    from .emulation.links import LinksError, read_links
+    from .emulation.wan import available
+
+    try:
+        links = read_links(path, peers)
+    except LinksError as e:
+        raise fail(e, usage=True) from None
+    reason = available()
+    if reason:
+        raise fail(RuntimeError(f"--links {path}: emulated links cannot be made here: {reason}"))
+    return links

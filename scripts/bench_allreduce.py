@@ -81,7 +81,8 @@ def worker(args) -> None:
     from p2p_diloco.swarm.averager import SwarmAverager
     from p2p_diloco.swarm.dht import start_dht, visible_maddrs
 
-    torch.set_num_threads(1)
+    # (no torch.set_num_threads here: an averager process forked after it trips torch's "Invalid thread pool"
+    # assert; OMP_NUM_THREADS=1 comes from the environment)
     dht = start_dht(args.initial_peers or None, host_maddrs=[f"/ip4/{args.address}/tcp/0"])
     print(json.dumps({"maddrs": visible_maddrs(dht)}), flush=True)
     previous = None  # shut down only once every peer answered (a reducer may still be streaming means)
@@ -285,7 +286,11 @@ def main() -> None:
 def _network(peers: int, mbit: float, one_way_ms: float):
     from p2p_diloco.emulation.links import Link
     from p2p_diloco.emulation.wan import Wan
-    return Wan([Link(mbit, mbit, one_way_ms / 2)] * peers)
+    net = Wan([Link(mbit, mbit, one_way_ms / 2)] * peers)
+    if os.environ.get("BENCH_NO_IDLE_RESTART"):
+        for i in range(peers):
+            net.run(i, ["sysctl", "-qw", "net.ipv4.tcp_slow_start_after_idle=0"], check=True)
+    return net
 
 
 def run_benchmarks(args) -> None:

@@ -51,6 +51,10 @@ from ..node.failpoints import reached
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 17
+# parallel streams ("lanes") per member and reducer, chunk k on lane k mod LANES: the daemon multiplexes streams
+# over one connection, each with its own flow-control window (256 KB when it opens), so one stream moves at most
+# 256 KB per round trip (7 Mbit/s at a 300 ms ping)
+LANES = 4
 # Deadlines follow from the links (README "Deadlines"): a chunk may take DEADLINE_FLOOR_S (connection set-up and a
 # few round trips of up to ~1 s) plus DEADLINE_FACTOR times what the group's slowest uplink needs to move one chunk
 # to, and one mean from, every other member; a member whose rate nobody knows counts as FLOOR_RATE.
@@ -138,6 +142,10 @@ def chunk_spans(numel: int, codec: Codec) -> list[tuple[int, int]]:
     return [(a, min(a + step, numel)) for a in range(0, numel, step)] or [(0, 0)]
 
 
+def lanes_for(chunks: int) -> int:
+    return max(1, min(LANES, chunks))
+
+
 async def _encoded_ahead(codec: Codec, x: torch.Tensor, chunks: list[tuple[int, int]], ahead: int = 2
                          ) -> AsyncIterator[bytes]:
     """The chunks of `x` encoded, in order, `ahead` of them encoding (off the event loop) while one is sent."""
@@ -166,24 +174,27 @@ class Reduction:
         self.total_weight = float(sum(weights))
         self.chunks = chunk_spans(numel, codec)
         self._parts: list[dict[PeerID, torch.Tensor]] = [{} for _ in self.chunks]
-        self._next: dict[PeerID, int] = {}  # the chunk each member sends next
+        self._seen: set[tuple[PeerID, int]] = set()  # (member, chunk) already in
         self.bytes_in = 0
         self.bytes_out = 0  # encoded means, once (every other member receives them)
         loop = asyncio.get_event_loop()
         self.means: list[asyncio.Future[bytes]] = [loop.create_future() for _ in self.chunks]
         self.failed: asyncio.Future[None] = loop.create_future()  # set (to an exception) once the part failed
 
-    async def add(self, peer: PeerID, weight: float, payload: bytes) -> None:
-        """Member `peer`'s next chunk; raises AllreduceException (and fails the part) when it is refused."""
+    @property
+    def lanes(self) -> int:
+        return lanes_for(len(self.chunks))
+
+    async def add(self, peer: PeerID, k: int, weight: float, payload: bytes) -> None:
+        """Member `peer`'s chunk k; raises AllreduceException (and fails the part) when it is refused."""
         if self.failed.done():
             raise self.failed.exception()
         try:
-            k = self._next.get(peer, 0)
-            if peer not in self.weights or k >= len(self.chunks):
-                raise AllreduceException(f"unexpected part or chunk from {peer}")
+            if peer not in self.weights or not 0 <= k < len(self.chunks) or (peer, k) in self._seen:
+                raise AllreduceException(f"unexpected or repeated chunk {k} from {peer}")
             if weight != self.weights[peer]:
                 raise AllreduceException(f"peer {peer} sent weight {weight}, declared {self.weights[peer]}")
-            self._next[peer] = k + 1
+            self._seen.add((peer, k))
             lo, hi = self.chunks[k]
             decoded = await asyncio.get_event_loop().run_in_executor(None, self.codec.decode, payload, hi - lo)
         except (CodecError, AllreduceException) as e:
@@ -264,35 +275,43 @@ class ButterflyProtocol:
 
     async def _exchange(self, group: _Group, group_id: bytes, codec: Codec, mine: torch.Tensor, out: torch.Tensor,
                         owner: int, reduction: Reduction | None, traffic: dict) -> None:
-        """Our contribution to the part `owner` reduces goes out chunk by chunk; that part's mean comes back into
-        `out` chunk by chunk, while later chunks are still on their way."""
-        weight, timeout = group.weights[group.me], group.chunk_deadline
+        """Our contribution to the part `owner` reduces goes out chunk by chunk (over `lanes_for` parallel
+        streams); that part's mean comes back into `out` chunk by chunk, while later chunks are still on their way."""
+        weight = group.weights[group.me]
         chunks = chunk_spans(mine.numel(), codec)
-        payloads = _encoded_ahead(codec, mine, chunks)
         if owner == group.me:
             async def feed():
-                async for payload in payloads:
-                    await reduction.add(self.peer_id, weight, payload)
+                k = 0
+                async for payload in _encoded_ahead(codec, mine, chunks):
+                    await reduction.add(self.peer_id, k, weight, payload)
+                    k += 1
             feeding = asyncio.ensure_future(feed())
             try:
                 for k in range(len(chunks)):
-                    await self._take_mean(codec, await reduction.mean(k, timeout), out, chunks[k], group.peers[owner])
+                    mean = await reduction.mean(k, group.chunk_deadline)
+                    await self._take_mean(codec, mean, out, chunks[k], group.peers[owner])
                 await feeding
             finally:
                 feeding.cancel()
             return
-        reducer = group.peers[owner]
-        stub = type(self).get_stub(self._p2p, reducer, namespace=self.prefix)
+        lanes = lanes_for(len(chunks))
+        await asyncio.gather(*(self._lane(group, group_id, codec, mine, out, owner, chunks[lane::lanes],
+                                          (lane, lanes), traffic) for lane in range(lanes)))
 
+    async def _lane(self, group: _Group, group_id: bytes, codec: Codec, mine: torch.Tensor, out: torch.Tensor,
+                    owner: int, chunks: list[tuple[int, int]], lane: tuple[int, int], traffic: dict) -> None:
+        """One stream to the reducer of part `owner`: the chunks of lane (i, n) out, their means back."""
+        reducer, weight, timeout = group.peers[owner], group.weights[group.me], group.chunk_deadline
+        stub = type(self).get_stub(self._p2p, reducer, namespace=self.prefix)
         all_in = asyncio.Event()
 
         async def requests():
             first = True
-            async for payload in payloads:
+            async for payload in _encoded_ahead(codec, mine, chunks, ahead=1):
                 traffic["sent"] += len(payload)
-                yield averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING,
-                                                  group_id=group_id if first else b"", weight=weight,
-                                                  tensor_part=runtime_pb2.Tensor(buffer=payload))
+                yield averaging_pb2.AveragingData(
+                    code=averaging_pb2.PART_FOR_AVERAGING, group_id=group_id if first else b"", weight=weight,
+                    tensor_part=runtime_pb2.Tensor(buffer=payload, size=list(lane) if first else []))
                 first = False
                 reached("sending")
             # our side of the stream ends only once every mean is in: the reducer closes its side when ours ends,
@@ -389,9 +408,16 @@ class ButterflyProtocol:
         if reduction is None:
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
-        reading = asyncio.ensure_future(self._read_chunks(first, stream, reduction, context.remote_id))
+        lane = tuple(first.tensor_part.size)
+        if len(lane) != 2 or lane[1] != reduction.lanes or not 0 <= lane[0] < lane[1]:
+            reduction.fail(AllreduceException(f"{context.remote_id} sent on lane {lane}, "
+                                              f"not one of {reduction.lanes}"))
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        indices = range(lane[0], len(reduction.chunks), lane[1])
+        reading = asyncio.ensure_future(self._read_chunks(first, stream, reduction, context.remote_id, indices))
         try:
-            for k in range(len(reduction.chunks)):
+            for k in indices:
                 try:
                     mean = await reduction.mean(k, reduction.deadline)
                 except Exception:
@@ -407,21 +433,20 @@ class ButterflyProtocol:
         finally:
             reading.cancel()
 
-    async def _read_chunks(self, first: averaging_pb2.AveragingData, stream, reduction: Reduction, peer) -> None:
-        """Every chunk of one member's part into the reduction; a refused, oversized or late chunk fails the part
-        (for every member: they wait on its means)."""
+    async def _read_chunks(self, first: averaging_pb2.AveragingData, stream, reduction: Reduction, peer,
+                           indices: range) -> None:
+        """The chunks `indices` of one member's part into the reduction; a refused, oversized or late chunk fails
+        the part (for every member: they wait on its means)."""
         try:
-            msg, k = first, 0
-            while True:
+            msg = first
+            for i, k in enumerate(indices):
+                if i:
+                    msg = await asyncio.wait_for(anext(stream), reduction.deadline)
                 lo, hi = reduction.chunks[k]
                 if len(msg.tensor_part.buffer) > reduction.codec.wire_size(hi - lo):
                     raise AllreduceException(f"chunk {k} from {peer} is larger than its {hi - lo} values take")
-                await reduction.add(peer, msg.weight, msg.tensor_part.buffer)
+                await reduction.add(peer, k, msg.weight, msg.tensor_part.buffer)
                 reached("reducing")
-                k += 1
-                if k == len(reduction.chunks):
-                    break
-                msg = await asyncio.wait_for(anext(stream), reduction.deadline)
         except Exception as e:
             reduction.fail(AllreduceException(f"part from {peer}: {e!r}"))
             return

@@ -1,4 +1,5 @@
-"""A whole swarm on this machine: a host and N trainers as separate processes on 127.0.0.1.
+"""A whole swarm on this machine: a host and N trainers as separate processes on 127.0.0.1, or each on a
+machine of its own behind an emulated WAN link (`links`, root only: see `p2p_diloco.emulation.wan`).
 
 Every child runs in its own session and is killed with its whole process group
 on exit, Ctrl-C or failure (hivemind's DHT, averagers and p2pd die with their
@@ -68,10 +69,14 @@ class TrainerProcess:
 
 class LocalSwarm:
     def __init__(self, run: RunConfig, peers: int, steps: int, workdir: str | None = None,
-                 data: list[str] | None = None, slow_peer_delay: float = 0.0, late_peer_after: float = 0.0):
+                 data: list[str] | None = None, slow_peer_delay: float = 0.0, late_peer_after: float = 0.0,
+                 links: tuple | None = None):
         """`steps`: the global step every trainer stops at; the last trainer may be slowed
-        (`slow_peer_delay` seconds of sleep per inner step) or join late (`late_peer_after` seconds)."""
+        (`slow_peer_delay` seconds of sleep per inner step) or join late (`late_peer_after` seconds).
+        `links`: (the host's `Link`, [each trainer's `Link`]) from `emulation.links.read_links`: every member
+        then runs in a network namespace of its own behind that link, and declares its uplink rate."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
+        self.links, self.net = links, None
         self.slow_peer_delay, self.late_peer_after = slow_peer_delay, late_peer_after
         if workdir:
             os.makedirs(workdir, exist_ok=True)
@@ -84,7 +89,10 @@ class LocalSwarm:
         log_path = os.path.join(self.workdir, f"{name}.log")
         log = open(log_path, "w")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
-        proc = subprocess.Popen([sys.executable, "-m", "p2p_diloco.cli", *args], stdout=stdout or log, stderr=log,
+        argv = [sys.executable, "-m", "p2p_diloco.cli", *args]
+        if self.net is not None:  # `ip netns exec` execs the program: the pid stays the child's own
+            argv = self.net.command(self._machine(name), argv)
+        proc = subprocess.Popen(argv, stdout=stdout or log, stderr=log,
                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env, text=True)
         log.close()
         child = _Child(name, proc, log_path)
@@ -99,7 +107,7 @@ class LocalSwarm:
         maddrs_path = os.path.join(self.workdir, "host.json")
         _remove_stale(maddrs_path)  # a --workdir of an earlier run: its files must not pass for this run's
         host = self.host = self.spawn("host", ["host", "--run-config", config_path, "--maddrs-file", maddrs_path,
-                                               *LOOPBACK])
+                                               *self._listen("host")])
         deadline = time.monotonic() + HOST_START_TIMEOUT
         while not os.path.exists(maddrs_path):
             if host.proc.poll() is not None:
@@ -118,7 +126,9 @@ class LocalSwarm:
         _remove_stale(summary)
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
                 "--summary", summary, "--progress-json", "--threads", "1",
-                "--wait-for-peers", str(wait_for), *LOOPBACK, *(extra or [])]
+                "--wait-for-peers", str(wait_for), *self._listen(name), *(extra or [])]
+        if self.links is not None:
+            args += ["--bandwidth", str(self._link(name).up_mbit)]
         for d in self.data:
             args += ["--data", d]
         return self.spawn(name, args, stdout=subprocess.PIPE, env=env), summary
@@ -131,6 +141,9 @@ class LocalSwarm:
         start = time.time()
         view = _ProgressView([f"peer{i}" for i in range(self.peers)], self.steps, show_progress, progress_every)
         try:
+            if self.links is not None:
+                from ..emulation.wan import Wan
+                self.net = Wan([self.links[0], *self.links[1]])
             maddr = self.start_host()
             trainers = [self._start(i, maddr) for i in range(self.peers) if i != self._late_index()]
             self._watch(trainers, maddr, timeout, view)
@@ -138,6 +151,28 @@ class LocalSwarm:
         finally:
             view.close()
             self.stop()
+            if self.net is not None:
+                self.net.close()
+
+    def _machine(self, name: str) -> int:
+        """The emulated machine a member runs on: 0 the host, i + 1 trainer `peer{i}`."""
+        return 0 if name == "host" else int(name.removeprefix("peer")) + 1
+
+    def _link(self, name: str):
+        return self.links[0] if name == "host" else self.links[1][self._machine(name) - 1]
+
+    def _listen(self, name: str) -> list[str]:
+        if self.net is None:
+            return LOOPBACK
+        return ["--host-maddrs", f"/ip4/{self.net.address(self._machine(name))}/tcp/0"]
+
+    def _link_bytes(self, name: str) -> dict:
+        """What machine `name`'s interface sent and received (every byte: headers, DHT, retransmissions)."""
+        if self.net is None:
+            return {}
+        counters = self.net.counters(self._machine(name))
+        return {"link": vars(self._link(name)), "link_tx_bytes": counters["tx_bytes"],
+                "link_rx_bytes": counters["rx_bytes"]}
 
     def _late_index(self) -> int | None:
         return self.peers - 1 if self.late_peer_after > 0 else None
@@ -182,7 +217,7 @@ class LocalSwarm:
             t.ended = True
             if os.path.exists(t.summary_path):
                 with open(t.summary_path) as f:
-                    t.summary = {"name": t.name, **json.load(f)}
+                    t.summary = {"name": t.name, **json.load(f), **self._link_bytes(t.name)}
                 view.finished(t)
                 continue
             _signal_group(t.child.proc, signal.SIGKILL)  # its averagers and p2pd go with it, now
@@ -261,8 +296,9 @@ def verdict(report: dict) -> str | None:
 
 def summary_table(report: dict) -> str:
     """A row per trainer (the dead ones too), the consensus line, and the dead members' last log lines."""
+    links = any("link_tx_bytes" in p for p in report["peers"])
     rows = [f"{'name':>6} {'peer':>52} {'steps':>6} {'rounds applied':>14} {'failed':>10} {'eval_loss':>9} "
-            f"{'sent MB':>8} {'recv MB':>8}"]
+            f"{'sent MB':>8} {'recv MB':>8}" + (f" {'link tx MB':>10} {'link rx MB':>10}" if links else "")]
     dead = {c["name"]: c for c in report["crashed"]}
     finished = {p["name"]: p for p in report["peers"]}
     for name in sorted(set(dead) | set(finished), key=lambda n: (n == "host", len(n), n)):
@@ -270,12 +306,16 @@ def summary_table(report: dict) -> str:
             p = finished[name]
             rows.append(f"{name:>6} {p['peer_id']:>52} {p['inner_steps']:6d} {_slashed(p['rounds']):>14} "
                         f"{_slashed(p['rounds_failed']):>10} {p['eval_loss']:9.4f} "
-                        f"{p['wire_bytes_sent'] / 1e6:8.2f} {p['wire_bytes_received'] / 1e6:8.2f}")
+                        f"{p['wire_bytes_sent'] / 1e6:8.2f} {p['wire_bytes_received'] / 1e6:8.2f}"
+                        + (f" {p['link_tx_bytes'] / 1e6:10.2f} {p['link_rx_bytes'] / 1e6:10.2f}" if links else ""))
         else:
             rows.append(f"{name:>6} died: {_describe_death(dead[name])}")
     over = f"over the {len(finished)} of {report['trainers']} trainers that finished"
     rows.append(f"consensus: {report['consensus']} ({over})   wall: {report['wall_s']:.0f}s   "
                 f"logs: {report['workdir']}")
+    if links:
+        rows.append("sent/recv MB: averaging payloads (parts and means); link tx/rx MB: everything the emulated "
+                    "interface carried (headers, DHT, state downloads, retransmissions)")
     for c in report["crashed"]:
         rows.append(f"last lines of {c['log']}:")
         rows += [f"    {line}" for line in c["log_tail"] or ["(empty)"]]
