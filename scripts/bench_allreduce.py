@@ -95,6 +95,7 @@ def worker(args) -> None:
         if job["impl"] == "ours":
             av = SwarmAverager(dht, prefix, [job["numel"]], job["codec"], round_timeout=job["timeout"],
                                target_group_size=job["peers"], min_matchmaking_time=2.0,
+                               uplink_mbit=(job.get("uplinks") or {}).get(str(args.rank)),
                                search_timeout=job["timeout"])
         else:
             av = _TimedStock.make(dht, job["numel"], job["peers"], job["timeout"], prefix)
@@ -185,10 +186,13 @@ class Bench:
             answer = _read_json_line(proc, 90, f"worker {i} start")
             maddrs = maddrs or answer["maddrs"]
 
-    def run(self, impl: str, codec: str, numel: int, repeats: int, timeout: float) -> list[dict]:
+    def run(self, impl: str, codec: str, numel: int, repeats: int, timeout: float,
+            uplinks: list[float] | None = None) -> list[dict]:
+        """`uplinks`: each peer's declared uplink (Mbit/s), else none declared."""
         self.jobs += 1
         job = {"id": self.jobs, "impl": impl, "codec": codec, "numel": numel, "repeats": repeats,
-               "peers": self.peers, "timeout": timeout, "seed": self.jobs}
+               "peers": self.peers, "timeout": timeout, "seed": self.jobs,
+               "uplinks": {str(i): u for i, u in enumerate(uplinks)} if uplinks else None}
         for p in self.procs:
             p.stdin.write(json.dumps(job) + "\n")
             p.stdin.flush()
@@ -225,6 +229,29 @@ class Bench:
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def lp_optimal_seconds(payload_bytes: int, ups: list[float], downs: list[float]) -> float:
+    """The least time a butterfly can take on these links (Mbit/s): choose each peer's share x_i of the vector to
+    reduce so that the slowest link finishes first, where peer i uploads its contributions to the others
+    (S - x_i) and the means of its part to every other peer ((N-1) x_i), and downloads the others' contributions
+    to its part ((N-1) x_i) and the means of the other parts (S - x_i)."""
+    from scipy.optimize import linprog
+
+    n, size = len(ups), float(payload_bytes)
+    # variables x_0 .. x_{n-1}, T; minimize T
+    cost = [0.0] * n + [1.0]
+    rows, bounds = [], []
+    for i, (up, down) in enumerate(zip(ups, downs)):
+        for rate in (up, down):
+            row = [0.0] * (n + 1)
+            row[i] = n - 2  # (n-1) x_i - x_i
+            row[n] = -rate * 1e6 / 8
+            rows.append(row)
+            bounds.append(-size)
+    result = linprog(cost, A_ub=rows, b_ub=bounds, A_eq=[[1.0] * n + [0.0]], b_eq=[size],
+                     bounds=[(0, None)] * (n + 1))
+    return float(result.x[-1])
 
 
 def _ideal_seconds(peers: int, payload_bytes: int, mbit: float) -> float:
@@ -271,6 +298,9 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="+", default=["fp32", "fp16", "fp4"])
     ap.add_argument("--stock", action="store_true", help="also stock hivemind Float16Compression")
     ap.add_argument("--gloo", action="store_true", help="also torch.distributed gloo (fp32)")
+    ap.add_argument("--links", default=None,
+                    help="a links file (peers/links-*.toml): its [[peer]] links instead of --mbit/--delay-ms; our "
+                         "averager only, each peer declaring its uplink, against the LP-optimal time")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None, help="fraction of the ideal per configuration, as bars")
@@ -297,6 +327,8 @@ def run_benchmarks(args) -> None:
     from p2p_diloco.emulation.wan import exit_on_sigterm
     exit_on_sigterm()  # the namespaces go with us, even on SIGTERM
     os.makedirs(args.logs, exist_ok=True)
+    if args.links:
+        return run_on_links(args)
     rows = []
     for peers in args.peers:
         for delay in args.delay_ms:
@@ -312,6 +344,42 @@ def run_benchmarks(args) -> None:
     _print(rows)
     if args.png:
         _plot(rows, args.png, args.mbit)
+
+
+def run_on_links(args) -> None:
+    """Mixed links: our round time against the LP-optimal time for the links' rates."""
+    from p2p_diloco.emulation.links import read_links
+    from p2p_diloco.emulation.wan import Wan
+
+    _, links = read_links(args.links, args.peers[0])
+    ups, downs = [link.up_mbit for link in links], [link.down_mbit for link in links]
+    net = Wan(links)
+    bench = Bench(net, len(links), args.logs)
+    rows = []
+    try:
+        bench.start()
+        for mb in args.payload_mb:
+            payload = int(mb * 1e6)
+            optimal = lp_optimal_seconds(payload, ups, downs)
+            for codec in args.codecs:
+                numel = _numel_for(codec, payload)
+                for declared in (True, False):
+                    result = _best(bench.run("ours", codec, numel, args.repeats, max(60.0, 8 * optimal),
+                                             uplinks=ups if declared else None))
+                    seconds = result["seconds"]
+                    rows.append({"impl": "ours", "codec": codec, "links": args.links, "ups": ups, "downs": downs,
+                                 "uplinks_declared": declared, "payload_bytes": payload, "numel": numel,
+                                 "lp_optimal_s": optimal, **result,
+                                 "over_optimal": seconds / optimal if seconds else None})
+                    print(f"{codec:>5} payload={mb:5.1f}MB declared={declared!s:>5} LP-optimal={optimal:6.2f}s "
+                          f"took={seconds or float('nan'):6.2f}s ratio={rows[-1]['over_optimal'] or float('nan'):.2f}"
+                          f" identical={result['identical']} {result['errors'][:1]}", flush=True)
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump({"links": args.links, "repeats": args.repeats, "rows": rows}, f, indent=1)
+    finally:
+        bench.close()
+        net.close()
 
 
 def _configurations(bench: Bench, args, peers: int, delay: float) -> list[dict]:

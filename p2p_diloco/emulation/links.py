@@ -21,6 +21,7 @@ delay_ms[j])`, plus transmission time.
     down_mbit = 10
     delay_ms = 75
     loss = 0.0           # optional, in [0, 1)
+    nat = false          # optional: true puts the machine behind a NAT (it can connect out, nobody can connect in)
 
 `read_links` refuses a file before anything starts, with a `LinksError` that
 names the file, the key (`peer[2].up_mbit`) and what is wrong with it.
@@ -38,6 +39,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 KEYS = ("up_mbit", "down_mbit", "delay_ms", "loss")
+FLAGS = ("nat",)
 TABLES = ("default", "host", "peer")
 
 
@@ -53,6 +55,7 @@ class Link:
     down_mbit: float
     delay_ms: float
     loss: float = 0.0
+    nat: bool = False  # behind a NAT: it connects out, nobody connects in (see `wan.Wan`)
 
     def __post_init__(self) -> None:
         for key in KEYS:
@@ -106,9 +109,13 @@ def _table(path: str, data: dict, name: str) -> Link:
 
 
 def _link(path: str, where: str, table: dict) -> Link:
-    unknown = sorted(set(table) - set(KEYS))
+    unknown = sorted(set(table) - set(KEYS) - set(FLAGS))
     if unknown:
-        raise LinksError(f"{path}: {where}.{unknown[0]}: unknown key (known: {', '.join(KEYS)})")
+        raise LinksError(f"{path}: {where}.{unknown[0]}: unknown key (known: {', '.join(KEYS + FLAGS)})")
+    flags = {key: table.pop(key) for key in FLAGS if key in table}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise LinksError(f"{path}: {where}.{key}: must be true or false, not {value!r}")
     missing = [key for key in KEYS[:3] if key not in table]
     if missing:
         raise LinksError(f"{path}: {where}.{missing[0]}: missing")
@@ -116,7 +123,7 @@ def _link(path: str, where: str, table: dict) -> Link:
         problem = _problem(key, value)
         if problem:
             raise LinksError(f"{path}: {where}.{key}: {problem}")
-    return Link(**{key: float(value) for key, value in table.items()})
+    return Link(**{key: float(value) for key, value in table.items()}, **flags)
 
 
 def _problem(key: str, value) -> str | None:

@@ -126,6 +126,7 @@ class Wan:
         self.router = f"{self.tag}r"
         self.names = [f"{self.tag}m{i}" for i in range(len(links))]
         self.forwarder: subprocess.Popen | None = None
+        self.homes: dict[int, str] = {}  # machine -> the namespace behind its NAT, where its programs run
         self._created: list[str] = []
         atexit.register(self.close)
         try:
@@ -146,6 +147,8 @@ class Wan:
         for i in range(len(self.links)):
             self._namespace(self.names[i], {})
             self._wire(i)
+            if self.links[i].nat:
+                self._home(i)
         if self.delayed:
             self._delay_line()
 
@@ -175,6 +178,34 @@ class Wan:
               *token_bucket(link.up_mbit, size, round_trip)], f"uplink of machine {i}")
         _run(["tc", "-n", self.router, "qdisc", "add", "dev", port, "root",
               *token_bucket(link.down_mbit, size, round_trip)], f"downlink of machine {i}")
+
+    def _home(self, i: int) -> None:
+        """Machine i becomes a home router: its programs run in a namespace behind it on a private network
+        (192.168.x.2), and it masquerades their connections out of eth0 (iptables NAT), forwarding nothing in:
+        they can connect to anyone, nobody can connect to them."""
+        if shutil.which("iptables") is None:
+            raise WanError("a links file with nat = true needs iptables (Debian: apt-get install iptables)")
+        ns, home, size, what = self.names[i], f"{self.tag}h{i}", mtu(self.links[i]), f"the NAT of machine {i}"
+        self._namespace(home, {})
+        self.homes[i] = home
+        _run(["ip", "link", "add", "name", "eth0", "mtu", str(size), "netns", home, "type", "veth",
+              "peer", "name", "lan0", "mtu", str(size), "netns", ns], what)
+        _run(["ip", "-n", ns, "addr", "add", f"{self._lan(i)}.1/24", "dev", "lan0"], what)
+        _run(["ip", "-n", ns, "link", "set", "lan0", "up"], what)
+        _run(["ip", "-n", home, "addr", "add", f"{self.local_address(i)}/24", "dev", "eth0"], what)
+        _run(["ip", "-n", home, "link", "set", "eth0", "up"], what)
+        _run(["ip", "-n", home, "route", "add", "default", "via", f"{self._lan(i)}.1"], what)
+        _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], what)
+        _run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j",
+              "MASQUERADE"], what)
+
+    @staticmethod
+    def _lan(i: int) -> str:
+        return f"192.168.{i % 250}"
+
+    def local_address(self, i: int) -> str:
+        """The address machine i's programs have: its own, or the private one behind its NAT."""
+        return f"{self._lan(i)}.2" if i in self.homes else self.address(i)
 
     def _delay_line(self) -> None:
         """The TUN device, the policy routes through it, and the forwarder attached to it (waits until ready)."""
@@ -206,8 +237,9 @@ class Wan:
         return f"{SUBNET}.{i + 1}"
 
     def command(self, i: int, argv: list[str]) -> list[str]:
-        """`argv` as run on machine i (`ip netns exec` execs it: the pid is the program's own)."""
-        return ["ip", "netns", "exec", self.names[i], *argv]
+        """`argv` as run on machine i, behind its NAT if it has one (`ip netns exec` execs it: the pid is the
+        program's own)."""
+        return ["ip", "netns", "exec", self.homes.get(i, self.names[i]), *argv]
 
     def popen(self, i: int, argv: list[str], **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.command(i, argv), **kwargs)

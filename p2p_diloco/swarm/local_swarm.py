@@ -164,7 +164,7 @@ class LocalSwarm:
     def _listen(self, name: str) -> list[str]:
         if self.net is None:
             return LOOPBACK
-        return ["--host-maddrs", f"/ip4/{self.net.address(self._machine(name))}/tcp/0"]
+        return ["--host-maddrs", f"/ip4/{self.net.local_address(self._machine(name))}/tcp/0"]
 
     def _link_bytes(self, name: str) -> dict:
         """What machine `name`'s interface sent and received (every byte: headers, DHT, retransmissions)."""

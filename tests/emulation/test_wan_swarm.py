@@ -1,7 +1,9 @@
 """`p2p-diloco local-swarm --links`: a short swarm whose members sit behind emulated WAN links of different
-rates and delays (root only), and the links file refused before anything starts when it is wrong.
+rates and delays, one of them behind a NAT (root only), and the links file refused before anything starts when
+it is wrong.
 
-The swarm must end in consensus with rounds applied on every fragment and no round failed on any trainer;
+The swarm must end in consensus with rounds applied on every fragment and no round failed on any trainer; the
+trainer behind the NAT finds out that nobody can reach it and averages in client mode;
 its report carries both byte counts: the averaging payloads and what each emulated interface carried. Every
 namespace and process is gone afterwards, whatever happened.
 """
@@ -33,11 +35,12 @@ delay_ms = 20
 up_mbit = 10
 down_mbit = 20
 delay_ms = 60
+nat = true
 """
 
 
 @pytest.mark.skipif(available() is not None, reason=f"WAN swarm test: {available()}")
-def test_a_swarm_on_links_of_different_speeds_and_delays_ends_in_consensus(tmp_path):
+def test_a_swarm_on_links_of_different_speeds_and_delays_one_behind_nat_ends_in_consensus(tmp_path):
     links = tmp_path / "links.toml"
     links.write_text(LINKS)
     before = set(namespaces_left(PREFIX))
@@ -61,7 +64,10 @@ def test_a_swarm_on_links_of_different_speeds_and_delays_ends_in_consensus(tmp_p
         # the interface carried at least the averaging payloads (plus headers, DHT, progress records)
         assert p["link_tx_bytes"] >= p["wire_bytes_sent"] > 0
         assert p["link_rx_bytes"] >= p["wire_bytes_received"] > 0
-    assert {p["link"]["up_mbit"] for p in report["peers"]} == {50.0, 10.0}
+    by_name = {p["name"]: p for p in report["peers"]}
+    assert by_name["peer1"]["link"]["nat"] and by_name["peer1"]["client_mode"], by_name["peer1"]["reachability"]
+    assert not by_name["peer0"]["client_mode"]
+    assert by_name["peer1"]["link"]["up_mbit"] == 10.0
     assert "link tx MB" in proc.stdout
     assert not p2pd_pids(), "a p2pd daemon outlived the swarm"
 
