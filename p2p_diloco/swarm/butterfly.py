@@ -32,8 +32,8 @@ import logging
 import math
 import time
 from collections import deque
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from typing import AsyncIterator
 
 import torch
@@ -47,14 +47,20 @@ from hivemind.utils.asyncio import anext, enter_asynchronously
 from ..core.codecs import Codec, CodecError, get_codec
 from ..core.parts import block_aligned_parts
 from ..node.failpoints import reached
+from .round_trips import peer_round_trip, round_trips
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 17
-# parallel streams ("lanes") per member and reducer, chunk k on lane k mod LANES: the daemon multiplexes streams
-# over one connection, each with its own flow-control window (256 KB when it opens), so one stream moves at most
-# 256 KB per round trip (7 Mbit/s at a 300 ms ping)
-LANES = 4
+# parallel streams ("lanes") per member and reducer, chunk k on lane k mod lanes: the daemon multiplexes streams
+# over one connection, each with its own flow-control window (WINDOW_BYTES when it opens), so one stream moves at
+# most that per round trip (7 Mbit/s at a 300 ms ping). A member opens as many lanes to a reducer as fill the
+# round trip the kernel measured to it at its share of the uplink (one on a LAN: lanes interleave the chunks, so
+# the first means come later), DEFAULT_LANES when it does not know the round trip
+WINDOW_BYTES = 256 * 1024
+MAX_LANES = 8
+DEFAULT_LANES = 4
+ASSUMED_RATE = 12_500_000.0  # bytes/s (100 Mbit/s): an uplink nobody declared, for choosing lanes
 # Deadlines follow from the links (README "Deadlines"): a chunk may take DEADLINE_FLOOR_S (connection set-up and a
 # few round trips of up to ~1 s) plus DEADLINE_FACTOR times what the group's slowest uplink needs to move one chunk
 # to, and one mean from, every other member; a member whose rate nobody knows counts as FLOOR_RATE.
@@ -142,8 +148,10 @@ def chunk_spans(numel: int, codec: Codec) -> list[tuple[int, int]]:
     return [(a, min(a + step, numel)) for a in range(0, numel, step)] or [(0, 0)]
 
 
-def lanes_for(chunks: int) -> int:
-    return max(1, min(LANES, chunks))
+def lanes_for(chunks: int, round_trip: float | None, stream_rate: float) -> int:
+    """Streams to carry `chunks` chunks at `stream_rate` bytes/s over a `round_trip` (s; None: unknown)."""
+    wanted = DEFAULT_LANES if round_trip is None else math.ceil(round_trip * stream_rate / WINDOW_BYTES)
+    return max(1, min(MAX_LANES, chunks, wanted))
 
 
 async def _encoded_ahead(codec: Codec, x: torch.Tensor, chunks: list[tuple[int, int]], ahead: int = 2
@@ -180,10 +188,6 @@ class Reduction:
         loop = asyncio.get_event_loop()
         self.means: list[asyncio.Future[bytes]] = [loop.create_future() for _ in self.chunks]
         self.failed: asyncio.Future[None] = loop.create_future()  # set (to an exception) once the part failed
-
-    @property
-    def lanes(self) -> int:
-        return lanes_for(len(self.chunks))
 
     async def add(self, peer: PeerID, k: int, weight: float, payload: bytes) -> None:
         """Member `peer`'s chunk k; raises AllreduceException (and fails the part) when it is refused."""
@@ -254,13 +258,14 @@ class ButterflyProtocol:
             lo, hi = owner_part[group.me]
             reduction = Reduction(codec, hi - lo, group.peers, group.weights, self.peer_id, group.chunk_deadline)
         self._running_groups[group_info.group_id].set_result(reduction)
+        round_trips_ = await self._round_trips(group, owner_part)
         traffic = {"sent": 0, "received": 0}
         async with enter_asynchronously(self.get_tensors()) as tensors:
             flat = tensors[0].view(-1)
             out = torch.empty_like(flat)
             work = asyncio.ensure_future(asyncio.gather(*(
                 self._exchange(group, group_info.group_id, codec, flat[lo:hi], out[lo:hi], owner, reduction,
-                               traffic)
+                               traffic, round_trips_.get(owner))
                 for owner, (lo, hi) in owner_part.items())))
             # a reducer hears from every member; a client-mode member only talks to the reducers (two clients never
             # connect to each other)
@@ -273,8 +278,20 @@ class ButterflyProtocol:
         return {"peers": len(group.peers), "weight": group.total_weight, "began": began, "ended": time.time(),
                 **traffic}
 
+    async def _round_trips(self, group: _Group, owner_part: dict) -> dict[int, float]:
+        """{reducer index: the kernel's RTT to it} for the reducers this peer is connected to and `ss` knows."""
+        try:
+            rtts = await asyncio.get_event_loop().run_in_executor(None, round_trips)
+            addrs = {info.peer_id: info.addrs for info in await self._p2p.list_peers()}
+        except Exception as e:  # unknown round trips only cost speed
+            log.debug("round trips unknown: %r", e)
+            return {}
+        found = {i: peer_round_trip(addrs.get(group.peers[i], []), rtts) for i in owner_part if i != group.me}
+        return {i: rtt for i, rtt in found.items() if rtt is not None}
+
     async def _exchange(self, group: _Group, group_id: bytes, codec: Codec, mine: torch.Tensor, out: torch.Tensor,
-                        owner: int, reduction: Reduction | None, traffic: dict) -> None:
+                        owner: int, reduction: Reduction | None, traffic: dict,
+                        round_trip: float | None = None) -> None:
         """Our contribution to the part `owner` reduces goes out chunk by chunk (over `lanes_for` parallel
         streams); that part's mean comes back into `out` chunk by chunk, while later chunks are still on their way."""
         weight = group.weights[group.me]
@@ -294,7 +311,8 @@ class ButterflyProtocol:
             finally:
                 feeding.cancel()
             return
-        lanes = lanes_for(len(chunks))
+        share = max(group.rates[group.me], group.rates[owner]) or ASSUMED_RATE
+        lanes = lanes_for(len(chunks), round_trip, share / max(1, len(group.peers) - 1))
         await asyncio.gather(*(self._lane(group, group_id, codec, mine, out, owner, chunks[lane::lanes],
                                           (lane, lanes), traffic) for lane in range(lanes)))
 
@@ -407,9 +425,9 @@ class ButterflyProtocol:
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         lane = tuple(first.tensor_part.size)
-        if len(lane) != 2 or lane[1] != reduction.lanes or not 0 <= lane[0] < lane[1]:
-            reduction.fail(AllreduceException(f"{context.remote_id} sent on lane {lane}, "
-                                              f"not one of {reduction.lanes}"))
+        if len(lane) != 2 or not 0 <= lane[0] < lane[1] <= min(MAX_LANES, len(reduction.chunks)):
+            reduction.fail(AllreduceException(f"{context.remote_id} sent on lane {lane}: not a lane of "
+                                              f"at most {min(MAX_LANES, len(reduction.chunks))}"))
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         indices = range(lane[0], len(reduction.chunks), lane[1])
