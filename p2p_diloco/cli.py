@@ -194,8 +194,10 @@ def run_options(f):
         click.option("--model", default="small", show_default=True, help="Model preset: tiny, small, base, large."),
         click.option("--batch-size", default=4, show_default=True, help="Sequences per peer per inner step."),
         click.option("--inner-lr", default=None, type=float, help="Inner AdamW lr [default: the README sweep's best]."),
-        click.option("--codec", default="fp4", show_default=True, type=click.Choice(["fp32", "fp16", "int8", "fp4"]),
-                     help="Payload format on the wire."),
+        click.option("--codec", default="fp4", show_default=True,
+                     type=click.Choice(["fp32", "fp16", "int8", "fp4", "auto"]),
+                     help="Payload format on the wire; auto: each round's group picks fp16, int8 or fp4 from its "
+                          "members' declared uplinks (join --bandwidth) and pace (README: Deadlines)."),
         click.option("--seed", default=0, show_default=True, help="Initial parameters of the run."),
         click.option("--round-timeout", default=60.0, show_default=True,
                      help="Seconds a peer waits for a round's group and all-reduce."),

@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 
 
 CODEC_NAMES = ("fp32", "fp16", "int8", "fp4")
+AUTO_CODEC = "auto"  # each round's codec chosen by its group from the members' links (a swarm's averager only)
 
 
 @dataclass(frozen=True)
@@ -116,10 +117,12 @@ class DiLoCoConfig:
             raise bad("min_lr_ratio", "must lie in [0, 1]")
         if self.grad_clip < 0:
             raise bad("grad_clip", "must be >= 0 (0 disables clipping)")
-        if self.codec not in CODEC_NAMES:
-            raise bad("codec", f"unknown codec; choose one of {', '.join(CODEC_NAMES)}")
+        if self.codec not in CODEC_NAMES + (AUTO_CODEC,):
+            raise bad("codec", f"unknown codec; choose one of {', '.join(CODEC_NAMES + (AUTO_CODEC,))}")
         if not isinstance(self.error_feedback, bool):
             raise bad("error_feedback", "must be true or false")
+        if self.error_feedback and self.codec == AUTO_CODEC:
+            raise bad("error_feedback", "needs a fixed codec (its residual is what that codec loses), not auto")
 
     def replace(self, **changes: Any) -> "DiLoCoConfig":
         return dataclasses.replace(self, **changes)

@@ -50,7 +50,7 @@ from torch import nn
 from .averaging import AveragingFailed, FragmentAverager, PendingAverage, RoundKey
 from .catch_up import CatchUp
 from .codecs import get_codec
-from .config import DiLoCoConfig
+from .config import AUTO_CODEC, DiLoCoConfig
 from .fragments import Fragment, split_fragments
 from .round_stats import RoundStats
 from .schedule import Schedule
@@ -79,7 +79,7 @@ class StreamingDiLoCo(CatchUp):
         self.fragments: list[Fragment] = split_fragments(model, config.fragments)
         self.schedule = Schedule(config)
         self.offsets = self.schedule.offsets
-        self.codec = get_codec(config.codec)
+        self.codec = None if config.codec == AUTO_CODEC else get_codec(config.codec)  # only error feedback uses it
         self.anchors = [f.flat() for f in self.fragments]
         self.momenta = [torch.zeros_like(a) for a in self.anchors]
         self.residuals = [torch.zeros_like(a) for a in self.anchors] if config.error_feedback else None

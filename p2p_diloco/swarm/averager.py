@@ -37,6 +37,7 @@ from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverage, Fra
                               RoundKey, RoundReport)
 from ..node.failpoints import reached
 from ..core.codecs import get_codec
+from ..core.config import AUTO_CODEC
 from .butterfly import FLOOR_RATE, ButterflyProtocol
 from .lifetime import die_with_parent
 from .state_serving import StateServing, decode_state, hash_records, publish_hash
@@ -84,6 +85,8 @@ class SwarmAverager(FragmentAverager):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.rate = (uplink_mbit or 0.0) * 125_000.0  # bytes/s; 0: unknown
+        self.round_interval_s = 0.0  # seconds between two rounds of a fragment at this peer's pace; 0: unknown
+        self.codec_rounds: Counter = Counter()  # rounds averaged per codec
         self.fragment_sizes = list(fragment_sizes)
         # peers known to be training (from their progress records); None: unknown, trust every record.
         # A dead peer's state-hash record outlives it: it must not count as the swarm's state, nor as a donor.
@@ -111,7 +114,8 @@ class SwarmAverager(FragmentAverager):
             tensors[0].copy_(outer_grad.reshape(-1))
         av.set_group_bits(format(key.round % (1 << 16), "016b"))
         meta = {"run": key.run_id, "fragment": key.fragment, "round": key.round, "codec": self.codec_name,
-                "numel": int(outer_grad.numel()), "weight": float(weight), "rate": self.rate}
+                "numel": int(outer_grad.numel()), "weight": float(weight), "rate": self.rate,
+                "interval": self.round_interval_s}
         control = av.step(gather=meta, weight=float(weight), wait=False, timeout=self.search_timeout,
                           allow_retries=False)
         return _SwarmPending(self, av, key, control, time.time())
@@ -179,7 +183,8 @@ class _SwarmPending(PendingAverage):
     def _safety_net(self) -> float:
         """How long to wait for the averager process at most: the round's own deadlines come first; this only
         catches a process that stopped answering. Enough for the fragment both ways at FLOOR_RATE, 4 times."""
-        wire = get_codec(self.owner.codec_name).wire_size(self.owner.fragment_sizes[self.key.fragment])
+        codec = "fp16" if self.owner.codec_name == AUTO_CODEC else self.owner.codec_name  # auto: at most fp16
+        wire = get_codec(codec).wire_size(self.owner.fragment_sizes[self.key.fragment])
         return self.owner.search_timeout + self.owner.round_timeout + 8 * wire / FLOOR_RATE + 5
 
     def done(self) -> bool:
@@ -195,6 +200,7 @@ class _SwarmPending(PendingAverage):
             raise AveragingFailed(f"{self.key}: the averager returned no round statistics")
         self.owner.bytes_sent += stats["sent"]
         self.owner.bytes_received += stats["received"]
+        self.owner.codec_rounds[stats.get("codec", self.owner.codec_name)] += 1
         with self.av.get_tensors() as tensors:
             mean = tensors[0].clone()
         return FragmentAverage(mean, int(stats["peers"]), float(stats["weight"]))

@@ -45,6 +45,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import anext, enter_asynchronously
 
 from ..core.codecs import Codec, CodecError, get_codec
+from ..core.config import AUTO_CODEC
 from ..core.parts import block_aligned_parts
 from ..node.failpoints import reached
 from .round_trips import peer_round_trip, round_trips
@@ -65,6 +66,8 @@ ASSUMED_RATE = 12_500_000.0  # bytes/s (100 Mbit/s): an uplink nobody declared, 
 # few round trips of up to ~1 s) plus DEADLINE_FACTOR times what the group's slowest uplink needs to move one chunk
 # to, and one mean from, every other member; a member whose rate nobody knows counts as FLOOR_RATE.
 FLOOR_RATE = 125_000.0  # bytes/s (1 Mbit/s)
+AUTO_CODECS = ("fp16", "int8", "fp4")  # `--codec auto` picks from these, the most precise first
+AUTO_SHARE = 0.5  # ... so that a fragment's all-reduce takes at most this share of the time between its rounds
 DEADLINE_FLOOR_S = 5.0
 DEADLINE_FACTOR = 4.0
 # a member that sends us a part of a group we are not in (we gave up matchmaking while the leader counted us
@@ -84,6 +87,7 @@ class _Group:
     weights: list[float]  # tokens behind each member's outer gradient
     reducers: list[int]  # members that reduce a part (not in client mode)
     rates: list[float]  # each member's uplink in bytes/s as it declared it; 0: unknown
+    intervals: list[float]  # each member's time between two rounds of this fragment (s); 0: unknown
 
     @property
     def total_weight(self) -> float:
@@ -100,6 +104,19 @@ class _Group:
     def chunk_deadline(self) -> float:
         """Seconds the next chunk (or mean) of a stream may take before its sender counts as stalled."""
         return chunk_deadline(self.rates, len(self.peers))
+
+
+def auto_codec(rates: list[float], intervals: list[float], numel: int) -> str:
+    """`--codec auto`: the most precise of AUTO_CODECS whose all-reduce of `numel` values takes at most
+    AUTO_SHARE of the shortest time between two rounds among the members, at the slowest member's uplink (it
+    moves at most twice the payload: its contributions out and the means in, or its part's means out). fp4 when
+    a member's rate or pace is unknown. Every member computes it from the same gathered metadata: one choice."""
+    if not rates or min(rates) <= 0 or min(intervals) <= 0:
+        return AUTO_CODECS[-1]
+    for name in AUTO_CODECS:
+        if 2 * get_codec(name).wire_size(numel) / min(rates) <= AUTO_SHARE * min(intervals):
+            return name
+    return AUTO_CODECS[-1]
 
 
 def chunk_deadline(rates: list[float], members: int, chunk_bytes: int = CHUNK_BYTES) -> float:
@@ -130,14 +147,16 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
         w = m.get("weight")
         if not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
             raise AllreduceException(f"peer {peer} declared weight {w!r}")
-        rate = m.get("rate", 0.0)
-        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not math.isfinite(rate) or rate < 0:
-            raise AllreduceException(f"peer {peer} declared uplink rate {rate!r}")
+        for field in ("rate", "interval"):
+            value = m.get(field, 0.0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value < 0:
+                raise AllreduceException(f"peer {peer} declared {field} {value!r}")
     reducers = [i for i, mode in enumerate(modes) if mode != _CLIENT_MODE]
     if not reducers:
         raise AllreduceException("no member can reduce (all in client mode)")
     return _Group(peers, index, [float(m["weight"]) for m in meta], reducers,
-                  [float(m.get("rate", 0.0)) for m in meta])
+                  [float(m.get("rate", 0.0)) for m in meta], [float(m.get("interval", 0.0)) for m in meta])
 
 
 def chunk_spans(numel: int, codec: Codec) -> list[tuple[int, int]]:
@@ -246,8 +265,9 @@ class ButterflyProtocol:
                                     **kwargs) -> dict:
         """One round with one group: send each part to its reducer, reduce ours, take every mean back."""
         began = time.time()
-        codec = get_codec(self.codec_name)
         group = read_group(group_info, self.peer_id, self.serializer)
+        codec = get_codec(auto_codec(group.rates, group.intervals, self.numel) if self.codec_name == AUTO_CODEC
+                          else self.codec_name)
         loop = asyncio.get_event_loop()
         counts = await loop.run_in_executor(  # hivemind's LP: elements per reducer by declared bandwidth
             None, load_balance_peers, self.numel, group.bandwidths, 0)
@@ -276,7 +296,7 @@ class ButterflyProtocol:
                 traffic["received"] += reduction.bytes_in
             flat.copy_(out)  # all or nothing
         return {"peers": len(group.peers), "weight": group.total_weight, "began": began, "ended": time.time(),
-                **traffic}
+                "codec": codec.name, **traffic}
 
     async def _round_trips(self, group: _Group, owner_part: dict) -> dict[int, float]:
         """{reducer index: the kernel's RTT to it} for the reducers this peer is connected to and `ss` knows."""

@@ -233,6 +233,8 @@ class Peer:
         held = time.monotonic()
         # a round boundary passed more than a matchmaking time ago has its group already: sit it out
         rate = self.clock.swarm_rate or self.clock.steps_per_s  # global steps per second
+        if rate > 0:  # what `--codec auto` fits a fragment's all-reduce into
+            self.averager.round_interval_s = self.run.diloco.outer_period / rate
         self.outer.advance(self.global_step, target, max_lag=math.ceil(self.run.matchmaking_time * rate))
         self.longest_hold = max(self.longest_hold, time.monotonic() - held)
         self.global_step = max(self.global_step, target)
@@ -311,6 +313,7 @@ class Peer:
             "train_loss": self.loss,
             "wire_bytes_sent": self.averager.bytes_sent,
             "wire_bytes_received": self.averager.bytes_received,
+            "codec_rounds": dict(self.averager.codec_rounds),  # rounds averaged per codec (`--codec auto` varies)
             "state_sha256": list(self.outer.digests),  # per fragment: the hash the swarm votes on
             "wall_s": round(time.time() - self.started, 2),
         }

@@ -23,6 +23,7 @@ from p2p_diloco.task.model import build_model, model_spec
     (dict(outer_period=10.5), "outer_period", "integer"),
     (dict(error_feedback="yes"), "error_feedback", "true or false"),
     (dict(min_lr_ratio=2.0), "min_lr_ratio", "[0, 1]"),
+    (dict(codec="auto", error_feedback=True), "error_feedback", "fixed codec"),
 ])
 def test_bad_values_are_refused_with_a_reason(changes, field, reason):
     with pytest.raises(ConfigError) as e:

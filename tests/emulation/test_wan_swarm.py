@@ -4,7 +4,8 @@ it is wrong.
 
 The swarm must end in consensus with rounds applied on every fragment and no round failed on any trainer; the
 trainer behind the NAT finds out that nobody can reach it and averages in client mode;
-its report carries both byte counts: the averaging payloads and what each emulated interface carried. Every
+its report carries both byte counts: the averaging payloads and what each emulated interface carried. The run
+uses `--codec auto`: each round's group picks its codec from the members' declared uplinks. Every
 namespace and process is gone afterwards, whatever happened.
 """
 
@@ -46,7 +47,7 @@ def test_a_swarm_on_links_of_different_speeds_and_delays_one_behind_nat_ends_in_
     before = set(namespaces_left(PREFIX))
     report_path = tmp_path / "report.json"
     cmd = CLI + ["local-swarm", "--links", str(links), "--model", "tiny", "--peers", "2", "--steps", "160",
-                 "-H", "40", "--fragments", "2", "--round-timeout", "20", "--timeout", "150",
+                 "-H", "40", "--fragments", "2", "--round-timeout", "20", "--timeout", "150", "--codec", "auto",
                  "--workdir", str(tmp_path / "swarm"), "--json", str(report_path), "--progress-every", "5"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
@@ -64,6 +65,9 @@ def test_a_swarm_on_links_of_different_speeds_and_delays_one_behind_nat_ends_in_
         # the interface carried at least the averaging payloads (plus headers, DHT, progress records)
         assert p["link_tx_bytes"] >= p["wire_bytes_sent"] > 0
         assert p["link_rx_bytes"] >= p["wire_bytes_received"] > 0
+    # --codec auto: every round's group chose one codec from the declared uplinks (rounds averaged, per codec)
+    for p in report["peers"]:
+        assert set(p["codec_rounds"]) <= {"fp16", "int8", "fp4"} and sum(p["codec_rounds"].values()) >= 4
     by_name = {p["name"]: p for p in report["peers"]}
     assert by_name["peer1"]["link"]["nat"] and by_name["peer1"]["client_mode"], by_name["peer1"]["reachability"]
     assert not by_name["peer0"]["client_mode"]

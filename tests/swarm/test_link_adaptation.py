@@ -1,4 +1,4 @@
-"""Round trips read from the kernel's TCP statistics (`ss -tin`): parsing, and peers matched by address."""
+"""How a round adapts to the links: round trips read from the kernel (`ss -tin`), lanes, `--codec auto`."""
 
 from __future__ import annotations
 
@@ -34,3 +34,16 @@ def test_lanes_fill_the_round_trip_and_stay_within_bounds():
     assert lanes_for(100, 10.0, 1e9) == MAX_LANES
     assert lanes_for(2, 0.3, 1e9) == 2  # never more lanes than chunks
     assert 1 <= lanes_for(100, None, 1e6) <= MAX_LANES  # unknown round trip: the default
+
+
+def test_auto_codec_picks_the_most_precise_payload_that_fits_between_two_rounds():
+    from p2p_diloco.swarm.butterfly import auto_codec
+
+    mbit = 125_000.0  # bytes/s
+    numel = 1_000_000  # fp16 2 MB, int8 ~1 MB, fp4 ~0.53 MB; twice that must fit in half the interval
+    assert auto_codec([100 * mbit, 100 * mbit], [10.0, 10.0], numel) == "fp16"  # 4 MB at 12.5 MB/s: 0.32 s
+    assert auto_codec([100 * mbit, 4 * mbit], [10.0, 10.0], numel) == "int8"  # the slowest member decides
+    assert auto_codec([100 * mbit, 1 * mbit], [10.0, 10.0], numel) == "fp4"
+    assert auto_codec([100 * mbit, 100 * mbit], [10.0, 0.05], numel) == "fp4"  # the quickest pace decides
+    assert auto_codec([100 * mbit, 0.0], [10.0, 10.0], numel) == "fp4"  # unknown rate: the smallest payload
+    assert auto_codec([100 * mbit, 100 * mbit], [0.0, 10.0], numel) == "fp4"  # unknown pace
