@@ -48,7 +48,7 @@ class _TimedStock:
     """Stock hivemind averaging, its aggregation timed like ours."""
 
     @staticmethod
-    def make(dht, numel, peers, timeout, prefix):
+    def make(dht, numel, peers, timeout, prefix, matchmaking):
         from hivemind.averaging import DecentralizedAverager
         from hivemind.compression import Float16Compression
 
@@ -59,7 +59,7 @@ class _TimedStock:
                 return {"began": began, "ended": time.time()}
 
         return Timed([torch.zeros(numel)], dht=dht, prefix=prefix, start=True, target_group_size=peers,
-                     min_matchmaking_time=2.0, request_timeout=1.0, allreduce_timeout=timeout,
+                     min_matchmaking_time=matchmaking, request_timeout=matchmaking / 2, allreduce_timeout=timeout,
                      compression=Float16Compression())
 
 
@@ -94,17 +94,17 @@ def worker(args) -> None:
         prefix = f"b{job['id']}"
         if job["impl"] == "ours":
             av = SwarmAverager(dht, prefix, [job["numel"]], job["codec"], round_timeout=job["timeout"],
-                               target_group_size=job["peers"], min_matchmaking_time=2.0,
+                               target_group_size=job["peers"], min_matchmaking_time=job["matchmaking"],
                                uplink_mbit=(job.get("uplinks") or {}).get(str(args.rank)),
                                search_timeout=job["timeout"])
         else:
-            av = _TimedStock.make(dht, job["numel"], job["peers"], job["timeout"], prefix)
+            av = _TimedStock.make(dht, job["numel"], job["peers"], job["timeout"], prefix, job["matchmaking"])
         previous, rounds = av, []
         for r in range(job["repeats"]):
             try:
                 stats, mean = _worker_round(av, job["impl"], x, RoundKey(prefix, 0, r), job["timeout"])
                 rounds.append({"began": stats["began"], "ended": stats["ended"], "sha": _digest(mean),
-                               "sent": stats.get("sent")})
+                               "sent": stats.get("sent"), "group": stats.get("peers")})
             except Exception as e:
                 rounds.append({"error": repr(e)[:300]})
         print(json.dumps({"rounds": rounds}), flush=True)
@@ -158,6 +158,10 @@ def _round_times(answers: list[dict]) -> list[dict]:
         if errors:
             out.append({"error": errors[0]})
             continue
+        split = [r["group"] for r in rounds if r.get("group") not in (None, len(rounds))]
+        if split:  # matchmaking formed smaller groups: not one all-reduce of every peer
+            out.append({"error": f"matchmaking split the peers into groups of {sorted(split)}"})
+            continue
         out.append({"seconds": max(r["ended"] for r in rounds) - min(r["began"] for r in rounds),
                     "sent_max": max((r.get("sent") or 0) for r in rounds),
                     "member_seconds": sorted(round(r["ended"] - min(q["began"] for q in rounds), 3) for r in rounds),
@@ -167,8 +171,10 @@ def _round_times(answers: list[dict]) -> list[dict]:
 
 
 class Bench:
-    def __init__(self, net, peers: int, log_dir: str):
+    def __init__(self, net, peers: int, log_dir: str, one_way_s: float = 0.0):
         self.net, self.peers, self.log_dir = net, peers, log_dir
+        # matchmaking needs a few round trips per member: at long delays a short search splits the peers
+        self.matchmaking = 2.0 + 10 * one_way_s
         self.procs: list[subprocess.Popen] = []
         self.jobs = 0
 
@@ -191,7 +197,7 @@ class Bench:
         """`uplinks`: each peer's declared uplink (Mbit/s), else none declared."""
         self.jobs += 1
         job = {"id": self.jobs, "impl": impl, "codec": codec, "numel": numel, "repeats": repeats,
-               "peers": self.peers, "timeout": timeout, "seed": self.jobs,
+               "peers": self.peers, "timeout": timeout, "seed": self.jobs, "matchmaking": self.matchmaking,
                "uplinks": {str(i): u for i, u in enumerate(uplinks)} if uplinks else None}
         for p in self.procs:
             p.stdin.write(json.dumps(job) + "\n")
@@ -333,7 +339,7 @@ def run_benchmarks(args) -> None:
     for peers in args.peers:
         for delay in args.delay_ms:
             net = _network(peers, args.mbit, delay)
-            bench = Bench(net, peers, args.logs)
+            bench = Bench(net, peers, args.logs, delay / 1000)
             try:
                 bench.start()
                 rows += _configurations(bench, args, peers, delay)

@@ -5,8 +5,8 @@
 
 * every member checks the gathered metadata (run, fragment, round, codec, size,
   weight); any mismatch fails the round for the whole group, naming the peer;
-* the vector is cut into one part per non-client member (by declared bandwidth,
-  at codec block boundaries), and each part into chunks of about CHUNK_BYTES on
+* the vector is cut into one part per non-client member (by the members'
+  declared uplinks, at codec block boundaries), and each part into chunks of about CHUNK_BYTES on
   the wire (whole codec blocks, so a chunk encodes on its own); each member
   streams its part's chunks to that part's reducer over `rpc_codec_part`,
   encoding ahead off the event loop; the reducer decodes each chunk off the
@@ -66,10 +66,10 @@ ASSUMED_RATE = 12_500_000.0  # bytes/s (100 Mbit/s): an uplink nobody declared, 
 # few round trips of up to ~1 s) plus DEADLINE_FACTOR times what the group's slowest uplink needs to move one chunk
 # to, and one mean from, every other member; a member whose rate nobody knows counts as FLOOR_RATE.
 FLOOR_RATE = 125_000.0  # bytes/s (1 Mbit/s)
-AUTO_CODECS = ("fp16", "int8", "fp4")  # `--codec auto` picks from these, the most precise first
-AUTO_SHARE = 0.5  # ... so that a fragment's all-reduce takes at most this share of the time between its rounds
 DEADLINE_FLOOR_S = 5.0
 DEADLINE_FACTOR = 4.0
+AUTO_CODECS = ("fp16", "int8", "fp4")  # `--codec auto` picks from these, the most precise first
+AUTO_SHARE = 0.5  # ... so that a fragment's all-reduce takes at most this share of the time between its rounds
 # a member that sends us a part of a group we are not in (we gave up matchmaking while the leader counted us
 # in) gets BAD_GROUP_ID after this long, instead of hanging until the round timeout
 GROUP_REGISTRATION_S = 3.0

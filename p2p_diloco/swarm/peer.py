@@ -142,6 +142,8 @@ class Peer:
         self.started = self.last_report = self.config_published = 0.0
         self.pending_readings = None  # a DHT read of the others' progress, in flight
         self.longest_hold = 0.0  # the longest time averaging held up training (one call of outer.advance)
+        self.held_s = 0.0  # all the time averaging held up training
+        self.trained_s = 0.0  # from the first inner step to the last
         self.saved_at_rounds = 0
 
     # -- joining -------------------------------------------------------------------
@@ -214,6 +216,7 @@ class Peer:
                 self._save()
             if now - self.last_report >= PROGRESS_EVERY_S:
                 self._report(now)
+        self.trained_s = time.time() - self.started
 
     def _at_end(self) -> bool:
         opts = self.opts
@@ -237,6 +240,7 @@ class Peer:
             self.averager.round_interval_s = self.run.diloco.outer_period / rate
         self.outer.advance(self.global_step, target, max_lag=math.ceil(self.run.matchmaking_time * rate))
         self.longest_hold = max(self.longest_hold, time.monotonic() - held)
+        self.held_s += time.monotonic() - held
         self.global_step = max(self.global_step, target)
 
     def _report(self, now: float) -> None:
@@ -309,6 +313,8 @@ class Peer:
             "reachability": reach.describe() if reach else "not checked (client mode chosen)",
             "problem": self.health.verdict(stats),
             "longest_hold_s": round(self.longest_hold, 3),
+            "held_s": round(self.held_s, 3),
+            "train_s": round(self.trained_s, 3),
             "eval_loss": evaluate(eval_model, self.eval_batches),
             "train_loss": self.loss,
             "wire_bytes_sent": self.averager.bytes_sent,
