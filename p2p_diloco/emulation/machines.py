@@ -107,27 +107,11 @@ class Machines:
 
     def pids(self) -> set[int]:
         """Every process running in one of the machines."""
-        found = set()
-        for ns in self._created:
-            out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-            found |= {int(p) for p in out.split()}
-        return found
+        return namespace_pids(self._created)
 
     def close(self) -> None:
         """Kill what runs in the machines, then delete every namespace (idempotent)."""
-        if not self._created:
-            return
-        deadline = time.monotonic() + 10
-        while (pids := self.pids()) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        for ns in reversed(self._created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self._created.clear()
+        remove_namespaces(self._created)
         atexit.unregister(self.close)
 
     def __enter__(self) -> "Machines":
@@ -135,6 +119,31 @@ class Machines:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def namespace_pids(namespaces: list[str]) -> set[int]:
+    """Every process running in one of `namespaces`."""
+    found = set()
+    for ns in namespaces:
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+        found |= {int(p) for p in out.split()}
+    return found
+
+
+def remove_namespaces(namespaces: list[str]) -> None:
+    """SIGKILL everything running in `namespaces` (for up to 10 s), then delete them, last made first; empties
+    the list (so a second call does nothing)."""
+    deadline = time.monotonic() + 10
+    while (pids := namespace_pids(namespaces)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    for ns in reversed(namespaces):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    namespaces.clear()
 
 
 def namespaces_left(tag_prefix: str = "pd") -> list[str]:

@@ -47,7 +47,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 from p2p_diloco.emulation import machines
 from p2p_diloco.emulation.links import Link
@@ -263,12 +262,8 @@ class Wan:
              f"blocking inbound connections of machine {i}")
 
     def pids(self) -> set[int]:
-        """Every process running in one of the namespaces (the machines and the router)."""
-        found = set()
-        for ns in self._created:
-            out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
-            found |= {int(p) for p in out.split()}
-        return found
+        """Every process running in one of the namespaces (the machines, the router, the homes behind NATs)."""
+        return machines.namespace_pids(self._created)
 
     def close(self) -> None:
         """Kill what runs in the namespaces (the delay line too), then delete them (idempotent)."""
@@ -278,19 +273,7 @@ class Wan:
             for pipe in (self.forwarder.stdin, self.forwarder.stdout):
                 pipe.close()
             self.forwarder = None
-        if not self._created:
-            return
-        deadline = time.monotonic() + 10
-        while (pids := self.pids()) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.1)
-        for ns in reversed(self._created):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self._created.clear()
+        machines.remove_namespaces(self._created)
         atexit.unregister(self.close)
 
     def __enter__(self) -> "Wan":
