@@ -35,9 +35,9 @@ from hivemind.utils.mpfuture import MPFuture
 
 from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage,
                               RoundKey, RoundReport)
-from ..node.failpoints import reached
 from ..core.codecs import get_codec
 from ..core.config import AUTO_CODEC
+from ..node.failpoints import reached
 from .butterfly import FLOOR_RATE, ButterflyProtocol
 from .lifetime import die_with_parent
 from .state_serving import StateServing, decode_state, hash_records, publish_hash

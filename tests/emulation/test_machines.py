@@ -141,8 +141,11 @@ def test_machines_refuse_bad_counts():
             Machines(count)
 
 
-def test_host_and_three_trainers_on_separate_machines_with_default_flags(machines, tmp_path):
+def test_host_and_three_trainers_on_separate_machines_with_default_flags_one_unreachable(machines, tmp_path):
+    """Each trainer runs the join command the host printed; the third cannot be reached (its inbound connections
+    are dropped, as behind a NAT): it is told so, trains in client mode, and the swarm ends in consensus."""
     m = machines(5)
+    m.block_inbound(3)
     swarm = Swarm(m, tmp_path)
     join = swarm.host()
     # the printed address is the host's own on the shared network, not loopback
@@ -161,28 +164,6 @@ def test_host_and_three_trainers_on_separate_machines_with_default_flags(machine
     assert "run default: model" in status.stdout and "H=50" in status.stdout, status.stdout
     assert "peer(s)" in status.stdout and "0 peer(s)" not in status.stdout, status.stdout
     results = swarm.finish(names)
-    hashes = set()
-    for name, (code, summary) in results.items():
-        assert code == 0, f"{name} exited {code}:\n{swarm.log(name)[-3000:]}"
-        assert summary["client_mode"] is False and "reached this peer" in summary["reachability"]
-        assert summary["problem"] is None
-        assert all(r >= 2 for r in summary["rounds"]), (name, summary["rounds"])
-        assert summary["rounds_failed"] == [0, 0, 0], (name, summary["rounds_failed"])
-        assert summary["eval_loss"] < 4.0  # trained: an untrained byte model is at ln(256) = 5.55
-        assert "rounds per fragment: applied" in swarm.log(name)
-        hashes.add(tuple(summary["state_sha256"]))
-    assert len(hashes) == 1, "the trainers ended apart"
-
-
-def test_a_trainer_that_cannot_be_reached_is_told_so_and_trains_in_client_mode(machines, tmp_path):
-    m = machines(4)
-    m.block_inbound(3)  # as behind a NAT: nothing can open a connection to it
-    swarm = Swarm(m, tmp_path)
-    join = swarm.host()
-    names = ["t1", "t2", "t3"]
-    for i, name in enumerate(names, start=1):
-        swarm.trainer(name, i, join)
-    results = swarm.finish(names)
     blocked_log = swarm.log("t3")
     assert "this peer cannot be reached from other machines" in blocked_log
     assert f"could not open a connection to this peer at {m.address(3)}:" in blocked_log
@@ -191,11 +172,15 @@ def test_a_trainer_that_cannot_be_reached_is_told_so_and_trains_in_client_mode(m
     for name, (code, summary) in results.items():
         assert code == 0, f"{name} exited {code}:\n{swarm.log(name)[-3000:]}"
         assert summary["client_mode"] is (name == "t3")
+        if name != "t3":
+            assert "reached this peer" in summary["reachability"]
         assert summary["problem"] is None
         assert all(r >= 2 for r in summary["rounds"]), (name, summary["rounds"])
         # no round fails because one member cannot accept connections (one may be lost as t3 joins late,
         # after its dial-back)
         assert sum(summary["rounds_failed"]) <= 1, (name, summary["rounds_failed"])
+        assert summary["eval_loss"] < 4.0  # trained: an untrained byte model is at ln(256) = 5.55
+        assert "rounds per fragment: applied" in swarm.log(name)
         hashes.add(tuple(summary["state_sha256"]))
     assert results["t3"][1]["rounds_averaged"] >= 3  # it took part, not only downloaded
     assert len(hashes) == 1, "the trainers ended apart"
