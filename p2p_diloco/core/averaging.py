@@ -12,6 +12,7 @@ process for tests and the simulator.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,16 @@ class FragmentAverager(ABC):
         None when no peer can hand it over (after a failed or missed round, or a disagreement).
         """
         return None
+
+    def fetch(self, key: RoundKey, digest: str | None = None) -> Future:
+        """`recover` without holding up training: a future of its result. Here it runs at once; the swarm's
+        averager downloads in the background (a fragment's state takes seconds over a slow link)."""
+        future: Future = Future()
+        try:
+            future.set_result(self.recover(key, digest))
+        except Exception as e:
+            future.set_exception(e)
+        return future
 
     def latest_agreed(self, fragment: int, upto: int) -> RoundReport | None:
         """The latest round <= `upto` of `fragment` that other peers report holding (None: none)."""

@@ -17,6 +17,9 @@ lock itself out of rounds.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 
 import torch
 
@@ -27,40 +30,110 @@ log = logging.getLogger(__name__)
 JOIN_ATTEMPTS = 5
 
 
-class CatchUp:
-    """The catch-up half of `StreamingDiLoCo` (its fields: anchors, momenta, base_round, digests, stats...)."""
+CATCH_UP_WAIT_S = 1.0  # a round start waits this long for the swarm's state; then it sits the round out
 
-    def _catch_up(self, k: int, round_: int) -> bool:
+
+@dataclass
+class StateFetch:
+    """A download of the swarm's state of one fragment, under way (`FragmentAverager.fetch`)."""
+
+    key: RoundKey
+    digest: str
+    resync: bool  # the same round as ours, another state (counted as resynced, not as an applied round)
+    future: Future
+
+
+class CatchUp:
+    """The catch-up half of `StreamingDiLoCo` (its fields: anchors, momenta, base_round, digests, stats,
+    fetching...)."""
+
+    def _catch_up(self, k: int, round_: int, wait: float | None = CATCH_UP_WAIT_S) -> bool:
         """Before round `round_`: bring this fragment to the swarm's state.
 
         The others report the latest round they hold and its state hashes. A newer
         round than ours: adopt it. The same round with a different hash than the
         majority (a late joiner that missed a round in flight, a stale peer that
         averaged against an older anchor): re-download the majority's state.
-        Returns False when the swarm already holds `round_` itself (its state was
-        adopted and there is nothing to start). When the state cannot be fetched
-        this peer takes part with what it has and tries again next round: nobody
-        ever waits for a state, so a swarm can never lock itself out of rounds.
+        Returns False when this peer does not start `round_`: the swarm already holds
+        it (its state was adopted), or the state is not in after `wait` seconds (None:
+        as long as it takes). Over a slow link a fragment's state (8 bytes a parameter)
+        takes longer than a round's payload: this peer then sits `round_` out, asks for
+        the state the others will hold after it, trains on while it downloads, adopts it
+        as soon as it is in (`take_fetched`) and joins the round after (a download that
+        is still under way at that round is let finish, and adopted). When the state
+        cannot be fetched this peer takes part with what it has and tries again next
+        round: nobody ever waits long for a state, so a swarm can never lock itself out
+        of rounds.
         """
-        report = self.averager.latest_agreed(k, round_)
-        if report is None or report.round < self.base_round[k]:
-            return True
-        own = self.digests[k]
-        if report.round == self.base_round[k]:
-            majority = report.majority(own)
-            if majority == own:
-                return True
-            log.warning("fragment %d: this peer's state of round %d (%s) disagrees with the swarm's (%s): "
-                        "re-downloading it", k, report.round, own[:12], majority[:12])
-            if self._adopt_agreed_state(k, RoundKey(self.run_id, k, report.round), majority, count=False):
-                self.stats.resynced[k] += 1
-            return True
-        if not self._adopt_agreed_state(k, RoundKey(self.run_id, k, report.round), report.majority()):
-            log.warning("fragment %d holds round %d, the swarm %d whose state could not be fetched: "
-                        "averaging round %d with this peer's state", k, self.base_round[k], report.round, round_)
-            return True
-        log.warning("fragment %d caught up to the swarm's round %d", k, report.round)
-        return report.round < round_
+        started_now = False
+        for _ in range(2):  # a state that came in while the swarm moved on: then the newer one
+            if k not in self.fetching:
+                if not self._start_fetch(k, round_):
+                    break
+                started_now = True
+            outcome = self._finish_fetch(k, wait if wait is None or started_now and self._alone(k) else 0.0)
+            if outcome == "pending":
+                self._sit_out(k, round_, "the swarm's state is still on its way")
+                if started_now:  # it will be a round old when it comes: ask for the state after this round
+                    self._start_fetch(k, round_, RoundKey(self.run_id, k, round_))
+                # (a download asked for at an earlier round goes on: superseding it would waste what is in)
+                return False
+            if outcome == "failed":
+                log.warning("fragment %d holds round %d, the swarm's state could not be fetched: averaging "
+                            "round %d with this peer's state", k, self.base_round[k], round_)
+                break
+        return self.base_round[k] < round_
+
+    def _alone(self, k: int) -> bool:
+        """No other fragment's download is under way (downloads queue up: a new one waits for them)."""
+        return all(j == k or f.future.done() for j, f in self.fetching.items())
+
+    def take_fetched(self) -> None:
+        """Adopt every state whose download is done (called after every step; never waits)."""
+        for k in [k for k, f in self.fetching.items() if f.future.done()]:
+            self._finish_fetch(k, 0.0)
+
+    def _start_fetch(self, k: int, round_: int, key: RoundKey | None = None, digest: str | None = None) -> bool:
+        """Start downloading the swarm's state of fragment `k` where it differs from ours (or `key`'s state
+        hashing to `digest`, else the majority's); False: nothing to fetch, this peer holds the swarm's state.
+        A download of the fragment under way is superseded (its result is dropped)."""
+        if key is None:
+            report = self.averager.latest_agreed(k, round_)
+            if report is None or report.round < self.base_round[k]:
+                return False
+            own = self.digests[k]
+            resync = report.round == self.base_round[k]
+            digest = report.majority(own) if resync else report.majority()
+            if digest == own:
+                return False
+            if resync:
+                log.warning("fragment %d: this peer's state of round %d (%s) disagrees with the swarm's (%s): "
+                            "re-downloading it", k, report.round, own[:12], digest[:12])
+            key = RoundKey(self.run_id, k, report.round)
+        else:
+            resync = False
+        self.fetching[k] = StateFetch(key, digest, resync, self.averager.fetch(key, digest))
+        return True
+
+    def _finish_fetch(self, k: int, wait: float | None) -> str:
+        """"adopted", "failed" (nobody could hand it over, or it did not check out) or "pending"."""
+        fetch = self.fetching[k]
+        try:
+            state = fetch.future.result(timeout=wait)
+        except FutureTimeout:
+            return "pending"
+        except AveragingFailed as e:
+            log.warning("could not recover %s from the swarm: %s", fetch.key, e)
+            state = None
+        del self.fetching[k]
+        if state is None or fetch.key.round < self.base_round[k] \
+                or not self._adopt(k, fetch.key, state, count=not fetch.resync):
+            return "failed"
+        if fetch.resync:
+            self.stats.resynced[k] += 1
+        else:
+            log.warning("fragment %d caught up to the swarm's round %d", k, fetch.key.round)
+        return "adopted"
 
     def adopt_swarm_state(self, step: int) -> list[int | None]:
         """A joiner at global step `step`: take every fragment's latest agreed state from the swarm.
@@ -95,13 +168,17 @@ class CatchUp:
         return held
 
     def _adopt_agreed_state(self, k: int, key: RoundKey, digest: str | None = None, count: bool = True) -> bool:
+        """Download `key`'s state (hashing to `digest`) and adopt it, waiting for it (a joiner's start)."""
         try:
             state = self.averager.recover(key, digest)
         except AveragingFailed as e:
             log.warning("could not recover %s from the swarm: %s", key, e)
             return False
-        if state is None:
-            return False
+        return state is not None and self._adopt(k, key, state, count)
+
+    def _adopt(self, k: int, key: RoundKey, state, count: bool) -> bool:
+        """Take `state` (of `key`, checked against its hash by the averager) as fragment `k`'s anchor and momentum;
+        `count`: as an applied round taken from the swarm."""
         n = self.anchors[k].numel()
         for name, t in (("anchor", state.anchor), ("momentum", state.momentum)):
             if t.dtype != torch.float32 or t.numel() != n or not bool(torch.isfinite(t).all()):
@@ -125,4 +202,4 @@ class CatchUp:
         the way); mid-run the next round repairs that, at the end this does.
         """
         for k in range(len(self.fragments)):
-            self._catch_up(k, 1 << 62)
+            self._catch_up(k, 1 << 62, wait=None)

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .averaging import AveragingFailed, FragmentAverager, PendingAverage, RoundKey
-from .catch_up import CatchUp
+from .catch_up import CATCH_UP_WAIT_S, CatchUp, StateFetch
 from .codecs import get_codec
 from .config import AUTO_CODEC, DiLoCoConfig
 from .fragments import Fragment, split_fragments
@@ -88,6 +88,7 @@ class StreamingDiLoCo(CatchUp):
         self.digests = [state_hash(a, m) for a, m in zip(self.anchors, self.momenta)]  # of (anchor, momentum)
         self.max_delay = max(config.tau, config.outer_period - 1)  # finish before the fragment's next round
         self.in_flight: dict[int, _InFlight] = {}
+        self.fetching: dict[int, StateFetch] = {}  # the swarm's state of these fragments is downloading
         self.stats = RoundStats.empty(len(self.fragments))
 
     # -- schedule ---------------------------------------------------------
@@ -105,6 +106,7 @@ class StreamingDiLoCo(CatchUp):
             self._start(k, r, step)
 
     def finish_due_rounds(self, step: int) -> None:
+        self.take_fetched()
         for k, flight in list(self.in_flight.items()):
             if flight.start_step + self.config.tau > step:
                 continue
@@ -182,11 +184,15 @@ class StreamingDiLoCo(CatchUp):
                 raise AveragingFailed(f"{flight.key}: mean holds non-finite values")
         except AveragingFailed as e:
             report = self.averager.latest_agreed(k, flight.key.round)
-            if report is not None and report.round == flight.key.round and \
-                    self._adopt_agreed_state(k, flight.key, report.majority()):
-                log.warning("round failed here (%s); adopted the agreed state of %s from the swarm", e, flight.key)
-                self.stats.not_averaged(str(e))
-                return
+            if report is not None and report.round == flight.key.round and k not in self.fetching:
+                # the others applied it: their state comes (in the background over a slow link; a later round
+                # start adopts it, see `_catch_up`)
+                self._start_fetch(k, flight.key.round, flight.key, report.majority())
+                if self._finish_fetch(k, CATCH_UP_WAIT_S if self._alone(k) else 0.0) == "adopted":
+                    log.warning("round failed here (%s); adopted the agreed state of %s from the swarm",
+                                e, flight.key)
+                    self.stats.not_averaged(str(e))
+                    return
             self.stats.failed[k] += 1
             self.stats.not_averaged(str(e))
             self.tokens_since_sync[k] += flight.tokens  # the next round carries this progress

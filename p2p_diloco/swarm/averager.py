@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from typing import AsyncIterator
 
 import torch
@@ -38,9 +40,10 @@ from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverage, Fra
 from ..core.codecs import get_codec
 from ..core.config import AUTO_CODEC
 from ..node.failpoints import reached
-from .butterfly import FLOOR_RATE, ButterflyProtocol
+from .butterfly import DEADLINE_FLOOR_S, FLOOR_RATE, ButterflyProtocol
 from .lifetime import die_with_parent
-from .state_serving import StateServing, decode_state, hash_records, publish_hash
+from .state_serving import (StateServing, decode_state, hash_records, hashes_key, others_records, parse_hash_records,
+                            publish_hash, read_hash_records)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,10 @@ class CodecAverager(ButterflyProtocol, StateServing, DecentralizedAverager):
             reached("matchmaking")
 
 
+RECORDS_REFRESH_S = 0.5  # the state records (hashes) of every fragment are read this often in the background
+RECORDS_MAX_AGE_S = 3.0  # older than this (the reader is behind), `latest_agreed` reads them itself
+
+
 class SwarmAverager(FragmentAverager):
     """One `CodecAverager` per fragment, all on one DHT; `begin` starts a round in the background."""
 
@@ -87,6 +94,13 @@ class SwarmAverager(FragmentAverager):
         self.rate = (uplink_mbit or 0.0) * 125_000.0  # bytes/s; 0: unknown
         self.round_interval_s = 0.0  # seconds between two rounds of a fragment at this peer's pace; 0: unknown
         self.codec_rounds: Counter = Counter()  # rounds averaged per codec
+        self.lookup_s = 0.0  # time the training thread spent reading the swarm's state records (`latest_agreed`)
+        self._fetching = threading.Lock()  # held by the one transfer of a state under way (`fetch`)
+        self._newest_fetch: dict[int, int] = {}  # fragment -> the newest round whose state `fetch` was asked for
+        self._records: dict[int, tuple[float, dict]] = {}  # fragment -> (when read, every peer's state record)
+        self._records_lock = threading.Lock()
+        self._refresher: threading.Thread | None = None
+        self._closing = threading.Event()
         self.fragment_sizes = list(fragment_sizes)
         # peers known to be training (from their progress records); None: unknown, trust every record.
         # A dead peer's state-hash record outlives it: it must not count as the swarm's state, nor as a donor.
@@ -128,12 +142,19 @@ class SwarmAverager(FragmentAverager):
     def recover(self, key: RoundKey, digest: str | None = None) -> AgreedState | None:
         """The state of `key` (hashing to `digest`, else the most common), downloaded from a peer that holds it
         and checked against its hash."""
-        deadline = time.monotonic() + min(3.0, self.round_timeout / 2)  # records may still be propagating
+        # the records may still be propagating
+        donors = self._wait_for_donors(key, digest, min(3.0, self.round_timeout / 2))
+        return None if donors is None else self._download(key, *donors)
+
+    def _wait_for_donors(self, key: RoundKey, digest: str | None, wait: float) -> tuple[str, list[str]] | None:
+        deadline = time.monotonic() + wait
         while not (donors := self._donors(key, digest)):
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.5)
-        digest, peers = donors
+        return donors
+
+    def _download(self, key: RoundKey, digest: str, peers: list[str]) -> AgreedState | None:
         # donors in a fixed order, each fragment starting at another one: a joiner spreads its download
         peers = sorted(peers)
         peers = peers[key.fragment % len(peers):] + peers[:key.fragment % len(peers)]
@@ -141,7 +162,8 @@ class SwarmAverager(FragmentAverager):
         for peer in peers:
             try:
                 future = MPFuture()
-                av._outer_pipe.send(("_download_from", [], dict(peer=peer, timeout=self.round_timeout,
+                # a donor that stops sending (stalled, gone) is noticed by the gap between two 64 KB messages
+                av._outer_pipe.send(("_download_from", [], dict(peer=peer, timeout=DEADLINE_FLOOR_S,
                                                                   future=future)))
                 metadata, tensors = future.result(timeout=self.round_timeout * 2)
                 state = decode_state(av, metadata, tensors, key, digest)
@@ -151,12 +173,105 @@ class SwarmAverager(FragmentAverager):
                 log.warning("could not recover %s from %s: %r", key, peer, e)
         return None
 
+    def others_hold(self, fragment: int, round_: int, digest: str | None = None) -> bool:
+        """Every other live peer has published that it holds `round_` of `fragment` or later (with `digest`:
+        exactly that round and state). False while who is live is unknown."""
+        if self.live_peers is None:
+            return False
+        records = hash_records(self.dht, self.run_id, fragment, self.peer_id, self.live_peers)
+        if set(records) != self.live_peers:
+            return False
+        if digest is None:
+            return all(r >= round_ for r, _ in records.values())
+        return all(record == (round_, digest) for record in records.values())
+
+    def fetch(self, key: RoundKey, digest: str | None = None) -> Future:
+        """`recover` in a thread of its own: the training thread goes on meanwhile. It waits for donors up to about
+        a round (the state of a round still under way), then transfers, one transfer at a time (they share this
+        peer's downlink). The fragment's averager is not used for rounds until it is done (the core sits that
+        fragment's rounds out). A request superseded by a newer one of the same fragment before its transfer
+        begins is dropped (None)."""
+        future: Future = Future()
+        self._newest_fetch[key.fragment] = max(key.round, self._newest_fetch.get(key.fragment, -1))
+        # the state of a round still under way (one this peer sits out) is waited for up to about a round
+        wait = max(3.0, min(self.round_timeout / 2, self.round_interval_s))
+
+        def superseded() -> bool:
+            return self._newest_fetch[key.fragment] > key.round
+
+        def run() -> None:
+            try:
+                donors = self._wait_for_donors(key, digest, wait)  # (no lock: others download meanwhile)
+                if donors is None or superseded():
+                    future.set_result(None)
+                    return
+                with self._fetching:
+                    future.set_result(None if superseded() else self._download(key, *donors))
+            except BaseException as e:
+                future.set_exception(e if isinstance(e, Exception) else AveragingFailed(repr(e)))
+
+        threading.Thread(target=run, name=f"fetch {key}", daemon=True).start()
+        return future
+
     def latest_agreed(self, fragment: int, upto: int) -> RoundReport | None:
-        records = [(r, d) for r, d in hash_records(self.dht, self.run_id, fragment, self.peer_id, self.live_peers).values() if r <= upto]
+        """From the records as a background thread reads them (RECORDS_REFRESH_S): the training thread does not
+        wait for DHT lookups (round trips over a WAN) at every round start."""
+        began = time.monotonic()
+        found = others_records(self._cached_records(fragment), self.peer_id, self.live_peers)
+        self.lookup_s += time.monotonic() - began
+        records = [(r, d) for r, d in found.values() if r <= upto]
         if not records:
             return None
         latest = max(r for r, _ in records)
         return RoundReport(latest, dict(Counter(d for r, d in records if r == latest)))
+
+    def _cached_records(self, fragment: int) -> dict[str, tuple[int, str]]:
+        """Every peer's (round, state hash) of `fragment` as read at most RECORDS_MAX_AGE_S and a quarter of the
+        time between two rounds ago (else read now); starts the thread that keeps them fresh."""
+        if not self._caching():
+            return self._read_records(fragment)
+        if self._refresher is None:
+            self._refresher = threading.Thread(target=self._refresh_records, name="state records", daemon=True)
+            self._refresher.start()
+        with self._records_lock:
+            read_at, records = self._records.get(fragment, (-1e9, {}))
+        if time.monotonic() - read_at <= self._max_age():
+            return records
+        return self._read_records(fragment)
+
+    def _max_age(self) -> float:
+        # a record one round old is what a round start looks for: at most a quarter of a round's time stale
+        return min(RECORDS_MAX_AGE_S, self.round_interval_s / 4)
+
+    def _caching(self) -> bool:
+        """Rounds far enough apart for a copy refreshed every RECORDS_REFRESH_S to be fresh enough (else every
+        read is a lookup, and no thread spends CPU on refreshing)."""
+        return self._max_age() >= 2 * RECORDS_REFRESH_S
+
+    def _read_records(self, fragment: int) -> dict[str, tuple[int, str]]:
+        read_at = time.monotonic()
+        records = read_hash_records(self.dht, self.run_id, fragment)
+        self._keep_records(fragment, read_at, records)
+        return records
+
+    def _keep_records(self, fragment: int, read_at: float, records: dict) -> None:
+        with self._records_lock:
+            if read_at > self._records.get(fragment, (-1e9, {}))[0]:
+                self._records[fragment] = (read_at, records)
+
+    def _refresh_records(self) -> None:
+        """Every RECORDS_REFRESH_S: every fragment's records, the lookups side by side (each takes round trips)."""
+        while not self._closing.wait(RECORDS_REFRESH_S):
+            if not self._caching():
+                continue
+            read_at = time.monotonic()
+            lookups = [self.dht.get(hashes_key(self.run_id, k), latest=True, return_future=True)
+                       for k in range(len(self.fragment_sizes))]
+            for k, lookup in enumerate(lookups):
+                try:
+                    self._keep_records(k, read_at, parse_hash_records(lookup.result(timeout=RECORDS_MAX_AGE_S)))
+                except Exception as e:  # a failed lookup: the next one, or a direct read, takes over
+                    log.debug("reading the state records of fragment %d: %r", k, e)
 
     def _donors(self, key: RoundKey, digest: str | None) -> tuple[str, list[str]] | None:
         by_hash: dict[str, list[str]] = {}
@@ -169,6 +284,7 @@ class SwarmAverager(FragmentAverager):
         return (digest, donors) if donors else None
 
     def shutdown(self) -> None:
+        self._closing.set()
         for av in self.averagers:
             try:
                 av.shutdown()

@@ -436,7 +436,8 @@ class ButterflyProtocol:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
         try:
-            reduction: Reduction | None = await future
+            # shielded: this handler cancelled (its member gave up) must not cancel the group for everyone
+            reduction: Reduction | None = await asyncio.shield(future)
         except BaseException as e:  # this peer's side of the group failed before it could reduce
             log.debug("group %s failed before reducing: %r", first.group_id.hex(), e)
             yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)

@@ -54,7 +54,10 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
 TRAINER_NICENESS = 5
 START_MARGIN_S = 2.0  # peers that wait for each other start this long after the last one arrived
-FINAL_LINGER_S = 3.0  # after a run's last rounds: time to publish, reconcile, and serve
+FINAL_LINGER_S = 3.0  # after a run's last rounds, at most: time for the others to publish their last hashes
+# then, at most, time to serve this peer's state to those whose last round failed (over a slow link a fragment's
+# state takes seconds); both end as soon as every live peer holds this peer's state
+FINAL_SERVE_S = 15.0
 LIVE_WITHIN_S = 10.0  # a peer whose latest progress record is older is not counted as training
 
 
@@ -284,11 +287,24 @@ class Peer:
             self.averager.search_timeout = self.run.round_timeout
             self.outer.start_final_rounds(self.global_step)
             self.outer.finish_in_flight()
-            time.sleep(FINAL_LINGER_S)  # the others publish their last hashes...
+            self._linger(FINAL_LINGER_S, same_state=False)  # the others publish their last hashes...
             self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
-            time.sleep(FINAL_LINGER_S)  # ...while everyone still serves its state
+            self._linger(FINAL_SERVE_S, same_state=True)  # ...while everyone still serves its state
         if self.checkpoint_dir:
             self._save()
+
+    def _linger(self, most: float, same_state: bool) -> None:
+        """Wait (`most` s at most) until every other live peer holds each fragment's last round: any state
+        of it (`same_state` False), or this peer's own (True: nobody will download it from here any more)."""
+        deadline = time.monotonic() + most
+        outer = self.outer
+        while time.monotonic() < deadline:
+            # who is live now (a peer that joined at the very end counts): a fresh read of the progress records
+            _readings(request_progress(self.dht, self.run.run_id), self.peer_id, self.averager, self.health)
+            if all(self.averager.others_hold(k, outer.base_round[k], outer.digests[k] if same_state else None)
+                   for k in range(len(outer.fragments))):
+                return
+            time.sleep(0.5)
 
     def summarize(self) -> dict:
         """The run as this peer saw it; written to `opts.summary_path` (atomically) when given."""
@@ -314,6 +330,7 @@ class Peer:
             "problem": self.health.verdict(stats),
             "longest_hold_s": round(self.longest_hold, 3),
             "held_s": round(self.held_s, 3),
+            "records_lookup_s": round(self.averager.lookup_s, 3),
             "train_s": round(self.trained_s, 3),
             "eval_loss": evaluate(eval_model, self.eval_batches),
             "train_loss": self.loss,

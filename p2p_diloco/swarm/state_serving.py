@@ -81,14 +81,33 @@ class StateServing:
 
 def publish_hash(dht, run_id: str, peer_id: str, key: RoundKey, digest: str) -> None:
     """Tell the swarm this peer holds `key`'s state hashing to `digest` (one record per peer and fragment)."""
-    dht.store(f"{run_id}_f{key.fragment}_hashes", msgpack.packb([key.round, digest]),
+    dht.store(hashes_key(run_id, key.fragment), msgpack.packb([key.round, digest]),
               expiration_time=get_dht_time() + HASHES_TTL, subkey=peer_id, return_future=True)
 
 
 def hash_records(dht, run_id: str, fragment: int, me: str, live: set[str] | None) -> dict[str, tuple[int, str]]:
     """Other live peers' latest (round, state hash) of `fragment` (`live` None: every peer's);
     malformed records are logged and skipped."""
-    found = dht.get(f"{run_id}_f{fragment}_hashes", latest=True)
+    return others_records(read_hash_records(dht, run_id, fragment), me, live)
+
+
+def others_records(records: dict[str, tuple[int, str]], me: str, live: set[str] | None
+                   ) -> dict[str, tuple[int, str]]:
+    return {peer: r for peer, r in records.items() if peer != me and (live is None or peer in live)}
+
+
+def read_hash_records(dht, run_id: str, fragment: int) -> dict[str, tuple[int, str]]:
+    """Every peer's latest (round, state hash) of `fragment`, as the DHT holds them (a lookup: over WAN links
+    it takes round trips); malformed records are logged and skipped."""
+    return parse_hash_records(dht.get(hashes_key(run_id, fragment), latest=True))
+
+
+def hashes_key(run_id: str, fragment: int) -> str:
+    return f"{run_id}_f{fragment}_hashes"
+
+
+def parse_hash_records(found) -> dict[str, tuple[int, str]]:
+    """The records of a DHT lookup of `hashes_key` (None: nothing found)."""
     if found is None or not isinstance(found.value, dict):
         return {}
     records = {}
@@ -101,8 +120,7 @@ def hash_records(dht, run_id: str, fragment: int, me: str, live: set[str] | None
         except Exception as e:
             log.warning("ignoring a malformed hash record from %s: %s", peer, e)
             continue
-        if str(peer) != me and (live is None or str(peer) in live):
-            records[str(peer)] = (round_, digest)
+        records[str(peer)] = (round_, digest)
     return records
 
 

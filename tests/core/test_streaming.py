@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -303,6 +305,41 @@ def test_a_worker_behind_the_swarm_adopts_its_newer_state_before_averaging():
     assert o.base_round[0] == 4 and o.stats.recovered[0] == 1
     assert swarm.pending == [RoundKey("local", 0, 5)]  # then it averages round 5 from the swarm's state
     assert swarm.published[0] == (RoundKey("local", 0, 4), digest)  # it serves what it adopted
+
+
+def test_a_state_that_downloads_slowly_comes_in_the_background_and_the_next_round_starts_from_it(monkeypatch):
+    monkeypatch.setattr("p2p_diloco.core.catch_up.CATCH_UP_WAIT_S", 0.01)
+    swarm = _Swarm()
+    downloads: list[tuple[RoundKey, Future]] = []
+
+    def slow_fetch(key, digest=None):  # a slow link: the state is still on its way when the round starts
+        downloads.append((key, Future()))
+        return downloads[-1][1]
+    swarm.fetch = slow_fetch
+    o, config = one_fragment_worker(swarm)
+    n = o.anchors[0].numel()
+    state4 = AgreedState(torch.full((n,), 0.5), torch.full((n,), 0.25))
+    swarm.reports[0] = RoundReport(4, {swarm.holds(4, state4): 2})
+    o.sync(o.offsets[0] + 5 * 6)  # round 5 is due; this worker holds the seed: it asks for round 4's state...
+    assert swarm.pending == [] and o.stats.failed[0] == 1 and o.base_round[0] == -1  # ...sits round 5 out...
+    # ...and asks for what it will need instead: round 5's state, once the others hold it
+    assert [k for k, _ in downloads] == [RoundKey("local", 0, 4), RoundKey("local", 0, 5)]
+    o.sync(o.offsets[0] + 5 * 6 + 1)  # it trains on meanwhile: no other download
+    assert len(downloads) == 2 and o.base_round[0] == -1
+    state5 = AgreedState(torch.full((n,), 0.75), torch.full((n,), 0.5))
+    swarm.reports[0] = RoundReport(5, {swarm.holds(5, state5): 2})
+    downloads[0][1].set_result(state4)  # superseded: dropped
+    downloads[1][1].set_result(state5)
+    o.sync(o.offsets[0] + 5 * 6 + 2)  # adopted after the next step, not at a round start
+    assert o.base_round[0] == 5 and o.stats.recovered[0] == 1 and torch.equal(o.momenta[0], state5.momentum)
+    o.sync(o.offsets[0] + 6 * 6)  # round 6 averages from it
+    assert swarm.pending == [RoundKey("local", 0, 6)] and len(downloads) == 2
+    # at the end of a run (reconcile) a download under way is waited for
+    swarm.reports[0] = RoundReport(6, {swarm.holds(6, state5): 3})
+    o.finish_in_flight()
+    threading.Timer(0.2, lambda: downloads[-1][1].set_result(state5)).start()
+    o.reconcile()
+    assert o.base_round[0] == 6 and len(downloads) == 3 and o.stats.resynced[0] == 1
 
 
 def test_a_joiner_takes_an_older_agreed_state_when_nobody_can_serve_the_latest():

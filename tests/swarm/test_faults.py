@@ -141,9 +141,10 @@ def test_a_peer_crashing_mid_round_costs_the_others_at_most_that_round(swarm, po
     assert_consensus(survivors)
     for p in survivors:
         assert p["global_step"] == STEPS
-        # the round in flight with the dead peer fails; when the group took up to GROUP_REGISTRATION_S to
-        # notice (a leader that died while forming it), the fragment's next round can be sat out too
-        assert sum(p["rounds_failed"]) <= 2 and min(p["rounds"]) >= 2
+        # the rounds in flight with the dead peer fail (its process group dies whole: another fragment's round
+        # may be in flight, or forming with it as leader, at that moment); when a group took up to
+        # GROUP_REGISTRATION_S to notice, the fragment's next round can be sat out too
+        assert sum(p["rounds_failed"]) <= 3 and min(p["rounds"]) >= 2
 
 
 def test_a_stalled_peer_is_left_out_and_catches_up_when_it_resumes(swarm):

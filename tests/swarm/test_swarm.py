@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 
 import msgpack
 import pytest
@@ -151,12 +152,32 @@ def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts):
         state = avs[2].recover(key)
         assert state is not None
         assert torch.equal(state.anchor, anchor) and torch.equal(state.momentum, momentum)
+        fetched = avs[2].fetch(key, digest)  # the same, in the background (the training thread goes on)
+        assert torch.equal(fetched.result(timeout=60).anchor, anchor)
         # only peers known to be training count: a dead peer's record is neither the swarm's state nor a donor
         avs[2].live_peers = {avs[1].peer_id}
         assert avs[2].latest_agreed(0, 10) == RoundReport(4, {digest: 1})
         avs[2].live_peers = set()
         assert avs[2].latest_agreed(0, 10) is None
+        # the end of a run: a peer lingers until every live peer holds the last round (its own state: nobody
+        # will need to download it any more); who is live unknown: it cannot tell
+        avs[2].live_peers = {avs[0].peer_id, avs[1].peer_id}
+        assert avs[2].others_hold(0, 4) and avs[2].others_hold(0, 3) and not avs[2].others_hold(0, 5)
+        assert avs[2].others_hold(0, 4, digest) and not avs[2].others_hold(0, 4, "0" * 64)
+        avs[2].live_peers = {avs[0].peer_id, avs[1].peer_id, "a peer that has published nothing"}
+        assert not avs[2].others_hold(0, 4)
         avs[2].live_peers = None
+        assert not avs[2].others_hold(0, 4)
+        # with rounds seconds apart, a round start reads the records a background thread keeps fresh (a DHT lookup
+        # takes round trips over a WAN): a new record shows within a refresh or two, not at once
+        avs[2].round_interval_s = 40.0
+        assert avs[2].latest_agreed(0, 10).round == 4
+        avs[0].applied(RoundKey("run1", 0, 5), anchor, momentum, digest)
+        deadline = time.monotonic() + 10
+        while avs[2].latest_agreed(0, 10).round != 5:
+            assert time.monotonic() < deadline, "the state records were not refreshed"
+            time.sleep(0.1)
+        avs[2].round_interval_s = 0.0
         # a donor whose state changed since it published the hash is not trusted
         avs[0].averagers[0].served[1][0].add_(1.0)
         avs[1].averagers[0].served[1][0].add_(1.0)
