@@ -6,25 +6,35 @@ live trainer gets a fault: SIGKILL (a crash), SIGTERM (a clean leave; it comes
 back with `--resume` from its checkpoint) or SIGSTOP (a stall of 5-15 s, then
 SIGCONT). A crashed or departed trainer is replaced by a new one a few seconds
 later, so the swarm keeps about --peers members. At the end it reports rounds
-applied and failed per fragment, inner steps lost with crashed peers, every
-joiner's time-to-join, whether the surviving peers hold identical anchors, and
-their eval loss against an undisturbed run of the same length (run after the
+applied and failed per fragment, every round that did not average with its
+reason (from the logs), inner steps lost with crashed peers, every joiner's
+time-to-join, whether the surviving peers hold identical anchors, and their eval
+loss against an undisturbed run of the same length on loopback (run after the
 chaotic one, unless --baseline-json names a report of one).
 
+With --links (root), every member runs on an emulated machine behind its WAN link
+(see `p2p_diloco.emulation.wan`); a crashed trainer's replacement, or a departed
+one coming back, takes over its machine.
+
     python scripts/chaos.py --seed 1 --steps 6000 --json results/chaos.json
+    sudo python scripts/chaos.py --links peers/links-mixed.toml --json results/chaos_wan.json
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
 
 from p2p_diloco.core.config import DiLoCoConfig
+from p2p_diloco.emulation.links import read_links
 from p2p_diloco.node.records import RunConfig
 from p2p_diloco.swarm.local_swarm import LocalSwarm, TrainerProcess
 from p2p_diloco.task.model import model_spec
@@ -33,8 +43,9 @@ from p2p_diloco.task.model import model_spec
 class Trainer:
     """A trainer of the chaotic run: its process (progress read as it comes) and its fate."""
 
-    def __init__(self, swarm: LocalSwarm, name: str, maddr: str, wait_for: int, extra: list[str]):
-        self.process = TrainerProcess(*swarm.start_trainer(name, maddr, wait_for, extra))
+    def __init__(self, swarm: LocalSwarm, name: str, maddr: str, wait_for: int, extra: list[str], machine: int):
+        self.process = TrainerProcess(*swarm.start_trainer(name, maddr, wait_for, extra, machine=machine))
+        self.machine = machine  # its emulated machine (with --links: its link); a replacement takes it over
         threading.Thread(target=self.process.read_progress, daemon=True).start()
         self.name, self.child, self.summary = name, self.process.child, self.process.summary_path
         self.fate = "running"  # running, stopped (SIGSTOP), killed (SIGKILL) or left (SIGTERM)
@@ -56,19 +67,21 @@ class Chaos:
         self.rng = random.Random(args.seed)
         run = RunConfig("chaos", DiLoCoConfig(total_steps=args.steps), model_spec(args.model), 4, "stdlib",
                         round_timeout=args.round_timeout, target_group_size=None, matchmaking_time=3.0)
-        self.swarm = LocalSwarm(run, args.peers, args.steps, workdir=args.workdir)
+        links = read_links(args.links, args.peers) if args.links else None
+        self.swarm = LocalSwarm(run, args.peers, args.steps, workdir=args.workdir, links=links)
         self.events: list[dict] = []
         self.trainers: list[Trainer] = []
-        self.pending: list[tuple[float, str, Trainer | None]] = []  # (when, action, trainer)
+        self.pending: list[tuple[float, str, Trainer]] = []  # (when, action, the trainer it follows up on)
         self.start = time.monotonic()
         self.maddr = ""
 
     def run(self) -> dict:
         args = self.args
         try:
+            self.swarm.open_network()
             self.maddr = self.swarm.start_host()
-            for _ in range(args.peers):
-                self.new_trainer(wait_for=args.peers)
+            for machine in range(1, args.peers + 1):
+                self.new_trainer(machine, wait_for=args.peers)
             next_fault = time.monotonic() + 20 + self.rng.expovariate(1 / args.fault_every)
             while any(t.alive() for t in self.trainers if t.fate in ("running", "stopped")):
                 now = time.monotonic()
@@ -90,11 +103,11 @@ class Chaos:
         self.events.append({"t": round(time.monotonic() - self.start, 1), "event": what, "peer": name})
         print(f"[{self.events[-1]['t']:7.1f}s] {what:8s} {name}", flush=True)
 
-    def new_trainer(self, wait_for: int = 1, resume: str | None = None) -> Trainer:
+    def new_trainer(self, machine: int, wait_for: int = 1, resume: str | None = None) -> Trainer:
         name = f"peer{len(self.trainers) + 1}"
         ckpt = os.path.join(self.swarm.workdir, f"ckpt-{name}")
         extra = ["--resume", resume] if resume else ["--checkpoint-dir", ckpt, "--checkpoint-every", "10"]
-        t = Trainer(self.swarm, name, self.maddr, wait_for, extra)
+        t = Trainer(self.swarm, name, self.maddr, wait_for, extra, machine)
         t.checkpoint = resume or ckpt
         self.trainers.append(t)
         self.log("join" if not resume else "resume", name)
@@ -111,10 +124,10 @@ class Chaos:
                 os.kill(t.child.proc.pid, signal.SIGCONT)
                 t.fate = "running"
                 self.log("resumed", t.name)
-            elif action == "replace":
-                self.new_trainer()
+            elif action == "replace":  # a new volunteer on the crashed one's machine
+                self.new_trainer(t.machine)
             elif action == "restart":
-                self.new_trainer(resume=t.checkpoint)
+                self.new_trainer(t.machine, resume=t.checkpoint)
 
     def fault(self, victim: Trainer, now: float) -> None:
         """SIGKILL (replaced in 3-10 s), SIGTERM (back from its checkpoint in 15-25 s) or SIGSTOP (5-15 s)."""
@@ -122,7 +135,7 @@ class Chaos:
         if kind == "SIGKILL":
             os.killpg(victim.child.proc.pid, signal.SIGKILL)
             victim.fate = "killed"
-            self.pending.append((now + self.rng.uniform(3, 10), "replace", None))
+            self.pending.append((now + self.rng.uniform(3, 10), "replace", victim))
         elif kind == "SIGTERM":
             os.kill(victim.child.proc.pid, signal.SIGTERM)
             victim.fate = "left"
@@ -153,7 +166,35 @@ class Chaos:
                 "rounds_failed": [p["rounds_failed"] for p in finished],
                 "inner_steps_lost_with_crashed_peers": lost,
                 "time_to_join_s": {p["name"]: p["time_to_join_s"] for p in finished if p["joined_at_step"] > 0},
-                "eval_loss": [p["eval_loss"] for p in finished], "workdir": self.swarm.workdir}
+                "eval_loss": [p["eval_loss"] for p in finished], "workdir": self.swarm.workdir,
+                "links": self.args.links,
+                "rounds_not_averaged": rounds_not_averaged(self.swarm.workdir)}
+
+
+# how a trainer's log says that a round did not average here (core/streaming.py)
+NOT_AVERAGED = re.compile(r"round could not start for fragment \d+: (.*)|round failed here \((.*)\); adopted"
+                          r"|round not applied, fragment \d+ keeps its anchor: (.*)"
+                          r"|holds round \d+; (.*): sitting out round")
+
+
+def rounds_not_averaged(workdir: str) -> dict:
+    """Every round that did not average, from every trainer's log: counted by reason (peer ids, numbers and
+    round keys blanked so that alike reasons count together), with the peers each reason was seen on."""
+    reasons: collections.Counter = collections.Counter()
+    seen_on: dict[str, set] = collections.defaultdict(set)
+    for path in sorted(glob.glob(os.path.join(workdir, "peer*.log"))):
+        with open(path, errors="replace") as f:
+            for line in f:
+                m = NOT_AVERAGED.search(line)
+                if not m:
+                    continue
+                text = next(g for g in m.groups() if g is not None)
+                text = re.sub(r"\S+/fragment\d+/round\d+:? ?", "", text)
+                text = re.sub(r"12D3Koo\w+|Qm\w{20,}", "<peer>", text)
+                text = re.sub(r"\d+(\.\d+)?", "N", text)[:160]
+                reasons[text] += 1
+                seen_on[text].add(os.path.basename(path).removesuffix(".log"))
+    return {r: {"count": n, "peers": sorted(seen_on[r])} for r, n in reasons.most_common()}
 
 
 def baseline(args) -> float:
@@ -170,6 +211,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6000, help="Global steps of the run.")
     parser.add_argument("--fault-every", type=float, default=30.0, help="Mean seconds between faults.")
     parser.add_argument("--model", default="small")
+    parser.add_argument("--links", default=None,
+                        help="a links file (peers/links-*.toml, root only): every member on an emulated machine behind "
+                             "its link; a trainer's replacement runs on its machine")
     parser.add_argument("--round-timeout", type=float, default=30.0)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--workdir", default=None)

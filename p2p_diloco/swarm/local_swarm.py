@@ -77,6 +77,7 @@ class LocalSwarm:
         then runs in a network namespace of its own behind that link, and declares its uplink rate."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
         self.links, self.net = links, None
+        self.machine_of: dict[str, int] = {}  # trainers placed on a machine by `start_trainer(machine=...)`
         self.slow_peer_delay, self.late_peer_after = slow_peer_delay, late_peer_after
         if workdir:
             os.makedirs(workdir, exist_ok=True)
@@ -119,9 +120,15 @@ class LocalSwarm:
             return json.load(f)["maddrs"][0]
 
     def start_trainer(self, name: str, maddr: str, wait_for: int, extra: list[str] | None = None,
-                      env: dict[str, str] | None = None) -> tuple[_Child, str]:
+                      env: dict[str, str] | None = None, machine: int | None = None) -> tuple[_Child, str]:
         """Start one trainer that stops at global step `self.steps`; returns it and its summary's path.
-        `env`: extra environment variables (e.g. a failpoint, see `p2p_diloco.node.failpoints`)."""
+        `env`: extra environment variables (e.g. a failpoint, see `p2p_diloco.node.failpoints`).
+        `machine`: the emulated machine (1..peers, behind trainer `peer{machine-1}`'s link) it runs on; by default
+        the one its name `peer{i}` gives (a replacement of a dead trainer takes its machine)."""
+        if machine is not None:
+            if not 1 <= machine <= self.peers:
+                raise ValueError(f"machine {machine}: the swarm's trainers run on machines 1..{self.peers}")
+            self.machine_of[name] = machine
         summary = os.path.join(self.workdir, f"{name}.json")
         _remove_stale(summary)
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
@@ -141,9 +148,7 @@ class LocalSwarm:
         start = time.time()
         view = _ProgressView([f"peer{i}" for i in range(self.peers)], self.steps, show_progress, progress_every)
         try:
-            if self.links is not None:
-                from ..emulation.wan import Wan
-                self.net = Wan([self.links[0], *self.links[1]])
+            self.open_network()
             maddr = self.start_host()
             trainers = [self._start(i, maddr) for i in range(self.peers) if i != self._late_index()]
             self._watch(trainers, maddr, timeout, view)
@@ -151,11 +156,17 @@ class LocalSwarm:
         finally:
             view.close()
             self.stop()
-            if self.net is not None:
-                self.net.close()
+
+    def open_network(self) -> None:
+        """With `links`: the emulated machines and their links (closed by `stop`). Before the first member."""
+        if self.links is not None and self.net is None:
+            from ..emulation.wan import Wan
+            self.net = Wan([self.links[0], *self.links[1]])
 
     def _machine(self, name: str) -> int:
-        """The emulated machine a member runs on: 0 the host, i + 1 trainer `peer{i}`."""
+        """The emulated machine a member runs on: 0 the host, i + 1 trainer `peer{i}` (or as placed)."""
+        if name in self.machine_of:
+            return self.machine_of[name]
         return 0 if name == "host" else int(name.removeprefix("peer")) + 1
 
     def _link(self, name: str):
@@ -240,7 +251,16 @@ class LocalSwarm:
         return report
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every child's process group, then SIGKILL whatever is left, p2pd daemons included."""
+        """SIGTERM every child's process group, then SIGKILL whatever is left, p2pd daemons included; then
+        remove the emulated network, if any."""
+        try:
+            self._stop_children(grace)
+        finally:
+            if self.net is not None:
+                self.net.close()
+                self.net = None
+
+    def _stop_children(self, grace: float) -> None:
         family = {pid for c in self.children for pid in _descendants(c.proc.pid)}
         for c in self.children:
             if c.proc.poll() is None:
