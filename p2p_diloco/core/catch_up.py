@@ -38,7 +38,7 @@ class StateFetch:
     """A download of the swarm's state of one fragment, under way (`FragmentAverager.fetch`)."""
 
     key: RoundKey
-    digest: str
+    digest: str | None  # None: the majority's, whichever it is when the state is agreed
     resync: bool  # the same round as ours, another state (counted as resynced, not as an applied round)
     future: Future
 
@@ -122,7 +122,7 @@ class CatchUp:
             state = fetch.future.result(timeout=wait)
         except FutureTimeout:
             return "pending"
-        except AveragingFailed as e:
+        except Exception as e:  # (a failed lookup or download: as if nobody could hand it over)
             log.warning("could not recover %s from the swarm: %s", fetch.key, e)
             state = None
         del self.fetching[k]

@@ -342,6 +342,25 @@ def test_a_state_that_downloads_slowly_comes_in_the_background_and_the_next_roun
     assert o.base_round[0] == 6 and len(downloads) == 3 and o.stats.resynced[0] == 1
 
 
+def test_a_download_that_fails_in_the_background_leaves_the_fragment_as_it_was(monkeypatch):
+    monkeypatch.setattr("p2p_diloco.core.catch_up.CATCH_UP_WAIT_S", 0.01)
+    swarm = _Swarm()
+    downloads: list[Future] = []
+
+    def failing_fetch(key, digest=None):
+        downloads.append(Future())
+        return downloads[-1]
+    swarm.fetch = failing_fetch
+    o, config = one_fragment_worker(swarm)
+    n = o.anchors[0].numel()
+    swarm.reports[0] = RoundReport(4, {swarm.holds(4, AgreedState(torch.zeros(n), torch.ones(n))): 2})
+    anchor = o.anchors[0].clone()
+    o.sync(o.offsets[0] + 5 * 6)  # behind: the download starts, the round is sat out
+    downloads[-1].set_exception(ConnectionError("the DHT went away"))
+    o.sync(o.offsets[0] + 5 * 6 + 1)  # a failed lookup or transfer is "nobody could hand it over": training goes on
+    assert not o.fetching and o.base_round[0] == -1 and torch.equal(o.anchors[0], anchor)
+
+
 def test_a_joiner_takes_an_older_agreed_state_when_nobody_can_serve_the_latest():
     swarm = _Swarm()
     o, config = one_fragment_worker(swarm)
