@@ -34,7 +34,7 @@ import threading
 import time
 
 from p2p_diloco.core.config import DiLoCoConfig
-from p2p_diloco.emulation.links import read_links
+from p2p_diloco.emulation.links import LinksError, read_links
 from p2p_diloco.node.records import RunConfig
 from p2p_diloco.swarm.local_swarm import LocalSwarm, TrainerProcess
 from p2p_diloco.task.model import model_spec
@@ -220,7 +220,11 @@ def main() -> None:
     parser.add_argument("--baseline-json", default=None, help="A report of an undisturbed run (skips running one).")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args()
-    report = Chaos(args).run()
+    try:
+        chaos = Chaos(args)
+    except LinksError as e:
+        parser.error(str(e))
+    report = chaos.run()
     if args.baseline_json:
         with open(args.baseline_json) as f:
             calm = json.load(f)["baseline_eval_loss"]
