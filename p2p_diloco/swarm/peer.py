@@ -29,7 +29,9 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +58,8 @@ TRAINER_NICENESS = 5
 START_MARGIN_S = 2.0  # peers that wait for each other start this long after the last one arrived
 FINAL_LINGER_S = 3.0  # after a run's last rounds, at most: time for the others to publish their last hashes
 # then, at most, time to serve this peer's state to those whose last round failed (over a slow link a fragment's
-# state takes seconds); both end as soon as every live peer holds this peer's state
+# state takes seconds), on top of the round timeout (a peer a little behind may still search for its last group
+# that long before it asks for the state); both end as soon as every live peer holds this peer's state
 FINAL_SERVE_S = 15.0
 LIVE_WITHIN_S = 10.0  # a peer whose latest progress record is older is not counted as training
 
@@ -283,15 +286,40 @@ class Peer:
                              dataclasses.replace(self._progress(time.time()), training=False))
         self.outer.finish_in_flight()
         if self.opts.final_sync and not self.stopping:
-            # no next round to protect: a peer that reaches the end before the others waits for them
-            self.averager.search_timeout = self.run.round_timeout
-            self.outer.start_final_rounds(self.global_step)
-            self.outer.finish_in_flight()
-            self._linger(FINAL_LINGER_S, same_state=False)  # the others publish their last hashes...
-            self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
-            self._linger(FINAL_SERVE_S, same_state=True)  # ...while everyone still serves its state
+            with self._heartbeat():  # the others count this peer live (they wait for it, serve it) until it is done
+                # no next round to protect: a peer that reaches the end before the others waits for them
+                self.averager.search_timeout = self.run.round_timeout
+                self.outer.start_final_rounds(self.global_step)
+                self.outer.finish_in_flight()
+                self._linger(FINAL_LINGER_S, same_state=False)  # the others publish their last hashes...
+                self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
+                # ...while everyone still serves its state
+                self._linger(self.run.round_timeout + FINAL_SERVE_S, same_state=True)
         if self.checkpoint_dir:
             self._save()
+
+    @contextmanager
+    def _heartbeat(self):
+        """Publish this peer's progress every PROGRESS_EVERY_S from a thread of its own while the block runs (the
+        end of a run, when the step loop no longer does): without it a peer in its last rounds, or a little
+        behind, looks gone after LIVE_WITHIN_S, and the others stop serving it their state."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(PROGRESS_EVERY_S):
+                try:
+                    publish_progress(self.dht, self.run.run_id, self._progress(time.time()))
+                except Exception as e:  # (the DHT shutting down): the others stop counting this peer, as at exit
+                    log.debug("could not publish progress: %r", e)
+                    return
+
+        beating = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        beating.start()
+        try:
+            yield
+        finally:
+            done.set()
+            beating.join(timeout=5.0)
 
     def _linger(self, most: float, same_state: bool) -> None:
         """Wait (`most` s at most) until every other live peer holds each fragment's last round: any state
