@@ -291,7 +291,8 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
     except failpoints.FailpointError as e:
         raise click.UsageError(str(e)) from None
     if armed:
-        click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer SIGKILLs itself at hit {armed[1]} of "
+        action = "fails" if armed[0] in failpoints.ERROR_POINTS else "SIGKILLs itself"
+        click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer {action} at hit {armed[1]} of "
                    f"{armed[0]} ({failpoints.POINTS[armed[0]]})", err=True)
     check_run_id_flag(run_id)
     initial_peers = parse_initial_peers(initial_peers)

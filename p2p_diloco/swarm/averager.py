@@ -42,6 +42,7 @@ from ..core.config import AUTO_CODEC
 from ..node.failpoints import reached
 from .butterfly import DEADLINE_FLOOR_S, FLOOR_RATE, ButterflyProtocol
 from .lifetime import die_with_parent
+from .link_meter import LinkMeter
 from .state_serving import (StateServing, decode_state, hash_records, hashes_key, others_records, parse_hash_records,
                             publish_hash, read_hash_records)
 
@@ -91,7 +92,8 @@ class SwarmAverager(FragmentAverager):
         self.peer_id = str(dht.peer_id)
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.rate = (uplink_mbit or 0.0) * 125_000.0  # bytes/s; 0: unknown
+        self.declared_rate = (uplink_mbit or 0.0) * 125_000.0  # bytes/s; 0: unknown
+        self.meter = LinkMeter()  # this machine's uplink as its transfers show it (started with the averagers)
         self.round_interval_s = 0.0  # seconds between two rounds of a fragment at this peer's pace; 0: unknown
         self.codec_rounds: Counter = Counter()  # rounds averaged per codec
         self.lookup_s = 0.0  # time the training thread spent reading the swarm's state records (`latest_agreed`)
@@ -119,6 +121,13 @@ class SwarmAverager(FragmentAverager):
                           client_mode=client_mode, declare_state_period=3600)
             for k, numel in enumerate(fragment_sizes)]
         signal.signal(signal.SIGINT, previous)  # hivemind makes the creating process ignore Ctrl-C
+        self.meter.start()
+
+    @property
+    def rate(self) -> float:
+        """This peer's uplink in bytes/s as every member of its groups learns it: the peak its transfers reached
+        (`LinkMeter`) once measured, else as declared; 0: unknown."""
+        return self.meter.up or self.declared_rate
 
     def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
         if key.run_id != self.run_id:
@@ -285,6 +294,7 @@ class SwarmAverager(FragmentAverager):
 
     def shutdown(self) -> None:
         self._closing.set()
+        self.meter.stop()
         for av in self.averagers:
             try:
                 av.shutdown()

@@ -6,8 +6,8 @@
 * every member checks the gathered metadata (run, fragment, round, codec, size,
   weight); any mismatch fails the round for the whole group, naming the peer;
 * the vector is cut into one part per non-client member (by the members'
-  declared uplinks, at codec block boundaries), and each part into chunks of about CHUNK_BYTES on
-  the wire (whole codec blocks, so a chunk encodes on its own); each member
+  uplinks, measured or else declared, at codec block boundaries), and each part
+  into chunks of about CHUNK_BYTES on the wire (whole codec blocks, so a chunk encodes on its own); each member
   streams its part's chunks to that part's reducer over `rpc_codec_part`,
   encoding ahead off the event loop; the reducer decodes each chunk off the
   event loop and, once every member's chunk k is in, sums them in fp32 in the
@@ -86,7 +86,7 @@ class _Group:
     me: int  # this peer's index in `peers`
     weights: list[float]  # tokens behind each member's outer gradient
     reducers: list[int]  # members that reduce a part (not in client mode)
-    rates: list[float]  # each member's uplink in bytes/s as it declared it; 0: unknown
+    rates: list[float]  # each member's uplink in bytes/s as it published it (measured, else declared); 0: unknown
     intervals: list[float]  # each member's time between two rounds of this fragment (s); 0: unknown
 
     @property
@@ -241,6 +241,12 @@ class Reduction:
             acc += x * (self.weights[p] / self.total_weight)
         return self.codec.encode(acc)
 
+    def drop(self, peer: PeerID) -> None:
+        """Member `peer` gave up the round: the part fails when some of its chunks are still to come (a member
+        of another group, or one whose chunks are all in, changes nothing)."""
+        if peer in self.weights and any((peer, k) not in self._seen for k in range(len(self.chunks))):
+            self.fail(AllreduceException(f"member {peer} dropped out of the round"))
+
     def fail(self, error: BaseException) -> None:
         if not self.failed.done():
             log.warning("reduction of this peer's part failed: %s", error)
@@ -278,23 +284,34 @@ class ButterflyProtocol:
             lo, hi = owner_part[group.me]
             reduction = Reduction(codec, hi - lo, group.peers, group.weights, self.peer_id, group.chunk_deadline)
         self._running_groups[group_info.group_id].set_result(reduction)
-        round_trips_ = await self._round_trips(group, owner_part)
         traffic = {"sent": 0, "received": 0}
-        async with enter_asynchronously(self.get_tensors()) as tensors:
-            flat = tensors[0].view(-1)
-            out = torch.empty_like(flat)
-            work = asyncio.ensure_future(asyncio.gather(*(
-                self._exchange(group, group_info.group_id, codec, flat[lo:hi], out[lo:hi], owner, reduction,
-                               traffic, round_trips_.get(owner))
-                for owner, (lo, hi) in owner_part.items())))
-            # a reducer hears from every member; a client-mode member only talks to the reducers (two clients never
-            # connect to each other)
-            partners = group.peers if reduction is not None else [group.peers[i] for i in owner_part]
-            await self._until_done_or_member_gone(work, partners, reduction)
-            if reduction is not None:  # every other member sent us its part and takes our encoded mean
-                traffic["sent"] += reduction.bytes_out * (len(group.peers) - 1)
-                traffic["received"] += reduction.bytes_in
-            flat.copy_(out)  # all or nothing
+        try:
+            if reached("dropping_out"):
+                raise AllreduceException("failpoint dropping_out: this member gives up the round")
+            round_trips_ = await self._round_trips(group, owner_part)
+            async with enter_asynchronously(self.get_tensors()) as tensors:
+                flat = tensors[0].view(-1)
+                out = torch.empty_like(flat)
+                work = asyncio.ensure_future(asyncio.gather(*(
+                    self._exchange(group, group_info.group_id, codec, flat[lo:hi], out[lo:hi], owner, reduction,
+                                   traffic, round_trips_.get(owner))
+                    for owner, (lo, hi) in owner_part.items())))
+                # a reducer hears from every member; a client-mode member only talks to the reducers (two clients
+                # never connect to each other)
+                partners = group.peers if reduction is not None else [group.peers[i] for i in owner_part]
+                await self._until_done_or_member_gone(work, partners)
+                if reduction is not None:  # every other member sent us its part and takes our encoded mean
+                    traffic["sent"] += reduction.bytes_out * (len(group.peers) - 1)
+                    traffic["received"] += reduction.bytes_in
+                flat.copy_(out)  # all or nothing
+        except BaseException as e:
+            # whoever waits on this peer learns it at once, not at a chunk deadline: the members waiting for our
+            # part's means, and the reducers still waiting for our chunks (a client-mode member reduces nothing:
+            # without telling them, its failure is invisible until then)
+            if reduction is not None:
+                reduction.fail(AllreduceException(f"this reducer's round failed: {e!r}"))
+            self._drop_out(group, group_info.group_id, owner_part)
+            raise
         return {"peers": len(group.peers), "weight": group.total_weight, "began": began, "ended": time.time(),
                 "codec": codec.name, **traffic}
 
@@ -381,10 +398,8 @@ class ButterflyProtocol:
         except CodecError as e:
             raise AllreduceException(f"mean from {reducer} refused: {e}") from None
 
-    async def _until_done_or_member_gone(self, work: asyncio.Future, partners: list[PeerID],
-                                         reduction: Reduction | None) -> None:
-        """Wait for every exchange; fail the round (and our reduction, for the members waiting on it) as soon
-        as one fails or a partner is gone."""
+    async def _until_done_or_member_gone(self, work: asyncio.Future, partners: list[PeerID]) -> None:
+        """Wait for every exchange; fail the round as soon as one fails or a partner is gone."""
         watch = asyncio.ensure_future(self._watch_members(partners))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -393,12 +408,38 @@ class ButterflyProtocol:
                 watch.result()  # raises: a member died
             await work
         except BaseException as e:
-            if reduction is not None:
-                reduction.fail(AllreduceException(f"this reducer's round failed: {e!r}"))
             raise AllreduceException(f"round failed: {e!r}") from e
         finally:
             watch.cancel()
             work.cancel()  # (a no-op once it is done)
+
+    def _drop_out(self, group: _Group, group_id: bytes, owner_part: dict) -> None:
+        """This member's round failed: tell every other reducer (in the background; the round fails now), so
+        that one still waiting for our chunks fails its part at once instead of at its chunk deadline."""
+        reducers = [group.peers[i] for i in owner_part if i != group.me]
+        if reducers:
+            notices = asyncio.ensure_future(asyncio.gather(*(self._tell_dropped_out(r, group_id) for r in reducers)))
+            self._drop_out_notices = getattr(self, "_drop_out_notices", set())
+            self._drop_out_notices.add(notices)  # (referenced until done: a pending task may be collected)
+            notices.add_done_callback(self._drop_out_notices.discard)
+
+    async def _tell_dropped_out(self, reducer: PeerID, group_id: bytes) -> None:
+        stub = type(self).get_stub(self._p2p, reducer, namespace=self.prefix)
+        answered = asyncio.Event()
+
+        async def notice():
+            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED, group_id=group_id)
+            await answered.wait()  # (ending our side first could reset the stream before the notice is read)
+
+        try:
+            stream = await asyncio.wait_for(stub.rpc_codec_part(notice()), DEADLINE_FLOOR_S)
+            try:
+                await asyncio.wait_for(anext(stream), DEADLINE_FLOOR_S)
+            finally:
+                answered.set()
+                await stream.aclose()
+        except Exception as e:  # (it may be gone too): its chunk deadline remains
+            log.debug("could not tell %s that this member dropped out: %r", reducer, e)
 
     async def _watch_members(self, peers: list[PeerID]) -> None:
         """Raise once a member of the round that this peer exchanges parts with is gone: connected to this peer
@@ -442,7 +483,12 @@ class ButterflyProtocol:
             log.debug("group %s failed before reducing: %r", first.group_id.hex(), e)
             yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
             return
-        if reduction is None:
+        if first.code == averaging_pb2.CANCELLED:  # a member gave up the round (`_drop_out`)
+            if reduction is not None:
+                reduction.drop(context.remote_id)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.CANCELLED)
+            return
+        if reduction is None or first.code != averaging_pb2.PART_FOR_AVERAGING:
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         lane = tuple(first.tensor_part.size)

@@ -364,6 +364,11 @@ class Peer:
             "train_loss": self.loss,
             "wire_bytes_sent": self.averager.bytes_sent,
             "wire_bytes_received": self.averager.bytes_received,
+            # this machine's link as its transfers showed it (0: nothing measured, e.g. every peer on loopback)
+            # and as declared (--bandwidth); groups learn the measured uplink once there is one
+            "uplink_measured_mbit": round(self.averager.meter.up / 125_000, 2),
+            "downlink_measured_mbit": round(self.averager.meter.down / 125_000, 2),
+            "uplink_declared_mbit": self.opts.bandwidth,
             "codec_rounds": dict(self.averager.codec_rounds),  # rounds averaged per codec (`--codec auto` varies)
             "state_sha256": list(self.outer.digests),  # per fragment: the hash the swarm votes on
             "wall_s": round(time.time() - self.started, 2),

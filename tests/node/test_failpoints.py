@@ -45,9 +45,15 @@ def test_join_refuses_a_bad_failpoint_before_it_starts(monkeypatch):
 
 def test_an_unarmed_or_other_point_does_nothing(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    failpoints.reached("sending")
+    assert failpoints.reached("sending") is False
     monkeypatch.setenv(ENV, "reducing")
-    failpoints.reached("sending")
+    assert failpoints.reached("sending") is False
+
+
+def test_an_error_point_fails_its_armed_hit_and_the_process_stays_up(monkeypatch):
+    monkeypatch.setattr(failpoints, "_hits", {})
+    monkeypatch.setenv(ENV, "dropping_out:2")
+    assert [failpoints.reached("dropping_out") for _ in range(4)] == [False, True, False, False]
 
 
 def test_the_armed_hit_kills_the_whole_process_group(tmp_path):

@@ -16,8 +16,10 @@ from hivemind.utils import get_dht_time
 from p2p_diloco.core.averaging import AveragingFailed, RoundKey, RoundReport
 from p2p_diloco.core.config import DiLoCoConfig
 from p2p_diloco.core.state_hash import state_hash
+from p2p_diloco.node.failpoints import ENV as FAILPOINT
 from p2p_diloco.node.records import PeerProgress, RecordError, RunConfig
 from p2p_diloco.swarm.averager import SwarmAverager
+from p2p_diloco.swarm.butterfly import chunk_deadline
 from p2p_diloco.swarm.dht import fetch_progress, fetch_run_config, publish_run_config, start_dht, visible_maddrs
 from p2p_diloco.task.model import model_spec
 from processes import p2pd_pids
@@ -137,6 +139,32 @@ def test_a_config_of_another_protocol_version_is_refused(dhts):
            "--run-id", "v2run", "--steps", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "protocol version 2, this peer speaks 1" in proc.stderr
+
+
+def test_a_member_that_drops_out_fails_the_round_at_once_not_at_a_deadline(dhts, monkeypatch):
+    """A client-mode member (it reduces nothing) gives up the round before sending anything, and stays up: the
+    reducers waiting for its chunks learn it from its notice, not from their chunk deadline."""
+    a, b, c = dhts(3)
+    kwargs = dict(round_timeout=60, target_group_size=3, min_matchmaking_time=2, search_timeout=30)
+    avs = [SwarmAverager(d, "run1", [200_000], "fp32", **kwargs) for d in (a, b)]
+    monkeypatch.setenv(FAILPOINT, "dropping_out")  # armed in the averager processes forked now (the client's)
+    avs.append(SwarmAverager(c, "run1", [200_000], "fp32", client_mode=True, **kwargs))
+    monkeypatch.delenv(FAILPOINT)
+    try:
+        began = time.monotonic()
+        pend = [av.begin(RoundKey("run1", 0, 1), torch.ones(200_000), 1.0) for av in avs]
+        errors = []
+        for p in pend:
+            with pytest.raises(AveragingFailed) as failed:
+                p.result()
+            errors.append((str(failed.value), time.monotonic() - began))
+        assert "failpoint dropping_out" in errors[2][0]
+        assert any("dropped out" in e for e, _ in errors[:2]), errors
+        # (what a reducer would otherwise wait: one chunk deadline, at the floor rate nobody declared a rate)
+        assert all(t < chunk_deadline([0.0] * 3, 3) for _, t in errors), errors
+    finally:
+        for av in avs:
+            av.shutdown()
 
 
 def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts):
