@@ -7,17 +7,18 @@
   weight); any mismatch fails the round for the whole group, naming the peer;
 * the vector is cut into one part per non-client member (by the members'
   uplinks, measured or else declared, at codec block boundaries), and each part
-  into chunks of about CHUNK_BYTES on the wire (whole codec blocks, so a chunk encodes on its own); each member
-  streams its part's chunks to that part's reducer over `rpc_codec_part`,
-  encoding ahead off the event loop; the reducer decodes each chunk off the
-  event loop and, once every member's chunk k is in, sums them in fp32 in the
+  into chunks of about CHUNK_BYTES on the wire (whole codec blocks, so a chunk
+  encodes on its own); each member streams its part's chunks to that part's
+  reducer over `rpc_codec_part`, encoding ahead off the event loop; the reducer
+  decodes each chunk off the event loop and, once every member's chunk k is in, sums them in fp32 in the
   group's order weighted by tokens, encodes chunk k's mean once and streams the
   same bytes back to every member, itself included, while later chunks still
   arrive: the two halves of the all-reduce overlap on the link (pipelining);
 * a member writes the result only when every chunk of every part arrived and
   decoded: all or nothing. Any failure raises (the round fails here and the
   core keeps its anchor); a member that is gone fails the round at once
-  (`_watch_members`);
+  (`_watch_members`), and one that gives up the round tells the reducers still
+  waiting for its chunks (`_drop_out`);
 * a stream is closed by the member, once it holds every mean: the daemon
   resets a stream whose one side closes while data is still in flight to the
   other (measured: ~1 round in 15 lost its last mean when reducers closed first).

@@ -318,7 +318,8 @@ def summary_table(report: dict) -> str:
     """A row per trainer (the dead ones too), the consensus line, and the dead members' last log lines."""
     links = any("link_tx_bytes" in p for p in report["peers"])
     rows = [f"{'name':>6} {'peer':>52} {'steps':>6} {'rounds applied':>14} {'failed':>10} {'eval_loss':>9} "
-            f"{'sent MB':>8} {'recv MB':>8}" + (f" {'link tx MB':>10} {'link rx MB':>10}" if links else "")]
+            f"{'sent MB':>8} {'recv MB':>8}"
+            + (f" {'link tx MB':>10} {'link rx MB':>10} {'up Mbit/s':>9}" if links else "")]
     dead = {c["name"]: c for c in report["crashed"]}
     finished = {p["name"]: p for p in report["peers"]}
     for name in sorted(set(dead) | set(finished), key=lambda n: (n == "host", len(n), n)):
@@ -327,7 +328,8 @@ def summary_table(report: dict) -> str:
             rows.append(f"{name:>6} {p['peer_id']:>52} {p['inner_steps']:6d} {_slashed(p['rounds']):>14} "
                         f"{_slashed(p['rounds_failed']):>10} {p['eval_loss']:9.4f} "
                         f"{p['wire_bytes_sent'] / 1e6:8.2f} {p['wire_bytes_received'] / 1e6:8.2f}"
-                        + (f" {p['link_tx_bytes'] / 1e6:10.2f} {p['link_rx_bytes'] / 1e6:10.2f}" if links else ""))
+                        + (f" {p['link_tx_bytes'] / 1e6:10.2f} {p['link_rx_bytes'] / 1e6:10.2f} "
+                           f"{p.get('uplink_measured_mbit', 0.0):9.1f}" if links else ""))
         else:
             rows.append(f"{name:>6} died: {_describe_death(dead[name])}")
     over = f"over the {len(finished)} of {report['trainers']} trainers that finished"
@@ -335,7 +337,8 @@ def summary_table(report: dict) -> str:
                 f"logs: {report['workdir']}")
     if links:
         rows.append("sent/recv MB: averaging payloads (parts and means); link tx/rx MB: everything the emulated "
-                    "interface carried (headers, DHT, state downloads, retransmissions)")
+                    "interface carried (headers, DHT, state downloads, retransmissions); up Mbit/s: the uplink "
+                    "the trainer measured (the peak its interface carried over a second)")
     for c in report["crashed"]:
         rows.append(f"last lines of {c['log']}:")
         rows += [f"    {line}" for line in c["log_tail"] or ["(empty)"]]
