@@ -85,6 +85,7 @@ class StreamingDiLoCo(CatchUp):
         self.residuals = [torch.zeros_like(a) for a in self.anchors] if config.error_feedback else None
         self.tokens_since_sync = [0] * len(self.fragments)
         self.base_round = [-1] * len(self.fragments)  # the round each anchor comes from (-1: the seed)
+        self.last_round = [-1] * len(self.fragments)  # the latest round this worker started or sat out
         self.digests = [state_hash(a, m) for a, m in zip(self.anchors, self.momenta)]  # of (anchor, momentum)
         self.max_delay = max(config.tau, config.outer_period - 1)  # finish before the fragment's next round
         self.in_flight: dict[int, _InFlight] = {}
@@ -152,6 +153,7 @@ class StreamingDiLoCo(CatchUp):
     def _start(self, k: int, round_: int, step: int) -> None:
         if k in self.in_flight:  # the previous round is overdue (a clock jump): take its result first
             self._finish(k)
+        self.last_round[k] = max(self.last_round[k], round_)
         if not self._catch_up(k, round_):
             return
         outer_grad = self.anchors[k] - self.fragments[k].flat()
@@ -214,6 +216,7 @@ class StreamingDiLoCo(CatchUp):
 
     def _sit_out(self, k: int, round_: int, why: str) -> None:
         log.warning("fragment %d holds round %d; %s: sitting out round %d", k, self.base_round[k], why, round_)
+        self.last_round[k] = max(self.last_round[k], round_)
         self.stats.started[k] += 1
         self.stats.failed[k] += 1
         self.stats.not_averaged(f"sat out: {why}")

@@ -291,7 +291,9 @@ class Peer:
                 self.averager.search_timeout = self.run.round_timeout
                 self.outer.start_final_rounds(self.global_step)
                 self.outer.finish_in_flight()
-                self._linger(FINAL_LINGER_S, same_state=False)  # the others publish their last hashes...
+                # the others publish their last rounds (a live peer still training gets there, a round timeout
+                # at most after this one: the clock may have brought this peer to the end first)...
+                self._linger(self.run.round_timeout + FINAL_LINGER_S, same_state=False)
                 self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
                 # ...while everyone still serves its state
                 self._linger(self.run.round_timeout + FINAL_SERVE_S, same_state=True)
@@ -322,14 +324,17 @@ class Peer:
             beating.join(timeout=5.0)
 
     def _linger(self, most: float, same_state: bool) -> None:
-        """Wait (`most` s at most) until every other live peer holds each fragment's last round: any state
-        of it (`same_state` False), or this peer's own (True: nobody will download it from here any more)."""
+        """Wait (`most` s at most) until every other live peer holds each fragment's last round: the last
+        round this peer started or sat out, any state of it (`same_state` False: when this peer's last round
+        failed, the others' state of it is then there to take), or exactly this peer's round and state (True:
+        nobody will download it from here any more)."""
         deadline = time.monotonic() + most
         outer = self.outer
         while time.monotonic() < deadline:
             # who is live now (a peer that joined at the very end counts): a fresh read of the progress records
             _readings(request_progress(self.dht, self.run.run_id), self.peer_id, self.averager, self.health)
-            if all(self.averager.others_hold(k, outer.base_round[k], outer.digests[k] if same_state else None)
+            if all(self.averager.others_hold(k, outer.base_round[k], outer.digests[k]) if same_state
+                   else self.averager.others_hold(k, max(outer.base_round[k], outer.last_round[k]))
                    for k in range(len(outer.fragments))):
                 return
             time.sleep(0.5)
