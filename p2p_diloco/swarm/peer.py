@@ -58,8 +58,8 @@ TRAINER_NICENESS = 5
 START_MARGIN_S = 2.0  # peers that wait for each other start this long after the last one arrived
 FINAL_LINGER_S = 3.0  # after a run's last rounds, at most: time for the others to publish their last hashes
 # then, at most, time to serve this peer's state to those whose last round failed (over a slow link a fragment's
-# state takes seconds), on top of the round timeout (a peer a little behind may still search for its last group
-# that long before it asks for the state); both end as soon as every live peer holds this peer's state
+# state takes seconds); both end as soon as every live peer holds this peer's state, and both wait a round timeout
+# more while a live peer is still training (behind this one: it may search for its last group that long first)
 FINAL_SERVE_S = 15.0
 LIVE_WITHIN_S = 10.0  # a peer whose latest progress record is older is not counted as training
 
@@ -293,10 +293,9 @@ class Peer:
                 self.outer.finish_in_flight()
                 # the others publish their last rounds (a live peer still training gets there, a round timeout
                 # at most after this one: the clock may have brought this peer to the end first)...
-                self._linger(self.run.round_timeout + FINAL_LINGER_S, same_state=False)
+                self._linger(FINAL_LINGER_S, same_state=False)
                 self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
-                # ...while everyone still serves its state
-                self._linger(self.run.round_timeout + FINAL_SERVE_S, same_state=True)
+                self._linger(FINAL_SERVE_S, same_state=True)  # ...while everyone still serves its state
         if self.checkpoint_dir:
             self._save()
 
@@ -324,15 +323,21 @@ class Peer:
             beating.join(timeout=5.0)
 
     def _linger(self, most: float, same_state: bool) -> None:
-        """Wait (`most` s at most) until every other live peer holds each fragment's last round: the last
-        round this peer started or sat out, any state of it (`same_state` False: when this peer's last round
-        failed, the others' state of it is then there to take), or exactly this peer's round and state (True:
-        nobody will download it from here any more)."""
-        deadline = time.monotonic() + most
+        """Wait until every other live peer holds each fragment's last round: the last round this peer
+        started or sat out, any state of it (`same_state` False: when this peer's last round failed, the
+        others' state of it is then there to take), or exactly this peer's round and state (True: nobody will
+        download it from here any more). At most `most` s, and a round timeout more while a live peer is still
+        behind this one's global step (still training: it will search for its last groups, then download)."""
+        began = time.monotonic()
         outer = self.outer
-        while time.monotonic() < deadline:
+        while True:
             # who is live now (a peer that joined at the very end counts): a fresh read of the progress records
-            _readings(request_progress(self.dht, self.run.run_id), self.peer_id, self.averager, self.health)
+            readings = _readings(request_progress(self.dht, self.run.run_id), self.peer_id, self.averager,
+                                 self.health)
+            waited = time.monotonic() - began
+            behind = any(r.global_step < self.global_step for r in readings)
+            if waited >= most + (self.run.round_timeout if behind else 0.0):
+                return
             if all(self.averager.others_hold(k, outer.base_round[k], outer.digests[k]) if same_state
                    else self.averager.others_hold(k, max(outer.base_round[k], outer.last_round[k]))
                    for k in range(len(outer.fragments))):
