@@ -22,8 +22,10 @@ POINTS = {
     "reducing": "a reducer, holding another member's part, before it answered with the mean",
     "serving_state": "a donor, after the first chunk of a fragment's state went out to a peer downloading it",
     "dropping_out": "a member, as its round's exchange begins: it gives up the round and stays up (an error point)",
+    "silent": "a member, as its round's exchange begins: it sends nothing and tells nobody, as one the leader "
+              "counted into a group it had left (an error point)",
 }
-ERROR_POINTS = {"dropping_out"}
+ERROR_POINTS = {"dropping_out", "silent"}
 __doc__ += "".join(f"\n  {name}: {what}." for name, what in POINTS.items())
 
 _hits: dict[str, int] = {}

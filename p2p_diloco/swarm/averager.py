@@ -57,6 +57,7 @@ class CodecAverager(ButterflyProtocol, StateServing, DecentralizedAverager):
     def __init__(self, numel: int, codec_name: str, **kwargs):
         self.codec_name = codec_name
         self.numel = numel
+        self._streams_opened = {}  # member -> (event loop) time of the latest stream it opened to this peer
         super().__init__([torch.zeros(numel, dtype=torch.float32)], **kwargs)
 
     def run(self):

@@ -75,7 +75,8 @@ AUTO_SHARE = 0.5  # ... so that a fragment's all-reduce takes at most this share
 # in) gets BAD_GROUP_ID after this long, instead of hanging until the round timeout
 GROUP_REGISTRATION_S = 3.0
 MEMBER_CHECK_S = 0.5  # how often a round checks that its members are still connected
-MEMBER_CONNECT_S = 5.0  # a member not connected to this peer this long after the round began is gone
+MEMBER_CONNECT_S = 5.0  # a member not connected to this peer this long after the round began is gone; one that
+# opened no stream to this reducer by then is not in the round (the leader counted it in as it gave up matchmaking)
 _CLIENT_MODE = 1  # hivemind.averaging.averager.AveragingMode.CLIENT
 
 
@@ -267,15 +268,18 @@ class ButterflyProtocol:
 
     codec_name: str
     numel: int
+    _streams_opened: dict  # member -> event-loop time of the latest stream it opened to this peer
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, weight: float | None = None,
                                     **kwargs) -> dict:
         """One round with one group: send each part to its reducer, reduce ours, take every mean back."""
         began = time.time()
+        loop = asyncio.get_event_loop()
+        # a member's stream may come in before this peer registered the group (`rpc_codec_part` waits for it)
+        streams_since = loop.time() - GROUP_REGISTRATION_S
         group = read_group(group_info, self.peer_id, self.serializer)
         codec = get_codec(auto_codec(group.rates, group.intervals, self.numel) if self.codec_name == AUTO_CODEC
                           else self.codec_name)
-        loop = asyncio.get_event_loop()
         counts = await loop.run_in_executor(  # hivemind's LP: elements per reducer by declared bandwidth
             None, load_balance_peers, self.numel, group.bandwidths, 0)
         parts = block_aligned_parts(self.numel, [c / max(sum(counts), 1) for c in counts], codec.block_size)
@@ -289,6 +293,9 @@ class ButterflyProtocol:
         try:
             if reached("dropping_out"):
                 raise AllreduceException("failpoint dropping_out: this member gives up the round")
+            if reached("silent"):  # (its drop-out notice, after this, comes too late to matter)
+                await asyncio.sleep(3 * MEMBER_CONNECT_S)
+                raise AllreduceException("failpoint silent: this member sent nothing")
             round_trips_ = await self._round_trips(group, owner_part)
             async with enter_asynchronously(self.get_tensors()) as tensors:
                 flat = tensors[0].view(-1)
@@ -300,7 +307,8 @@ class ButterflyProtocol:
                 # a reducer hears from every member; a client-mode member only talks to the reducers (two clients
                 # never connect to each other)
                 partners = group.peers if reduction is not None else [group.peers[i] for i in owner_part]
-                await self._until_done_or_member_gone(work, partners)
+                await self._until_done_or_member_gone(work, partners,
+                                                      streams_since if reduction is not None else None)
                 if reduction is not None:  # every other member sent us its part and takes our encoded mean
                     traffic["sent"] += reduction.bytes_out * (len(group.peers) - 1)
                     traffic["received"] += reduction.bytes_in
@@ -399,9 +407,11 @@ class ButterflyProtocol:
         except CodecError as e:
             raise AllreduceException(f"mean from {reducer} refused: {e}") from None
 
-    async def _until_done_or_member_gone(self, work: asyncio.Future, partners: list[PeerID]) -> None:
-        """Wait for every exchange; fail the round as soon as one fails or a partner is gone."""
-        watch = asyncio.ensure_future(self._watch_members(partners))
+    async def _until_done_or_member_gone(self, work: asyncio.Future, partners: list[PeerID],
+                                         streams_since: float | None = None) -> None:
+        """Wait for every exchange; fail the round as soon as one fails or a partner is gone (or, for a reducer,
+        `streams_since` given: never opened a stream to this peer)."""
+        watch = asyncio.ensure_future(self._watch_members(partners, streams_since))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             if watch.done():
@@ -442,13 +452,15 @@ class ButterflyProtocol:
         except Exception as e:  # (it may be gone too): its chunk deadline remains
             log.debug("could not tell %s that this member dropped out: %r", reducer, e)
 
-    async def _watch_members(self, peers: list[PeerID]) -> None:
+    async def _watch_members(self, peers: list[PeerID], streams_since: float | None = None) -> None:
         """Raise once a member of the round that this peer exchanges parts with is gone: connected to this peer
         and then no longer, or never connected within MEMBER_CONNECT_S (every member opens a stream to every
-        reducer as the round starts).
+        reducer as the round starts). A reducer (`streams_since` given) also fails the round when a member has
+        opened no stream to it since then, MEMBER_CONNECT_S into the round: a member that the leader counted in
+        as it gave up matchmaking is connected (the DHT, other rounds) but never sends its part.
 
         A SIGKILLed member's connection closes at once, but a part it never sent, or
-        an answer it never gave, would otherwise be waited for until the round timeout.
+        an answer it never gave, would otherwise be waited for until the chunk deadline.
         """
         others, seen = set(peers) - {self.peer_id}, set()
         loop = asyncio.get_event_loop()
@@ -457,16 +469,23 @@ class ButterflyProtocol:
             connected = {info.peer_id for info in await self._p2p.list_peers()}
             seen |= others & connected
             gone = seen - connected
-            if not gone and loop.time() - start > MEMBER_CONNECT_S:
+            late = loop.time() - start > MEMBER_CONNECT_S
+            if not gone and late:
                 gone = others - seen
             if gone:
                 raise AllreduceException(f"member {sorted(map(str, gone))[0]} is gone (not connected)")
+            if late and streams_since is not None:
+                silent = [p for p in others if self._streams_opened.get(p, -math.inf) < streams_since]
+                if silent:
+                    raise AllreduceException(f"member {sorted(map(str, silent))[0]} sent nothing to this reducer "
+                                             f"in {MEMBER_CONNECT_S:.0f}s: not in the round")
             await asyncio.sleep(MEMBER_CHECK_S)
 
     async def rpc_codec_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.AveragingData]:
         """A group member sends us its encoded part chunk by chunk; we answer with each chunk's encoded mean as
         soon as every member's chunk is in."""
+        self._streams_opened[context.remote_id] = asyncio.get_event_loop().time()
         first = await anext(stream)
         if first.group_id not in self._running_groups:  # the group may be registering right now; or never will
             try:

@@ -21,7 +21,6 @@ summary's `problem` says when this peer averaged nothing (`join` then exits non-
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -98,8 +97,9 @@ def run_peer(opts: JoinOptions) -> dict:
         peer = Peer(dht, run, opts, reach, client_mode)
         peer.start()
         peer.join()
-        peer.train()
-        peer.finish()
+        with peer.heartbeat():  # the others count this peer live while it trains, holds for a round, finishes
+            peer.train()
+            peer.finish()
         return peer.summarize()
     finally:
         if peer is not None:
@@ -146,6 +146,8 @@ class Peer:
         self.step, self.loss = 0, float("nan")  # this peer's inner steps and its latest training loss
         self.global_step = self.first_step = 0
         self.started = self.last_report = self.config_published = 0.0
+        self.published = 0.0  # when this peer's progress record last went out
+        self.leaving = False  # a clean leave: the records say so (the others stop counting on this peer)
         self.pending_readings = None  # a DHT read of the others' progress, in flight
         self.longest_hold = 0.0  # the longest time averaging held up training (one call of outer.advance)
         self.held_s = 0.0  # all the time averaging held up training
@@ -254,6 +256,7 @@ class Peer:
         host), ask for the others' progress, check the rounds' health, print a line."""
         self.last_report = now
         record = self._progress(now)
+        self.published = now
         publish_progress(self.dht, self.run.run_id, record)
         if now - self.config_published >= CONFIG_TTL / 4:
             publish_run_config(self.dht, self.run, wait=False)
@@ -269,7 +272,8 @@ class Peer:
         tokens_per_s = self.step * self.tokens_per_step / max(now - self.started, 1e-9)
         return PeerProgress(self.peer_id, self.step, list(self.outer.stats.applied), tokens_per_s,
                             self.averager.bytes_sent, self.averager.bytes_received, self.loss,
-                            self.clock.global_step(now), self.clock.steps_per_s, now, reachable=not self.client_mode)
+                            self.clock.global_step(now), self.clock.steps_per_s, now, reachable=not self.client_mode,
+                            training=not self.leaving)
 
     def _save(self) -> None:
         path = save_checkpoint(self.checkpoint_dir, self.run.run_id, self.run.model, self.outer, self.trainer,
@@ -282,37 +286,41 @@ class Peer:
         """Finish the rounds in flight; at a planned end, one last round of every fragment, then take the
         swarm's state where this peer's last round failed; save."""
         if self.stopping:  # a clean leave: the others' clocks stop counting on this peer at once
-            publish_progress(self.dht, self.run.run_id,
-                             dataclasses.replace(self._progress(time.time()), training=False))
+            self.leaving = True
+            publish_progress(self.dht, self.run.run_id, self._progress(time.time()))
         self.outer.finish_in_flight()
         if self.opts.final_sync and not self.stopping:
-            with self._heartbeat():  # the others count this peer live (they wait for it, serve it) until it is done
-                # no next round to protect: a peer that reaches the end before the others waits for them
-                self.averager.search_timeout = self.run.round_timeout
-                self.outer.start_final_rounds(self.global_step)
-                self.outer.finish_in_flight()
-                # the others publish their last rounds (a live peer still training gets there, a round timeout
-                # at most after this one: the clock may have brought this peer to the end first)...
-                self._linger(FINAL_LINGER_S, same_state=False)
-                self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
-                self._linger(FINAL_SERVE_S, same_state=True)  # ...while everyone still serves its state
+            # no next round to protect: a peer that reaches the end before the others waits for them
+            self.averager.search_timeout = self.run.round_timeout
+            self.outer.start_final_rounds(self.global_step)
+            self.outer.finish_in_flight()
+            # the others publish their last rounds (a live peer still training gets there, a round timeout
+            # at most after this one: the clock may have brought this peer to the end first)...
+            self._linger(FINAL_LINGER_S, same_state=False)
+            self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
+            self._linger(FINAL_SERVE_S, same_state=True)  # ...while everyone still serves its state
         if self.checkpoint_dir:
             self._save()
 
     @contextmanager
-    def _heartbeat(self):
-        """Publish this peer's progress every PROGRESS_EVERY_S from a thread of its own while the block runs (the
-        end of a run, when the step loop no longer does): without it a peer in its last rounds, or a little
-        behind, looks gone after LIVE_WITHIN_S, and the others stop serving it their state."""
+    def heartbeat(self):
+        """While the block runs, publish this peer's progress from a thread of its own whenever the step loop has
+        not for PROGRESS_EVERY_S: when averaging holds training up (a round's result late, a download, a slow DHT
+        on a loaded machine) and at the end of a run (its last rounds, the lingers), where the step loop no
+        longer does. Without it such a peer looks gone after LIVE_WITHIN_S: the others leave it out of the vote,
+        end their run without it and stop serving it their state (it then ends apart)."""
         done = threading.Event()
 
         def beat() -> None:
-            while not done.wait(PROGRESS_EVERY_S):
+            while not done.wait(PROGRESS_EVERY_S / 2):
+                now = time.time()
+                if now - self.published < PROGRESS_EVERY_S:
+                    continue
                 try:
-                    publish_progress(self.dht, self.run.run_id, self._progress(time.time()))
-                except Exception as e:  # (the DHT shutting down): the others stop counting this peer, as at exit
+                    self.published = now
+                    publish_progress(self.dht, self.run.run_id, self._progress(now))
+                except Exception as e:  # the next beat tries again
                     log.debug("could not publish progress: %r", e)
-                    return
 
         beating = threading.Thread(target=beat, name="heartbeat", daemon=True)
         beating.start()

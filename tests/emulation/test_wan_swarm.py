@@ -61,7 +61,12 @@ def test_a_swarm_on_links_of_different_speeds_and_delays_one_behind_nat_ends_in_
     assert report["consensus"] and len(report["peers"]) == 2
     for p in report["peers"]:
         assert all(r >= 2 for r in p["rounds"]), p["rounds"]
-        assert sum(p["rounds_failed"]) == 0, (p["name"], p["rounds_failed"])
+        # no round fails for lack of time on the slow link; matchmaking may lose one (a member that gave up its
+        # search as the leader counted it in: the reducer fails that round within seconds, on no deadline)
+        failures = [line for line in (tmp_path / "swarm" / f"{p['name']}.log").read_text().splitlines()
+                    if "round not applied" in line]
+        assert sum(p["rounds_failed"]) <= 1, (p["name"], p["rounds_failed"], failures)
+        assert not [line for line in failures if "TimeoutError" in line], failures
         # the interface carried at least the averaging payloads (plus headers, DHT, progress records)
         assert p["link_tx_bytes"] >= p["wire_bytes_sent"] > 0
         assert p["link_rx_bytes"] >= p["wire_bytes_received"] > 0

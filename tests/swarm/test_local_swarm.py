@@ -28,11 +28,11 @@ ESCAPES = re.compile(rb"\x1b\[|\r")
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, process group) of a live process."""
+    """(parent pid, process group) of a live process (not of a zombie: it is gone, only not yet reaped)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[1]), int(fields[2])
+        return None if fields[0] == "Z" else (int(fields[1]), int(fields[2]))
     except (OSError, IndexError, ValueError):
         return None
 
@@ -94,10 +94,17 @@ class Run:
         self.proc.wait(timeout=TIMEOUT)
         for r in self.readers:
             r.join(timeout=10)
+        assert self.json_path.exists(), f"local-swarm exited {self.proc.returncode} without a report\n" + self.text()
         return json.loads(self.json_path.read_text())
 
     def text(self) -> str:
-        return (self.out + b"\n" + self.err).decode(errors="replace")[-6000:]
+        """Local-swarm's output, then the warnings in its members' logs (what a failure in CI leaves to read)."""
+        logs = []
+        for log in sorted(self.workdir.glob("*.log")):
+            lines = [line for line in log.read_text(errors="replace").splitlines()
+                     if " WARNING " in line or " ERROR " in line]
+            logs.append(f"--- {log.name}: {len(lines)} warnings, the last ones:\n" + "\n".join(lines[-25:]))
+        return (self.out + b"\n" + self.err).decode(errors="replace")[-4000:] + "\n" + "\n".join(logs)
 
     def close(self) -> None:
         """SIGTERM local-swarm (it stops its members), then SIGKILL whatever of the swarm is left."""

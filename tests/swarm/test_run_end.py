@@ -1,5 +1,5 @@
-"""The end of a run: a finishing peer keeps publishing its progress until it is done, so the others still count
-it live (they wait for it and serve it their state) while it searches for its last groups or downloads."""
+"""A peer keeps publishing its progress while averaging holds its step loop up and at the end of a run, so the
+others still count it live (they wait for it, count its vote and serve it their state) until it is done."""
 
 from __future__ import annotations
 
@@ -23,24 +23,34 @@ class _DHT:
 
 def _peer(dht: _DHT) -> Peer:
     peer = Peer.__new__(Peer)  # only what the heartbeat touches
-    peer.dht, peer.run = dht, SimpleNamespace(run_id="run")
+    peer.dht, peer.run, peer.published = dht, SimpleNamespace(run_id="run"), 0.0
     peer._progress = lambda now: SimpleNamespace(peer_id="me", encode=lambda: b"progress")
     return peer
 
 
-def test_a_finishing_peer_publishes_its_progress_until_it_is_done(monkeypatch):
+def test_a_peer_held_up_or_finishing_publishes_its_progress_until_it_is_done(monkeypatch):
     monkeypatch.setattr(peer_module, "PROGRESS_EVERY_S", 0.05)
     peer = _peer(_DHT())
-    with peer._heartbeat():
-        time.sleep(0.6)
+    with peer.heartbeat():
+        time.sleep(0.6)  # the step loop publishes nothing (held up, or over)
     published = len(peer.dht.stores)
     assert published >= 4 and set(peer.dht.stores) == {("run_progress", "me")}
     time.sleep(0.3)
     assert len(peer.dht.stores) == published  # it stopped with the block
 
 
+def test_the_heartbeat_is_quiet_while_the_step_loop_publishes(monkeypatch):
+    monkeypatch.setattr(peer_module, "PROGRESS_EVERY_S", 0.1)
+    peer = _peer(_DHT())
+    with peer.heartbeat():
+        for _ in range(10):  # the step loop's own records, every 0.05 s
+            peer.published = time.time()
+            time.sleep(0.05)
+    assert peer.dht.stores == []
+
+
 def test_a_heartbeat_that_cannot_publish_ends_quietly(monkeypatch):
     monkeypatch.setattr(peer_module, "PROGRESS_EVERY_S", 0.01)
     peer = _peer(_DHT(fail=True))
-    with peer._heartbeat():
+    with peer.heartbeat():
         time.sleep(0.1)  # (the block runs on; no exception reaches it)

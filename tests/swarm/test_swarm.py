@@ -19,7 +19,7 @@ from p2p_diloco.core.state_hash import state_hash
 from p2p_diloco.node.failpoints import ENV as FAILPOINT
 from p2p_diloco.node.records import PeerProgress, RecordError, RunConfig
 from p2p_diloco.swarm.averager import SwarmAverager
-from p2p_diloco.swarm.butterfly import chunk_deadline
+from p2p_diloco.swarm.butterfly import MEMBER_CONNECT_S, chunk_deadline
 from p2p_diloco.swarm.dht import fetch_progress, fetch_run_config, publish_run_config, start_dht, visible_maddrs
 from p2p_diloco.task.model import model_spec
 from processes import p2pd_pids
@@ -162,6 +162,33 @@ def test_a_member_that_drops_out_fails_the_round_at_once_not_at_a_deadline(dhts,
         assert any("dropped out" in e for e, _ in errors[:2]), errors
         # (what a reducer would otherwise wait: one chunk deadline, at the floor rate nobody declared a rate)
         assert all(t < chunk_deadline([0.0] * 3, 3) for _, t in errors), errors
+    finally:
+        for av in avs:
+            av.shutdown()
+
+
+def test_a_member_that_never_sends_its_part_fails_the_round_within_seconds(dhts, monkeypatch):
+    """A member the leader counted in although it had left (it is connected to everyone: the DHT) sends nothing and
+    tells nobody: each reducer fails the round once the member opened no stream to it in MEMBER_CONNECT_S."""
+    a, b, c = dhts(3)
+    kwargs = dict(round_timeout=60, target_group_size=3, min_matchmaking_time=2, search_timeout=30)
+    avs = [SwarmAverager(d, "run1", [200_000], "fp32", **kwargs) for d in (a, b)]
+    monkeypatch.setenv(FAILPOINT, "silent")
+    avs.append(SwarmAverager(c, "run1", [200_000], "fp32", client_mode=True, **kwargs))
+    monkeypatch.delenv(FAILPOINT)
+    try:
+        began = time.monotonic()
+        pend = [av.begin(RoundKey("run1", 0, 1), torch.ones(200_000), 1.0) for av in avs]
+        errors = []
+        for p in pend[:2]:
+            with pytest.raises(AveragingFailed) as failed:
+                p.result()
+            errors.append((str(failed.value), time.monotonic() - began))
+        assert any("sent nothing to this reducer" in e for e, _ in errors), errors
+        assert all(t < 3 * MEMBER_CONNECT_S for _, t in errors), errors  # (the silent one's notice comes later)
+        assert all(t < chunk_deadline([0.0] * 3, 3) for _, t in errors), errors
+        with pytest.raises(AveragingFailed, match="failpoint silent"):
+            pend[2].result()
     finally:
         for av in avs:
             av.shutdown()
