@@ -104,7 +104,8 @@ def worker(args) -> None:
             try:
                 stats, mean = _worker_round(av, job["impl"], x, RoundKey(prefix, 0, r), job["timeout"])
                 rounds.append({"began": stats["began"], "ended": stats["ended"], "sha": _digest(mean),
-                               "sent": stats.get("sent"), "group": stats.get("peers")})
+                               "sent": stats.get("sent"), "group": stats.get("peers"),
+                               "setup_s": stats.get("setup_s")})
             except Exception as e:
                 rounds.append({"error": repr(e)[:300]})
         print(json.dumps({"rounds": rounds}), flush=True)
@@ -166,6 +167,8 @@ def _round_times(answers: list[dict]) -> list[dict]:
                     "sent_max": max((r.get("sent") or 0) for r in rounds),
                     "member_seconds": sorted(round(r["ended"] - min(q["began"] for q in rounds), 3) for r in rounds),
                     "start_spread": max(r["began"] for r in rounds) - min(r["began"] for r in rounds),
+                    # the longest a member took from entering the round to its first chunk out (ours only)
+                    "setup_max": max((r.get("setup_s") or 0.0) for r in rounds),
                     "identical": len({r["sha"] for r in rounds}) == 1})
     return out
 

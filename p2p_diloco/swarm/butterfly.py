@@ -298,6 +298,7 @@ class ButterflyProtocol:
                 raise AllreduceException("failpoint silent: this member sent nothing")
             round_trips_ = await self._round_trips(group, owner_part)
             async with enter_asynchronously(self.get_tensors()) as tensors:
+                exchange_began = time.time()  # (what came before: the load balancing, round trips, the lock)
                 flat = tensors[0].view(-1)
                 out = torch.empty_like(flat)
                 work = asyncio.ensure_future(asyncio.gather(*(
@@ -322,6 +323,7 @@ class ButterflyProtocol:
             self._drop_out(group, group_info.group_id, owner_part)
             raise
         return {"peers": len(group.peers), "weight": group.total_weight, "began": began, "ended": time.time(),
+                "setup_s": exchange_began - began,
                 "codec": codec.name, **traffic}
 
     async def _round_trips(self, group: _Group, owner_part: dict) -> dict[int, float]:

@@ -61,6 +61,7 @@ FINAL_LINGER_S = 3.0  # after a run's last rounds, at most: time for the others 
 # more while a live peer is still training (behind this one: it may search for its last group that long first)
 FINAL_SERVE_S = 15.0
 LIVE_WITHIN_S = 10.0  # a peer whose latest progress record is older is not counted as training
+HELD_UP_S = LIVE_WITHIN_S / 2  # a peer that averaging held up this long publishes its progress (`heartbeat`)
 
 
 @dataclass
@@ -146,7 +147,8 @@ class Peer:
         self.step, self.loss = 0, float("nan")  # this peer's inner steps and its latest training loss
         self.global_step = self.first_step = 0
         self.started = self.last_report = self.config_published = 0.0
-        self.published = 0.0  # when this peer's progress record last went out
+        self.published = math.inf  # when this peer's progress record last went out (none before training)
+        self.silent_for = HELD_UP_S  # the heartbeat publishes once no record went out for this long
         self.leaving = False  # a clean leave: the records say so (the others stop counting on this peer)
         self.pending_readings = None  # a DHT read of the others' progress, in flight
         self.longest_hold = 0.0  # the longest time averaging held up training (one call of outer.advance)
@@ -206,7 +208,7 @@ class Peer:
     def train(self) -> None:
         """Inner steps until the end (--steps, --global-steps, or a stop signal); the outer schedule runs on
         the swarm's global step after each one."""
-        self.started = self.last_report = self.config_published = time.time()
+        self.started = self.last_report = self.config_published = self.published = time.time()
         self.clock.start(self.started)
         self.first_step = self.global_step = int(self.clock.global_step(self.started))
         if self.opts.global_steps is not None:
@@ -292,29 +294,33 @@ class Peer:
         if self.opts.final_sync and not self.stopping:
             # no next round to protect: a peer that reaches the end before the others waits for them
             self.averager.search_timeout = self.run.round_timeout
+            self.silent_for = PROGRESS_EVERY_S  # the step loop no longer publishes
             self.outer.start_final_rounds(self.global_step)
             self.outer.finish_in_flight()
             # the others publish their last rounds (a live peer still training gets there, a round timeout
             # at most after this one: the clock may have brought this peer to the end first)...
             self._linger(FINAL_LINGER_S, same_state=False)
             self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
-            self._linger(FINAL_SERVE_S, same_state=True)  # ...while everyone still serves its state
+            if not self.client_mode:  # ...while everyone still serves its state (a client-mode peer serves none)
+                self._linger(FINAL_SERVE_S, same_state=True)
         if self.checkpoint_dir:
             self._save()
 
     @contextmanager
     def heartbeat(self):
-        """While the block runs, publish this peer's progress from a thread of its own whenever the step loop has
-        not for PROGRESS_EVERY_S: when averaging holds training up (a round's result late, a download, a slow DHT
-        on a loaded machine) and at the end of a run (its last rounds, the lingers), where the step loop no
-        longer does. Without it such a peer looks gone after LIVE_WITHIN_S: the others leave it out of the vote,
-        end their run without it and stop serving it their state (it then ends apart)."""
+        """While the block runs, publish this peer's progress from a thread of its own whenever no record went
+        out for `silent_for` s: when averaging holds training up for long (a round's result late, a download, a
+        slow DHT on a loaded machine: HELD_UP_S) and at the end of a run (its last rounds, the lingers: every
+        PROGRESS_EVERY_S), where the step loop no longer publishes. Without it such a peer looks gone after
+        LIVE_WITHIN_S: the others leave it out of the vote, end their run without it and stop serving it their
+        state (it then ends apart). (Short holds stay silent, as before: the others' clocks extrapolate this
+        peer's last reading; readings refreshed all through short holds sped the clock up in a loaded swarm.)"""
         done = threading.Event()
 
         def beat() -> None:
             while not done.wait(PROGRESS_EVERY_S / 2):
                 now = time.time()
-                if now - self.published < PROGRESS_EVERY_S:
+                if now - self.published < self.silent_for:
                     continue
                 try:
                     self.published = now

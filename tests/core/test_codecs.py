@@ -21,12 +21,12 @@ from hypothesis.extra import numpy as hnp
 
 from p2p_diloco.core import codecs
 from p2p_diloco.core.codecs import CODECS, Codec, CodecError, get_codec
+from codec_bounds import error_bound
 
 NAMES = ["fp32", "fp16", "int8", "fp4"]
 BLOCK_NAMES = ["int8", "fp4"]
 F32 = np.float32
 FP16_MAX = 65504.0
-SLOP_REL, SLOP_ABS = 2.0**-20, 2.0**-140
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -112,22 +112,6 @@ def reference(name: str, values: np.ndarray) -> np.ndarray:
     if name == "fp16":
         return values.astype(np.float16).astype(np.float32)
     return {"int8": reference_int8, "fp4": reference_fp4}[name](values)
-
-
-def error_bound(name: str, values: np.ndarray) -> np.ndarray:
-    """Per-element |x - q| bound of the module docstring (float64)."""
-    x = np.abs(values.astype(np.float64))
-    if name == "fp32":
-        return np.zeros_like(x)
-    if name == "fp16":
-        return np.maximum(x * 2.0**-11, 2.0**-25)
-    padded = np.zeros(-(-len(x) // 128) * 128)
-    padded[: len(x)] = x
-    s = np.repeat(padded.reshape(-1, 128).max(axis=1), 128)[: len(x)]
-    slop = (x + s) * SLOP_REL + SLOP_ABS
-    if name == "int8":
-        return s / 254 + slop
-    return np.maximum(x / 3, s * 2.0**-7) + slop
 
 
 def forge(codec: Codec, numel: int, payload: bytes, *, magic=codecs.MAGIC, version=codecs.VERSION, format_id=None):

@@ -24,6 +24,7 @@ class _DHT:
 def _peer(dht: _DHT) -> Peer:
     peer = Peer.__new__(Peer)  # only what the heartbeat touches
     peer.dht, peer.run, peer.published = dht, SimpleNamespace(run_id="run"), 0.0
+    peer.silent_for = peer_module.PROGRESS_EVERY_S  # (as at the end of a run)
     peer._progress = lambda now: SimpleNamespace(peer_id="me", encode=lambda: b"progress")
     return peer
 
