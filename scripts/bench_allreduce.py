@@ -274,7 +274,8 @@ def _best(rounds: list[dict]) -> dict:
     ok.sort(key=lambda r: r["seconds"])
     times = [r["seconds"] for r in ok]
     return {"seconds": times[len(times) // 2], "best": times[0], "start_spread": ok[len(ok) // 2]["start_spread"],
-            "member_seconds": ok[len(ok) // 2]["member_seconds"], "identical": all(r["identical"] for r in ok),
+            "member_seconds": ok[len(ok) // 2]["member_seconds"], "setup_max": ok[len(ok) // 2].get("setup_max"),
+            "identical": all(r["identical"] for r in ok),
             "errors": [r["error"] for r in rounds if "error" in r]}
 
 
@@ -427,7 +428,7 @@ def _line(r: dict) -> str:
     secs = f"{r['seconds']:7.2f}" if r["seconds"] else "      -"
     return (f"{r['impl']:>6} {r['codec']:>5} N={r['peers']} delay={r['one_way_delay_ms']:4.0f}ms "
             f"payload={r['payload_bytes'] / 1e6:5.1f}MB ideal={r['ideal_s']:6.2f}s took={secs}s {frac} "
-            f"spread={r.get('start_spread') or 0:.2f}s identical={r['identical']} {('errors: ' + r['errors'][0]) if r['errors'] else ''}")
+            f"spread={r.get('start_spread') or 0:.2f}s setup={r.get('setup_max') or 0:.2f}s identical={r['identical']} {('errors: ' + r['errors'][0]) if r['errors'] else ''}")
 
 
 def _print(rows: list[dict]) -> None:
