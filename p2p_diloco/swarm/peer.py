@@ -313,8 +313,9 @@ class Peer:
         slow DHT on a loaded machine: HELD_UP_S) and at the end of a run (its last rounds, the lingers: every
         PROGRESS_EVERY_S), where the step loop no longer publishes. Without it such a peer looks gone after
         LIVE_WITHIN_S: the others leave it out of the vote, end their run without it and stop serving it their
-        state (it then ends apart). (Short holds stay silent, as before: the others' clocks extrapolate this
-        peer's last reading; readings refreshed all through short holds sped the clock up in a loaded swarm.)"""
+        state (it then ends apart). (Short holds stay silent, as before, and nothing goes out before the first
+        step: records refreshed through every short hold made rounds fail in a loaded swarm; measured, the
+        cause not pinned down.)"""
         done = threading.Event()
 
         def beat() -> None:
