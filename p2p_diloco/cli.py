@@ -257,7 +257,8 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
 @click.option("--steps", default=None, type=click.IntRange(min=1), help="Inner steps to train [default: until Ctrl-C].")
 @click.option("--bandwidth", default=None, type=click.FloatRange(min=0, min_open=True),
               help="This machine's uplink in Mbit/s, told to every group: smaller parts to reduce on a slow "
-                   "uplink, and deadlines that allow for it (README: Deadlines).")
+                   "uplink, deadlines that allow for it, and what this peer sends paced to 97 % of it "
+                   "(README: Deadlines, Pacing and chunk size).")
 @click.option("--client-mode", is_flag=True, help="Never accept connections: send parts and receive means only "
               "[default: accept them, unless a dial-back from the host finds this peer unreachable].")
 @network_options(0, "0: any free one. Others must be able to connect to it, or this peer runs in client mode.")

@@ -78,8 +78,10 @@ def _worker_round(av, impl: str, x: torch.Tensor, key, timeout: float) -> tuple[
 def worker(args) -> None:
     """Start a DHT node on `--address`, print its multiaddrs, then run the configurations read from stdin."""
     from p2p_diloco.core.averaging import RoundKey
+    from p2p_diloco.swarm import butterfly
     from p2p_diloco.swarm.averager import SwarmAverager
     from p2p_diloco.swarm.dht import start_dht, visible_maddrs
+    butterfly_pace = butterfly.PACE
 
     # (no torch.set_num_threads here: an averager process forked after it trips torch's "Invalid thread pool"
     # assert; OMP_NUM_THREADS=1 comes from the environment)
@@ -93,6 +95,7 @@ def worker(args) -> None:
         x = _vector(job["seed"], args.rank, job["numel"])
         prefix = f"b{job['id']}"
         if job["impl"] == "ours":
+            butterfly.PACE = butterfly_pace if job.get("paced", True) else 0.0  # (the averager forks from here)
             av = SwarmAverager(dht, prefix, [job["numel"]], job["codec"], round_timeout=job["timeout"],
                                target_group_size=job["peers"], min_matchmaking_time=job["matchmaking"],
                                uplink_mbit=(job.get("uplinks") or {}).get(str(args.rank)),
@@ -196,12 +199,13 @@ class Bench:
             maddrs = maddrs or answer["maddrs"]
 
     def run(self, impl: str, codec: str, numel: int, repeats: int, timeout: float,
-            uplinks: list[float] | None = None) -> list[dict]:
-        """`uplinks`: each peer's declared uplink (Mbit/s), else none declared."""
+            uplinks: list[float] | None = None, paced: bool = True) -> list[dict]:
+        """`uplinks`: each peer's declared uplink (Mbit/s), else none declared; `paced`: what a peer with a
+        declared uplink sends is paced to it (README: Pacing and chunk size), else not."""
         self.jobs += 1
         job = {"id": self.jobs, "impl": impl, "codec": codec, "numel": numel, "repeats": repeats,
                "peers": self.peers, "timeout": timeout, "seed": self.jobs, "matchmaking": self.matchmaking,
-               "uplinks": {str(i): u for i, u in enumerate(uplinks)} if uplinks else None}
+               "uplinks": {str(i): u for i, u in enumerate(uplinks)} if uplinks else None, "paced": paced}
         for p in self.procs:
             p.stdin.write(json.dumps(job) + "\n")
             p.stdin.flush()
@@ -311,6 +315,9 @@ def main() -> None:
     ap.add_argument("--links", default=None,
                     help="a links file (peers/links-*.toml): its [[peer]] links instead of --mbit/--delay-ms; our "
                          "averager only, each peer declaring its uplink, against the LP-optimal time")
+    ap.add_argument("--declared", action="store_true",
+                    help="our peers declare their uplinks (--bandwidth): load balancing by them, and what they send "
+                         "paced to them (README: Pacing and chunk size)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None, help="fraction of the ideal per configuration, as bars")
@@ -373,15 +380,18 @@ def run_on_links(args) -> None:
             optimal = lp_optimal_seconds(payload, ups, downs)
             for codec in args.codecs:
                 numel = _numel_for(codec, payload)
-                for declared in (True, False):
+                # uplinks declared, what a peer sends paced to it; declared, unpaced; nothing declared (measured)
+                for declared in ("paced", "unpaced", "none"):
                     result = _best(bench.run("ours", codec, numel, args.repeats, max(60.0, 8 * optimal),
-                                             uplinks=ups if declared else None))
+                                             uplinks=ups if declared != "none" else None,
+                                             paced=declared == "paced"))
                     seconds = result["seconds"]
                     rows.append({"impl": "ours", "codec": codec, "links": args.links, "ups": ups, "downs": downs,
-                                 "uplinks_declared": declared, "payload_bytes": payload, "numel": numel,
+                                 "uplinks_declared": declared != "none", "paced": declared == "paced",
+                                 "payload_bytes": payload, "numel": numel,
                                  "lp_optimal_s": optimal, **result,
                                  "over_optimal": seconds / optimal if seconds else None})
-                    print(f"{codec:>5} payload={mb:5.1f}MB declared={declared!s:>5} LP-optimal={optimal:6.2f}s "
+                    print(f"{codec:>5} payload={mb:5.1f}MB declared={declared:>7} LP-optimal={optimal:6.2f}s "
                           f"took={seconds or float('nan'):6.2f}s ratio={rows[-1]['over_optimal'] or float('nan'):.2f}"
                           f" identical={result['identical']} {result['errors'][:1]}", flush=True)
                     if args.json:
@@ -401,8 +411,10 @@ def _configurations(bench: Bench, args, peers: int, delay: float) -> list[dict]:
         impls = [("ours", c) for c in args.codecs] + ([("stock", "fp16")] if args.stock else [])
         for impl, codec in impls:
             numel = _numel_for(codec, payload)
-            result = _best(bench.run(impl, codec, numel, args.repeats, timeout))
-            rows.append(_row(impl, codec, peers, delay, payload, numel, ideal, result))
+            rates = [args.mbit] * peers if args.declared and impl == "ours" else None
+            result = _best(bench.run(impl, codec, numel, args.repeats, timeout, uplinks=rates))
+            rows.append({**_row(impl, codec, peers, delay, payload, numel, ideal, result),
+                         "declared": rates is not None})
             print(_line(rows[-1]), flush=True)
         if args.gloo:
             numel = payload // 4

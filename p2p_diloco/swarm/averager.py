@@ -54,9 +54,10 @@ class CodecAverager(ButterflyProtocol, StateServing, DecentralizedAverager):
 
     _rpc_handlers = None  # hivemind collects rpc_* per class; a subclass must not inherit the parent's list
 
-    def __init__(self, numel: int, codec_name: str, **kwargs):
+    def __init__(self, numel: int, codec_name: str, paced_uplink: float = 0.0, **kwargs):
         self.codec_name = codec_name
         self.numel = numel
+        self.paced_uplink = paced_uplink
         self._streams_opened = {}  # member -> (event loop) time of the latest stream it opened to this peer
         super().__init__([torch.zeros(numel, dtype=torch.float32)], **kwargs)
 
@@ -82,7 +83,9 @@ class SwarmAverager(FragmentAverager):
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
                  uplink_mbit: float | None = None, client_mode: bool = False, search_timeout: float | None = None):
         """`uplink_mbit`: this peer's uplink as declared (`join --bandwidth`): every member of a group learns it
-        (load balancing, deadlines: see `butterfly`); None: unknown."""
+        (load balancing, deadlines: see `butterfly`), and what this peer sends is paced to just under it
+        (`butterfly.UplinkPacer`); None: unknown, unpaced. Only a declared uplink paces: a measured one is what
+        the paced sends themselves reached, and would only shrink."""
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
         # a group forms about one matchmaking time after its first member came: a peer that finds none by one
         # more matchmaking time (it came late, or nobody came) gives up, not after the whole round timeout.
@@ -119,7 +122,7 @@ class SwarmAverager(FragmentAverager):
                           # no bound on the whole all-reduce: a slow link may need long for a large fragment;
                           # the butterfly's per-chunk deadlines (from the members' rates) notice a stalled member
                           allreduce_timeout=None, next_chunk_timeout=round_timeout,
-                          client_mode=client_mode, declare_state_period=3600)
+                          client_mode=client_mode, declare_state_period=3600, paced_uplink=self.declared_rate)
             for k, numel in enumerate(fragment_sizes)]
         signal.signal(signal.SIGINT, previous)  # hivemind makes the creating process ignore Ctrl-C
         self.meter.start()

@@ -7,7 +7,7 @@
   weight); any mismatch fails the round for the whole group, naming the peer;
 * the vector is cut into one part per non-client member (by the members'
   uplinks, measured or else declared, at codec block boundaries), and each part
-  into chunks of about CHUNK_BYTES on the wire (whole codec blocks, so a chunk
+  into chunks (CHUNK_TIME_S at the slowest uplink, at most CHUNK_BYTES) on the wire (whole codec blocks, so a chunk
   encodes on its own); each member streams its part's chunks to that part's
   reducer over `rpc_codec_part`, encoding ahead off the event loop; the reducer
   decodes each chunk off the event loop and, once every member's chunk k is in, sums them in fp32 in the
@@ -53,7 +53,14 @@ from .round_trips import peer_round_trip, round_trips
 
 log = logging.getLogger(__name__)
 
+# Chunk size: a part's first mean can go out only once every member's first chunk is in, and its last mean only
+# after the last chunk: the pipeline fills and drains one chunk at the slowest member's share of its uplink (at
+# 128 KB, 10 Mbit/s and three reducers: 0.3 s each way). So a chunk takes about CHUNK_TIME_S at the group's
+# slowest known uplink, between MIN_CHUNK_BYTES and CHUNK_BYTES (measured, 4 MB with one 10 Mbit/s member among
+# 100 Mbit/s ones, paced: 1.26x the LP-optimal time with 128 KB chunks, 1.11x with 32 KB)
 CHUNK_BYTES = 1 << 17
+MIN_CHUNK_BYTES = 1 << 14
+CHUNK_TIME_S = 0.025
 # parallel streams ("lanes") per member and reducer, chunk k on lane k mod lanes: the daemon multiplexes streams
 # over one connection, each with its own flow-control window (WINDOW_BYTES when it opens), so one stream moves at
 # most that per round trip (7 Mbit/s at a 300 ms ping). A member opens as many lanes to a reducer as fill the
@@ -69,6 +76,12 @@ ASSUMED_RATE = 12_500_000.0  # bytes/s (100 Mbit/s): an uplink nobody declared, 
 FLOOR_RATE = 125_000.0  # bytes/s (1 Mbit/s)
 DEADLINE_FLOOR_S = 5.0
 DEADLINE_FACTOR = 4.0
+# Pacing (README "Pacing and chunk size"): on a link full both ways at once, what must go against the flow
+# waits behind a full send buffer or queue: the TCP acknowledgements and the daemon's stream window updates for
+# what this peer receives share its uplink with what it sends (over one connection per pair of peers). A peer
+# whose uplink is declared sends everything at PACE of it, so its queues stay short (measured on one 10 Mbit/s
+# member and three 100 Mbit/s ones, 4-16 MB: 1.28-1.48x the LP-optimal round time unpaced, 1.09-1.14x paced)
+PACE = 0.97
 AUTO_CODECS = ("fp16", "int8", "fp4")  # `--codec auto` picks from these, the most precise first
 AUTO_SHARE = 0.5  # ... so that a fragment's all-reduce takes at most this share of the time between its rounds
 # a member that sends us a part of a group we are not in (we gave up matchmaking while the leader counted us
@@ -103,6 +116,15 @@ class _Group:
         return [rates[i] for i in self.reducers]
 
     @property
+    def chunk_bytes(self) -> int:
+        """About how many bytes each chunk of this round takes on the wire: CHUNK_TIME_S at the slowest known
+        uplink, within [MIN_CHUNK_BYTES, CHUNK_BYTES]; CHUNK_BYTES when no rate is known."""
+        known = [r for r in self.rates if r > 0]
+        if not known:
+            return CHUNK_BYTES
+        return int(min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, min(known) * CHUNK_TIME_S)))
+
+    @property
     def chunk_deadline(self) -> float:
         """Seconds the next chunk (or mean) of a stream may take before its sender counts as stalled."""
         return chunk_deadline(self.rates, len(self.peers))
@@ -126,6 +148,24 @@ def chunk_deadline(rates: list[float], members: int, chunk_bytes: int = CHUNK_BY
     send one chunk to, and one mean to, each of the other members."""
     slowest = min((r if r > 0 else FLOOR_RATE) for r in rates)
     return DEADLINE_FLOOR_S + DEADLINE_FACTOR * 2 * (members - 1) * chunk_bytes / slowest
+
+
+class UplinkPacer:
+    """A token bucket over everything one round of this peer sends (every lane, parts and means): `wait(n)`
+    returns when `n` more bytes may go at `rate` bytes/s; at once when the rate is 0 (unpaced)."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self._next = 0.0  # event-loop time the next bytes may go
+
+    async def wait(self, nbytes: int) -> None:
+        if self.rate <= 0:
+            return
+        now = asyncio.get_event_loop().time()
+        at = max(now, self._next)
+        self._next = at + nbytes / self.rate
+        if at > now:
+            await asyncio.sleep(at - now)
 
 
 def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
@@ -161,11 +201,11 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
                   [float(m.get("rate", 0.0)) for m in meta], [float(m.get("interval", 0.0)) for m in meta])
 
 
-def chunk_spans(numel: int, codec: Codec) -> list[tuple[int, int]]:
-    """[0, numel) cut into the chunks a part travels in: each about CHUNK_BYTES on the wire and a whole number of
+def chunk_spans(numel: int, codec: Codec, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
+    """[0, numel) cut into the chunks a part travels in: each about `chunk_bytes` on the wire and a whole number of
     codec blocks (so a chunk encodes on its own and decodes to the same values as in one piece)."""
     per_value = (codec.wire_size(1 << 20) - codec.wire_size(0)) / (1 << 20)
-    step = max(codec.block_size, int(CHUNK_BYTES / per_value) // codec.block_size * codec.block_size)
+    step = max(codec.block_size, int(chunk_bytes / per_value) // codec.block_size * codec.block_size)
     return [(a, min(a + step, numel)) for a in range(0, numel, step)] or [(0, 0)]
 
 
@@ -196,12 +236,13 @@ class Reduction:
     chunk, encoded once; every member receives the same bytes."""
 
     def __init__(self, codec: Codec, numel: int, peers: list[PeerID], weights: list[float], me: PeerID,
-                 deadline: float):
+                 deadline: float, pacer: UplinkPacer | None = None, chunk_bytes: int = CHUNK_BYTES):
         self.codec, self.numel, self.me, self.deadline = codec, numel, me, deadline
+        self.pacer = pacer or UplinkPacer(0.0)  # the means to other members go through it
         self.peers = peers
         self.weights = dict(zip(peers, weights))
         self.total_weight = float(sum(weights))
-        self.chunks = chunk_spans(numel, codec)
+        self.chunks = chunk_spans(numel, codec, chunk_bytes)
         self._parts: list[dict[PeerID, torch.Tensor]] = [{} for _ in self.chunks]
         self._seen: set[tuple[PeerID, int]] = set()  # (member, chunk) already in
         self.bytes_in = 0
@@ -268,6 +309,7 @@ class ButterflyProtocol:
 
     codec_name: str
     numel: int
+    paced_uplink: float  # this peer's declared uplink (bytes/s): what it sends goes at PACE of it; 0: unpaced
     _streams_opened: dict  # member -> event-loop time of the latest stream it opened to this peer
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, weight: float | None = None,
@@ -284,10 +326,12 @@ class ButterflyProtocol:
             None, load_balance_peers, self.numel, group.bandwidths, 0)
         parts = block_aligned_parts(self.numel, [c / max(sum(counts), 1) for c in counts], codec.block_size)
         owner_part = dict(zip(group.reducers, parts))
+        pacer = UplinkPacer(PACE * self.paced_uplink)
         reduction = None
         if group.me in owner_part:
             lo, hi = owner_part[group.me]
-            reduction = Reduction(codec, hi - lo, group.peers, group.weights, self.peer_id, group.chunk_deadline)
+            reduction = Reduction(codec, hi - lo, group.peers, group.weights, self.peer_id, group.chunk_deadline,
+                                  pacer, group.chunk_bytes)
         self._running_groups[group_info.group_id].set_result(reduction)
         traffic = {"sent": 0, "received": 0}
         try:
@@ -303,7 +347,7 @@ class ButterflyProtocol:
                 out = torch.empty_like(flat)
                 work = asyncio.ensure_future(asyncio.gather(*(
                     self._exchange(group, group_info.group_id, codec, flat[lo:hi], out[lo:hi], owner, reduction,
-                                   traffic, round_trips_.get(owner))
+                                   traffic, pacer, round_trips_.get(owner))
                     for owner, (lo, hi) in owner_part.items())))
                 # a reducer hears from every member; a client-mode member only talks to the reducers (two clients
                 # never connect to each other)
@@ -338,12 +382,12 @@ class ButterflyProtocol:
         return {i: rtt for i, rtt in found.items() if rtt is not None}
 
     async def _exchange(self, group: _Group, group_id: bytes, codec: Codec, mine: torch.Tensor, out: torch.Tensor,
-                        owner: int, reduction: Reduction | None, traffic: dict,
+                        owner: int, reduction: Reduction | None, traffic: dict, pacer: UplinkPacer,
                         round_trip: float | None = None) -> None:
         """Our contribution to the part `owner` reduces goes out chunk by chunk (over `lanes_for` parallel
         streams); that part's mean comes back into `out` chunk by chunk, while later chunks are still on their way."""
         weight = group.weights[group.me]
-        chunks = chunk_spans(mine.numel(), codec)
+        chunks = chunk_spans(mine.numel(), codec, group.chunk_bytes)
         if owner == group.me:
             async def feed():
                 k = 0
@@ -362,10 +406,11 @@ class ButterflyProtocol:
         share = max(group.rates[group.me], group.rates[owner]) or ASSUMED_RATE
         lanes = lanes_for(len(chunks), round_trip, share / max(1, len(group.peers) - 1))
         await asyncio.gather(*(self._lane(group, group_id, codec, mine, out, owner, chunks[lane::lanes],
-                                          (lane, lanes), traffic) for lane in range(lanes)))
+                                          (lane, lanes), traffic, pacer) for lane in range(lanes)))
 
     async def _lane(self, group: _Group, group_id: bytes, codec: Codec, mine: torch.Tensor, out: torch.Tensor,
-                    owner: int, chunks: list[tuple[int, int]], lane: tuple[int, int], traffic: dict) -> None:
+                    owner: int, chunks: list[tuple[int, int]], lane: tuple[int, int], traffic: dict,
+                    pacer: UplinkPacer) -> None:
         """One stream to the reducer of part `owner`: the chunks of lane (i, n) out, their means back."""
         reducer, weight, timeout = group.peers[owner], group.weights[group.me], group.chunk_deadline
         stub = type(self).get_stub(self._p2p, reducer, namespace=self.prefix)
@@ -373,6 +418,7 @@ class ButterflyProtocol:
         async def requests():
             first = True
             async for payload in _encoded_ahead(codec, mine, chunks, ahead=1):
+                await pacer.wait(len(payload))
                 traffic["sent"] += len(payload)
                 yield averaging_pb2.AveragingData(
                     code=averaging_pb2.PART_FOR_AVERAGING, group_id=group_id if first else b"", weight=weight,
@@ -528,6 +574,7 @@ class ButterflyProtocol:
                 except Exception:
                     yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
                     return
+                await reduction.pacer.wait(len(mean))
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
                                                   tensor_part=runtime_pb2.Tensor(buffer=mean))
             # keep our side open until the member closes the stream (it holds every mean then): closing first

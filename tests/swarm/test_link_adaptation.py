@@ -47,3 +47,42 @@ def test_auto_codec_picks_the_most_precise_payload_that_fits_between_two_rounds(
     assert auto_codec([100 * mbit, 100 * mbit], [10.0, 0.05], numel) == "fp4"  # the quickest pace decides
     assert auto_codec([100 * mbit, 0.0], [10.0, 10.0], numel) == "fp4"  # unknown rate: the smallest payload
     assert auto_codec([100 * mbit, 100 * mbit], [0.0, 10.0], numel) == "fp4"  # unknown pace
+
+
+def test_the_uplink_pacer_spaces_what_a_round_sends_at_its_rate_and_an_unknown_rate_is_not_paced():
+    import asyncio
+
+    from p2p_diloco.swarm.butterfly import UplinkPacer
+
+    async def timed(pacer, sizes):
+        loop = asyncio.get_event_loop()
+        began = loop.time()
+        await asyncio.gather(*(pacer.wait(n) for n in sizes))  # concurrent lanes share the one bucket
+        return loop.time() - began
+
+    # the first 50 KB go at once, each next one 50 ms after the one before
+    assert 0.24 <= asyncio.run(timed(UplinkPacer(1_000_000.0), [50_000] * 6)) < 0.5
+    assert asyncio.run(timed(UplinkPacer(0.0), [1 << 20] * 6)) < 0.05
+
+
+def test_chunks_take_a_short_time_at_the_slowest_known_uplink_within_bounds():
+    from p2p_diloco.core.codecs import get_codec
+    from p2p_diloco.swarm.butterfly import CHUNK_BYTES, CHUNK_TIME_S, MIN_CHUNK_BYTES, _Group, chunk_spans
+
+    def group(*mbit):
+        n = len(mbit)
+        return _Group(peers=[f"p{i}" for i in range(n)], me=0, weights=[1.0] * n, reducers=list(range(n)),
+                      rates=[m * 125_000.0 for m in mbit], intervals=[0.0] * n)
+
+    assert group(0, 0).chunk_bytes == CHUNK_BYTES  # nothing known (loopback): the largest chunks
+    assert group(1000, 100).chunk_bytes == CHUNK_BYTES
+    assert group(100, 10, 0).chunk_bytes == int(10 * 125_000 * CHUNK_TIME_S)  # an unknown rate is left out
+    assert group(100, 0.5).chunk_bytes == MIN_CHUNK_BYTES
+    for name in ("fp32", "fp4"):
+        codec = get_codec(name)
+        spans = chunk_spans(1_000_003, codec, 32 * 1024)
+        assert spans[0][0] == 0 and spans[-1][1] == 1_000_003
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all((hi - lo) % codec.block_size == 0 for lo, hi in spans[:-1])
+        assert max(codec.wire_size(hi - lo) for lo, hi in spans) <= 32 * 1024 + codec.wire_size(0)
+        assert len(spans) > len(chunk_spans(1_000_003, codec))  # smaller than the default chunks
