@@ -89,7 +89,9 @@ AUTO_SHARE = 0.5  # ... so that a fragment's all-reduce takes at most this share
 GROUP_REGISTRATION_S = 3.0
 MEMBER_CHECK_S = 0.5  # how often a round checks that its members are still connected
 MEMBER_CONNECT_S = 5.0  # a member not connected to this peer this long after the round began is gone; one that
-# opened no stream to this reducer by then is not in the round (the leader counted it in as it gave up matchmaking)
+# opened no stream to this reducer by then is not in the round (the leader counted it in as it gave up matchmaking).
+# A round's first chunk (or mean) may take this much longer than the chunk deadline: a member that never came is
+# then told apart from a slow one (a chunk deadline of ~5.8 s raced this check, measured in CI)
 _CLIENT_MODE = 1  # hivemind.averaging.averager.AveragingMode.CLIENT
 
 
@@ -397,7 +399,7 @@ class ButterflyProtocol:
             feeding = asyncio.ensure_future(feed())
             try:
                 for k in range(len(chunks)):
-                    mean = await reduction.mean(k, group.chunk_deadline)
+                    mean = await reduction.mean(k, group.chunk_deadline + (MEMBER_CONNECT_S if k == 0 else 0.0))
                     await self._take_mean(codec, mean, out, chunks[k], group.peers[owner])
                 await feeding
             finally:
@@ -435,7 +437,7 @@ class ButterflyProtocol:
         try:
             for k, span in enumerate(chunks):
                 try:
-                    msg = await asyncio.wait_for(anext(stream), timeout)
+                    msg = await asyncio.wait_for(anext(stream), timeout + (MEMBER_CONNECT_S if k == 0 else 0.0))
                 except StopAsyncIteration:
                     raise AllreduceException(f"reducer {reducer} closed the stream after {k} of {len(chunks)} "
                                              f"chunks") from None
@@ -569,8 +571,9 @@ class ButterflyProtocol:
         reading = asyncio.ensure_future(self._read_chunks(first, stream, reduction, context.remote_id, indices))
         try:
             for k in indices:
+                grace = MEMBER_CONNECT_S if k == indices[0] else 0.0  # (the first mean: see MEMBER_CONNECT_S)
                 try:
-                    mean = await reduction.mean(k, reduction.deadline)
+                    mean = await reduction.mean(k, reduction.deadline + grace)
                 except Exception:
                     yield averaging_pb2.AveragingData(code=averaging_pb2.INTERNAL_ERROR)
                     return
