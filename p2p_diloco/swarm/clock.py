@@ -7,9 +7,10 @@ laptop and wait for it (or leave it behind for good). Instead every peer keeps a
 optimizer counts the swarm's samples towards its target batch size:
 
 * each peer measures its speed (inner steps per second over the last few
-  seconds, time spent waiting for rounds included: if rounds slow the swarm
-  down, the schedule slows down with it) and publishes (global step, speed,
-  time) in the DHT every second;
+  seconds, time spent waiting for rounds included, up to the moment it is read:
+  if rounds slow the swarm down, the schedule slows down with it; a peer held up
+  by a round publishes a falling speed while it waits) and publishes (global
+  step, speed, time) in the DHT every second;
 * alone, a peer's global step is its own count of inner steps. With others, it
   runs on the wall clock at the median speed of the live peers:
   g(t) = g0 + speed * (t - t0). Every peer reaches a round boundary at about the
@@ -60,12 +61,16 @@ class SwarmClock:
         self._steps: deque[float] = deque()  # times of this peer's recent inner steps
         self._last = float(global_step)
 
-    @property
-    def steps_per_s(self) -> float:
-        """This peer's inner steps per second over the last `window` seconds (waits for rounds included)."""
+    def speed(self, now: float) -> float:
+        """This peer's inner steps per second over about the last `window` seconds up to `now`. The time since
+        its last step beyond a usual step's counts: a peer held up by a round is that much slower. (Counted only
+        up to the last step, peers all held up by rounds that took longer than the schedule allowed published
+        the speed they had before; the clock ran away from what they trained and they sat most rounds out.)"""
         if len(self._steps) < 2:
             return 0.0
-        return (len(self._steps) - 1) / max(self._steps[-1] - self._steps[0], 1e-6)
+        steps, span = len(self._steps) - 1, self._steps[-1] - self._steps[0]
+        waited = max(now - self._steps[-1] - span / steps, 0.0)  # beyond one step's usual time: held up
+        return steps / max(span + waited, 1e-6)
 
     def global_step(self, now: float) -> float:
         if self.swarm_rate is None:
@@ -98,8 +103,8 @@ class SwarmClock:
                 and math.isfinite(r.steps_per_s) and r.steps_per_s >= 0 and r.global_step >= 0]
         current = self.global_step(now)
         rates = [r.steps_per_s for r in live if r.steps_per_s > 0]
-        if self.steps_per_s > 0:
-            rates.append(self.steps_per_s)
+        if (own := self.speed(now)) > 0:
+            rates.append(own)
         if not live or not rates:  # alone (or nobody has a speed yet): count own steps
             self.swarm_rate = None
             self._base = current
@@ -116,4 +121,4 @@ class SwarmClock:
         return int(self.global_step(now))
 
     def reading(self, now: float) -> ClockReading:
-        return ClockReading(self.global_step(now), self.steps_per_s, now)
+        return ClockReading(self.global_step(now), self.speed(now), now)

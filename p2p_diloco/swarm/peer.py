@@ -245,7 +245,7 @@ class Peer:
             target = min(target, self.opts.global_steps)
         held = time.monotonic()
         # a round boundary passed more than a matchmaking time ago has its group already: sit it out
-        rate = self.clock.swarm_rate or self.clock.steps_per_s  # global steps per second
+        rate = self.clock.swarm_rate or self.clock.speed(now)  # global steps per second
         if rate > 0:  # what `--codec auto` fits a fragment's all-reduce into
             self.averager.round_interval_s = self.run.diloco.outer_period / rate
         self.outer.advance(self.global_step, target, max_lag=math.ceil(self.run.matchmaking_time * rate))
@@ -274,7 +274,7 @@ class Peer:
         tokens_per_s = self.step * self.tokens_per_step / max(now - self.started, 1e-9)
         return PeerProgress(self.peer_id, self.step, list(self.outer.stats.applied), tokens_per_s,
                             self.averager.bytes_sent, self.averager.bytes_received, self.loss,
-                            self.clock.global_step(now), self.clock.steps_per_s, now, reachable=not self.client_mode,
+                            self.clock.global_step(now), self.clock.speed(now), now, reachable=not self.client_mode,
                             training=not self.leaving)
 
     def _save(self) -> None:

@@ -95,6 +95,20 @@ def test_a_blocked_peer_finds_the_swarm_moved_on():
     assert clock.step_done(4.0) == 40  # three seconds inside one step (a round): the clock went on
 
 
+def test_a_held_up_peer_counts_the_wait_so_the_schedule_slows_down_with_the_swarm():
+    clock = SwarmClock()
+    clock.start(0.0)
+    for t in range(1, 11):
+        clock.step_done(t * 0.1)  # 10 steps/s
+    assert clock.speed(1.0) == pytest.approx(10.0)
+    assert clock.speed(1.05) == pytest.approx(10.0)  # (within a usual step's time: no wait)
+    held = clock.speed(5.0)  # held up 4 s (a round's result late), less the step it would have taken anyway
+    assert held == pytest.approx(10 / 4.9)
+    # the other peer held up alike: the swarm's pace is what they both really do, not what they did before
+    clock.observe([ClockReading(10.0, held, 5.0)], 5.0)
+    assert clock.swarm_rate == pytest.approx(held)
+
+
 def test_stale_and_malformed_readings_are_ignored():
     clock = SwarmClock()
     clock.start(0.0)
