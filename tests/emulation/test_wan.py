@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -150,13 +149,14 @@ def output(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def round_trip_ms(w: Wan, i: int, j: int, count: int = 5) -> float:
-    """Median round trip of a UDP echo from machine i to machine j."""
+def round_trip_ms(w: Wan, i: int, j: int, count: int = 9) -> float:
+    """Shortest round trip of a UDP echo from machine i to machine j: the delay line never delivers early, and a
+    loaded machine only adds to a round trip (the forwarder is a user-space process)."""
     server = start(w, j, tool("echo", 7000))
     try:
         pinged = w.run(i, tool("ping", w.address(j), 7000, count), capture_output=True, text=True, timeout=30)
         assert pinged.returncode == 0, pinged.stderr
-        return statistics.median(json.loads(pinged.stdout))
+        return min(json.loads(pinged.stdout))
     finally:
         server.kill()
         server.wait()
@@ -280,7 +280,8 @@ def test_a_round_trip_takes_twice_both_one_way_delays(wan):
     for i, j in [(1, 2), (0, 1), (2, 0)]:
         expected = 2 * (w.links[i].delay_ms + w.links[j].delay_ms)
         measured = round_trip_ms(w, i, j)
-        assert abs(measured - expected) <= 0.1 * expected, (i, j, measured, expected)
+        # never early; late by at most 10 % or 8 ms (scheduling of the forwarder and the tools on 2 loaded cores)
+        assert 0.97 * expected <= measured <= expected + max(0.1 * expected, 8), (i, j, measured, expected)
     without_delay = wan([Link(100, 100, 0), Link(100, 100, 0)])
     assert without_delay.forwarder is None and round_trip_ms(without_delay, 0, 1) < 10
 
