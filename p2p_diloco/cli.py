@@ -33,12 +33,18 @@ def diloco_options(f):
         click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7]."),
         click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9]."),
         click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100]."),
+        click.option("--aggregation", default=None, type=click.Choice(["mean", "clip", "trimmed"]),
+                     help="How a reducer combines the members' outer gradients: mean (weighted), clip (each first "
+                          "scaled to at most 2x the median size) or trimmed (per value, the highest and lowest "
+                          "left out); outliers over 16x the median size are refused and weights capped at 4x the "
+                          "median in every case (README: Public runs) [default: mean]."),
     ]):
         f = decorator(f)
     return f
 
 
-_DILOCO_KEYS = ("outer_period", "fragments", "tau", "alpha", "outer_lr", "outer_momentum", "warmup_steps")
+_DILOCO_KEYS = ("outer_period", "fragments", "tau", "alpha", "outer_lr", "outer_momentum", "warmup_steps",
+                "aggregation")
 
 
 def _pop_diloco(kwargs: dict) -> dict:
@@ -285,12 +291,16 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
          step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, global_steps,
          wait_for_peers):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
-    from .node import failpoints
+    from .node import attacks, failpoints
 
     try:
         armed = failpoints.armed()
-    except failpoints.FailpointError as e:
+        attack = attacks.armed()
+    except (failpoints.FailpointError, attacks.AttackError) as e:
         raise click.UsageError(str(e)) from None
+    if attack:
+        click.echo(f"ATTACK armed ({attacks.ENV}): this peer is malicious on purpose: "
+                   f"{attacks.KINDS[attack.kind]}", err=True)
     if armed:
         action = "fails" if armed[0] in failpoints.ERROR_POINTS else "SIGKILLs itself"
         click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer {action} at hit {armed[1]} of "
@@ -347,12 +357,15 @@ def _slashed(values: list[int]) -> str:
               help="The last peer sleeps this many seconds after every inner step (peers of different speeds).")
 @click.option("--late-peer-after", default=0.0, type=click.FloatRange(min=0), show_default=True,
               help="The last peer joins this many seconds after the others started (a mid-run join).")
+@click.option("--attacker", default="", metavar="ATTACK",
+              help="The last peer is malicious on purpose, to see what the others withstand: scale:F (its outer "
+                   "gradients x F), flip (sign-flipped) or weight:W (it claims W tokens) (README: Public runs).")
 @click.option("--links", "links_path", default=None,
               help="TOML file of emulated WAN links (e.g. peers/links-mixed.toml): each member on a machine of its "
                    "own (a network namespace) behind its upload/download rate, delay and loss. Root only.")
 def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size,
                 matchmaking_time, data, timeout, json_path, workdir, progress_every, slow_peer_delay,
-                late_peer_after, links_path, **diloco):
+                late_peer_after, attacker, links_path, **diloco):
     """A host and N trainers as separate processes on 127.0.0.1 (or behind emulated WAN links, --links), all
     stopping at global step --steps.
 
@@ -367,12 +380,19 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
     if late_peer_after and peers < 2:
         raise click.UsageError("--late-peer-after needs --peers >= 2 (someone must be there to join)")
     check_output_file(json_path, "--json")
+    from .node import attacks
+    try:
+        attacks.parse(attacker)
+    except attacks.AttackError as e:
+        raise click.UsageError(f"--attacker: {e}") from None
+    if attacker and peers < 3:
+        raise click.UsageError("--attacker needs --peers >= 3 (two honest peers, at least, to withstand it)")
     links = check_links(links_path, peers)
     run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
                       target_group_size or (peers if peers >= 2 else None), matchmaking_time, None,
                       _pop_diloco(diloco))
     swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), slow_peer_delay=slow_peer_delay,
-                       late_peer_after=late_peer_after, links=links)
+                       late_peer_after=late_peer_after, links=links, attacker=attacker)
     # SIGTERM must unwind like Ctrl-C, through the cleanup that stops every child (the host included)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:

@@ -59,12 +59,29 @@ class AgreedState:
     momentum: torch.Tensor
 
 
+ADOPT_QUORUM = 2  # distinct other peers that must hold a state before this peer adopts it
+
+
 @dataclass(frozen=True)
 class RoundReport:
     """What the other peers report for one fragment: the latest round they hold and its state hashes."""
 
     round: int
     digests: dict[str, int]  # state hash -> how many other peers hold it
+    voters: int | None = None  # other peers reporting on this fragment at all; None: unknown (those of this round)
+
+    def quorum(self) -> int:
+        """Votes a state needs before this peer adopts it: ADOPT_QUORUM distinct other peers, or every other peer
+        when fewer report at all. Every applied round was applied by a group of at least two, so an honest state
+        has two holders; a single peer publishing a round of its own making (a zeroed model, say) is one voice
+        and makes nobody adopt it."""
+        return min(ADOPT_QUORUM, self.voters if self.voters is not None else sum(self.digests.values()))
+
+    def agreed(self, own: str | None = None) -> str | None:
+        """The state to hold for this round: the majority (this peer's `own` vote included) when it is `own` or
+        has a quorum; else `own` (None when this peer holds no state of this round)."""
+        winner = self.majority(own)
+        return winner if winner == own or self.digests.get(winner, 0) >= self.quorum() else own
 
     def majority(self, own: str | None = None) -> str:
         """The swarm's state for this round, this peer's own vote included; ties go to the smallest hash."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .averaging import AveragingFailed, RoundKey
+from .averaging import AveragingFailed, RoundKey, RoundReport
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,12 @@ class CatchUp:
         hashing to `digest`, else the majority's); False: nothing to fetch, this peer holds the swarm's state.
         A download of the fragment under way is superseded (its result is dropped)."""
         if key is None:
-            report = self.averager.latest_agreed(k, round_)
+            report = self._agreed_report(k, round_)
             if report is None or report.round < self.base_round[k]:
                 return False
             own = self.digests[k]
             resync = report.round == self.base_round[k]
-            digest = report.majority(own) if resync else report.majority()
+            digest = report.agreed(own if resync else None)
             if digest == own:
                 return False
             if resync:
@@ -114,6 +114,22 @@ class CatchUp:
             resync = False
         self.fetching[k] = StateFetch(key, digest, resync, self.averager.fetch(key, digest))
         return True
+
+    def _agreed_report(self, k: int, upto: int) -> RoundReport | None:
+        """The others' report of the latest round <= `upto` of fragment `k` whose state has a quorum
+        (`RoundReport.agreed`), or is older than ours: a newer round held by too few peers is passed over (logged
+        once), and the one before it considered."""
+        report = self.averager.latest_agreed(k, upto)
+        while report is not None and report.round >= self.base_round[k]:
+            if report.agreed(self.digests[k] if report.round == self.base_round[k] else None) is not None:
+                return report
+            if (k, report.round) not in self.unbacked:
+                self.unbacked.add((k, report.round))
+                log.warning("fragment %d: round %d's state %s is held by too few peers (%s of %s needed) to be "
+                            "adopted: passed over", k, report.round, ", ".join(d[:12] for d in report.digests),
+                            max(report.digests.values(), default=0), report.quorum())
+            report = self.averager.latest_agreed(k, report.round - 1)
+        return report
 
     def _finish_fetch(self, k: int, wait: float | None) -> str:
         """"adopted", "failed" (nobody could hand it over, or it did not check out) or "pending"."""
@@ -148,16 +164,16 @@ class CatchUp:
         for k in range(len(self.fragments)):
             for attempt in range(JOIN_ATTEMPTS):  # the donors may move on to the next round meanwhile
                 latest = self.schedule.latest_round(k, step)
-                report = self.averager.latest_agreed(k, latest + attempt) if latest is not None else None
+                report = self._agreed_report(k, latest + attempt) if latest is not None else None
                 if report is None and attempt == 0:
                     held.append(None)
                     break
                 while report is not None:
                     key = RoundKey(self.run_id, k, report.round)
-                    if self._adopt_agreed_state(k, key, report.majority(), count=False):
+                    if self._adopt_agreed_state(k, key, report.agreed(), count=False):
                         break
                     # nobody could serve that round (its holders died): an older agreed state, if one is held
-                    report = self.averager.latest_agreed(k, report.round - 1)
+                    report = self._agreed_report(k, report.round - 1)
                 if report is not None:
                     self.fragments[k].assign(self.anchors[k])
                     held.append(report.round)

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .aggregation import AGGREGATIONS
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the reason."""
@@ -50,6 +52,7 @@ class DiLoCoConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     codec: str = "fp4"
     error_feedback: bool = False  # carry each fragment's quantization residual into its next round
+    aggregation: str = "mean"  # how reducers combine contributions: mean, clip or trimmed (core/aggregation.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -121,6 +124,8 @@ class DiLoCoConfig:
             raise bad("codec", f"unknown codec; choose one of {', '.join(CODEC_NAMES + (AUTO_CODEC,))}")
         if not isinstance(self.error_feedback, bool):
             raise bad("error_feedback", "must be true or false")
+        if self.aggregation not in AGGREGATIONS:
+            raise bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)} (core/aggregation.py)")
         if self.error_feedback and self.codec == AUTO_CODEC:
             raise bad("error_feedback", "needs a fixed codec (its residual is what that codec loses), not auto")
 

@@ -3,7 +3,8 @@
 It reproduces what a butterfly all-reduce puts on the wire: the vector is cut
 into one part per member (at codec block boundaries); every member's
 contribution to a part is encoded, decoded and accumulated in fp32 weighted by
-its tokens; the part's mean is encoded once more and every member (its reducer
+its tokens (capped, and combined by the run's `Aggregation`: a part is one piece, where the swarm's reducer
+combines chunk by chunk); the part's mean is encoded once more and every member (its reducer
 included) takes the decoded mean, so all members hold bit-identical results.
 Bytes are counted from the encoded payloads a member sends and receives.
 """
@@ -15,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .aggregation import Aggregation, cap_weights
 from .averaging import AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage, RoundKey
 from .codecs import Codec
 from .parts import butterfly_parts
@@ -39,9 +41,11 @@ class LocalGroup:
 
     def __init__(self, size: int, codec: Codec,
                  fail: Callable[[RoundKey], bool] | None = None,
-                 absent: Callable[[RoundKey, int], bool] | None = None):
+                 absent: Callable[[RoundKey, int], bool] | None = None, aggregation: Aggregation | None = None):
         self.size = size
         self.codec = codec
+        self.aggregation = aggregation or Aggregation()
+        self.refused = [0] * size  # parts of each member's contributions left out as outliers
         self._fail = fail or (lambda key: False)
         self._absent = absent or (lambda key, member: False)
         self._rounds: dict[RoundKey, _Round] = {}
@@ -84,7 +88,8 @@ class LocalGroup:
         numel = rnd.contributions[members[0]][0].numel()
         if any(rnd.contributions[m][0].numel() != numel for m in members):
             return AveragingFailed(f"{key}: members disagree on the fragment size")
-        total_weight = sum(rnd.contributions[m][1] for m in members)
+        weights = cap_weights([rnd.contributions[m][1] for m in members], self.aggregation.weight_cap)
+        total_weight = sum(weights)
         if not total_weight > 0:
             return AveragingFailed(f"{key}: total weight {total_weight} is not positive")
         codec = self.codec
@@ -93,13 +98,16 @@ class LocalGroup:
         for owner, (lo, hi) in zip(members, parts):
             if hi <= lo:
                 continue
-            acc = torch.zeros(hi - lo, dtype=torch.float32)
+            decoded = []
             for m in members:
                 payload = codec.encode(rnd.contributions[m][0][lo:hi])
                 if m != owner:
                     self.bytes_sent[m] += len(payload)
                     self.bytes_received[owner] += len(payload)
-                acc += codec.decode(payload, hi - lo) * (rnd.contributions[m][1] / total_weight)
+                decoded.append(codec.decode(payload, hi - lo))
+            acc, refused = self.aggregation.combine(decoded, weights)
+            for i in refused:
+                self.refused[members[i]] += 1
             reduced = codec.encode(acc)
             for m in members:
                 if m != owner:

@@ -90,6 +90,7 @@ class StreamingDiLoCo(CatchUp):
         self.max_delay = max(config.tau, config.outer_period - 1)  # finish before the fragment's next round
         self.in_flight: dict[int, _InFlight] = {}
         self.fetching: dict[int, StateFetch] = {}  # the swarm's state of these fragments is downloading
+        self.unbacked: set[tuple[int, int]] = set()  # (fragment, round) whose state too few peers held (logged)
         self.stats = RoundStats.empty(len(self.fragments))
 
     # -- schedule ---------------------------------------------------------
@@ -186,10 +187,11 @@ class StreamingDiLoCo(CatchUp):
                 raise AveragingFailed(f"{flight.key}: mean holds non-finite values")
         except AveragingFailed as e:
             report = self.averager.latest_agreed(k, flight.key.round)
-            if report is not None and report.round == flight.key.round and k not in self.fetching:
+            digest = report.agreed() if report is not None and report.round == flight.key.round else None
+            if digest is not None and k not in self.fetching:
                 # the others applied it: their state comes (in the background over a slow link; a later round
                 # start adopts it, see `_catch_up`)
-                self._start_fetch(k, flight.key.round, flight.key, report.majority())
+                self._start_fetch(k, flight.key.round, flight.key, digest)
                 if self._finish_fetch(k, CATCH_UP_WAIT_S if self._alone(k) else 0.0) == "adopted":
                     log.warning("round failed here (%s); adopted the agreed state of %s from the swarm",
                                 e, flight.key)

@@ -39,6 +39,7 @@ from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverage, Fra
                               RoundKey, RoundReport)
 from ..core.codecs import get_codec
 from ..core.config import AUTO_CODEC
+from ..node import attacks
 from ..node.failpoints import reached
 from .butterfly import DEADLINE_FLOOR_S, FLOOR_RATE, ButterflyProtocol
 from .lifetime import die_with_parent
@@ -81,12 +82,15 @@ class SwarmAverager(FragmentAverager):
 
     def __init__(self, dht, run_id: str, fragment_sizes: list[int], codec_name: str, *, round_timeout: float,
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
-                 uplink_mbit: float | None = None, client_mode: bool = False, search_timeout: float | None = None):
+                 uplink_mbit: float | None = None, client_mode: bool = False, search_timeout: float | None = None,
+                 aggregation: str = "mean"):
         """`uplink_mbit`: this peer's uplink as declared (`join --bandwidth`): every member of a group learns it
         (load balancing, deadlines: see `butterfly`), and what this peer sends is paced to just under it
         (`butterfly.UplinkPacer`); None: unknown, unpaced. Only a declared uplink paces: a measured one is what
-        the paced sends themselves reached, and would only shrink."""
+        the paced sends themselves reached, and would only shrink. `aggregation`: the run's rule for combining
+        contributions (`core.aggregation`); every member of a group must have the same."""
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
+        self.aggregation = aggregation
         # a group forms about one matchmaking time after its first member came: a peer that finds none by one
         # more matchmaking time (it came late, or nobody came) gives up, not after the whole round timeout.
         # Longer, and a round nobody comes to holds its peer up at the fragment's next round (its deadline);
@@ -98,8 +102,10 @@ class SwarmAverager(FragmentAverager):
         self.bytes_received = 0
         self.declared_rate = (uplink_mbit or 0.0) * 125_000.0  # bytes/s; 0: unknown
         self.meter = LinkMeter()  # this machine's uplink as its transfers show it (started with the averagers)
+        self.attack = attacks.armed()  # a malicious peer on purpose (tests of what the others withstand)
         self.round_interval_s = 0.0  # seconds between two rounds of a fragment at this peer's pace; 0: unknown
         self.codec_rounds: Counter = Counter()  # rounds averaged per codec
+        self.refused: Counter = Counter()  # peer -> rounds in which this peer, reducing, left its contribution out
         self.lookup_s = 0.0  # time the training thread spent reading the swarm's state records (`latest_agreed`)
         self._fetching = threading.Lock()  # held by the one transfer of a state under way (`fetch`)
         self._newest_fetch: dict[int, int] = {}  # fragment -> the newest round whose state `fetch` was asked for
@@ -137,12 +143,14 @@ class SwarmAverager(FragmentAverager):
         if key.run_id != self.run_id:
             raise AveragingFailed(f"{key}: this averager serves run {self.run_id}")
         av = self.averagers[key.fragment]
+        if self.attack is not None:
+            outer_grad, weight = self.attack.poison(outer_grad, weight)
         with av.get_tensors() as tensors:
             tensors[0].copy_(outer_grad.reshape(-1))
         av.set_group_bits(format(key.round % (1 << 16), "016b"))
         meta = {"run": key.run_id, "fragment": key.fragment, "round": key.round, "codec": self.codec_name,
                 "numel": int(outer_grad.numel()), "weight": float(weight), "rate": self.rate,
-                "interval": self.round_interval_s}
+                "interval": self.round_interval_s, "aggregation": self.aggregation}
         control = av.step(gather=meta, weight=float(weight), wait=False, timeout=self.search_timeout,
                           allow_retries=False)
         return _SwarmPending(self, av, key, control, time.time())
@@ -236,7 +244,7 @@ class SwarmAverager(FragmentAverager):
         if not records:
             return None
         latest = max(r for r, _ in records)
-        return RoundReport(latest, dict(Counter(d for r, d in records if r == latest)))
+        return RoundReport(latest, dict(Counter(d for r, d in records if r == latest)), voters=len(found))
 
     def _cached_records(self, fragment: int) -> dict[str, tuple[int, str]]:
         """Every peer's (round, state hash) of `fragment` as read at most RECORDS_MAX_AGE_S and a quarter of the
@@ -288,11 +296,12 @@ class SwarmAverager(FragmentAverager):
 
     def _donors(self, key: RoundKey, digest: str | None) -> tuple[str, list[str]] | None:
         by_hash: dict[str, list[str]] = {}
-        for peer, (round_, d) in hash_records(self.dht, self.run_id, key.fragment, self.peer_id, self.live_peers).items():
+        records = hash_records(self.dht, self.run_id, key.fragment, self.peer_id, self.live_peers)
+        for peer, (round_, d) in records.items():
             if round_ == key.round:
                 by_hash.setdefault(d, []).append(peer)
-        if digest is None and by_hash:
-            digest = RoundReport(key.round, {d: len(p) for d, p in by_hash.items()}).majority()
+        if digest is None and by_hash:  # the majority, if enough peers hold it (`RoundReport.quorum`)
+            digest = RoundReport(key.round, {d: len(p) for d, p in by_hash.items()}, voters=len(records)).agreed()
         donors = [p for p in by_hash.get(digest, []) if p not in self.unreachable_peers]
         return (digest, donors) if donors else None
 
@@ -331,6 +340,8 @@ class _SwarmPending(PendingAverage):
         self.owner.bytes_sent += stats["sent"]
         self.owner.bytes_received += stats["received"]
         self.owner.codec_rounds[stats.get("codec", self.owner.codec_name)] += 1
+        for peer in stats.get("refused", {}):
+            self.owner.refused[peer] += 1
         with self.av.get_tensors() as tensors:
             mean = tensors[0].clone()
         return FragmentAverage(mean, int(stats["peers"]), float(stats["weight"]))

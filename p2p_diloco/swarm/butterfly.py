@@ -45,6 +45,7 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import anext, enter_asynchronously
 
+from ..core.aggregation import AGGREGATIONS, WEIGHT_CAP, Aggregation, cap_weights
 from ..core.codecs import Codec, CodecError, get_codec
 from ..core.config import AUTO_CODEC
 from ..core.parts import block_aligned_parts
@@ -101,10 +102,11 @@ class _Group:
 
     peers: list[PeerID]
     me: int  # this peer's index in `peers`
-    weights: list[float]  # tokens behind each member's outer gradient
+    weights: list[float]  # tokens behind each member's outer gradient, capped (`aggregation.cap_weights`)
     reducers: list[int]  # members that reduce a part (not in client mode)
     rates: list[float]  # each member's uplink in bytes/s as it published it (measured, else declared); 0: unknown
     intervals: list[float]  # each member's time between two rounds of this fragment (s); 0: unknown
+    aggregation: str = "mean"  # the run's rule for combining contributions (`core.aggregation`)
 
     @property
     def total_weight(self) -> float:
@@ -171,8 +173,9 @@ class UplinkPacer:
 
 
 def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
-    """The group's gathered metadata, checked: every member on the same run, fragment, round, codec and size,
-    each with a positive finite weight. Raises AllreduceException naming the first peer that differs."""
+    """The group's gathered metadata, checked: every member on the same run, fragment, round, codec, size and
+    aggregation rule, each with a positive finite weight (capped at `aggregation.WEIGHT_CAP` times the group's
+    median). Raises AllreduceException naming the first peer that differs."""
     peers = list(group_info.peer_ids)
     try:
         _, modes, user = zip(*map(serializer.loads, group_info.gathered))
@@ -184,7 +187,8 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
     for peer, m in zip(peers, meta):
         if not isinstance(m, dict):
             raise AllreduceException(f"peer {peer} sent no round metadata")
-        for field in ("run", "fragment", "round", "codec", "numel"):
+        m.setdefault("aggregation", "mean")  # (a peer of an older version: the mean)
+        for field in ("run", "fragment", "round", "codec", "numel", "aggregation"):
             if m.get(field) != mine.get(field):
                 raise AllreduceException(f"group mismatch: peer {peer} has {field}={m.get(field)!r}, "
                                          f"this peer {mine.get(field)!r}; refusing to mix")
@@ -196,11 +200,19 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
                     or value < 0:
                 raise AllreduceException(f"peer {peer} declared {field} {value!r}")
+    if mine["aggregation"] not in AGGREGATIONS:
+        raise AllreduceException(f"unknown aggregation {mine['aggregation']!r}")
     reducers = [i for i, mode in enumerate(modes) if mode != _CLIENT_MODE]
     if not reducers:
         raise AllreduceException("no member can reduce (all in client mode)")
-    return _Group(peers, index, [float(m["weight"]) for m in meta], reducers,
-                  [float(m.get("rate", 0.0)) for m in meta], [float(m.get("interval", 0.0)) for m in meta])
+    declared = [float(m["weight"]) for m in meta]
+    weights = cap_weights(declared)
+    for peer, d, w in zip(peers, declared, weights):
+        if w < d:  # (an honest peer far faster than the others' median is capped too: info, not an incident)
+            log.info("peer %s declared weight %.6g; it counts as %.6g (%gx the group's median)", peer, d, w,
+                     WEIGHT_CAP)
+    return _Group(peers, index, weights, reducers, [float(m.get("rate", 0.0)) for m in meta],
+                  [float(m.get("interval", 0.0)) for m in meta], mine["aggregation"])
 
 
 def chunk_spans(numel: int, codec: Codec, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
@@ -234,12 +246,16 @@ class Reduction:
     """The reducer's side of one part of one round, chunk by chunk: every member's chunk k in, chunk k's encoded
     mean out as soon as every member's chunk k is in (so means flow back while later chunks still arrive).
 
-    Deterministic: chunk k's mean is the fp32 sum over members in the group's order of weight/total x decoded
-    chunk, encoded once; every member receives the same bytes."""
+    Deterministic: chunk k's mean is the members' decoded chunks combined by `aggregation` (`core.aggregation`:
+    fp32, in the group's order; a contribution far larger than the others' is left out and its peer named in the
+    log), encoded once; every member receives the same bytes."""
 
     def __init__(self, codec: Codec, numel: int, peers: list[PeerID], weights: list[float], me: PeerID,
-                 deadline: float, pacer: UplinkPacer | None = None, chunk_bytes: int = CHUNK_BYTES):
+                 deadline: float, pacer: UplinkPacer | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 aggregation: Aggregation | None = None):
         self.codec, self.numel, self.me, self.deadline = codec, numel, me, deadline
+        self.aggregation = aggregation or Aggregation()
+        self.refused: dict[PeerID, int] = {}  # member -> chunks of its contribution left out as outliers
         self.pacer = pacer or UplinkPacer(0.0)  # the means to other members go through it
         self.peers = peers
         self.weights = dict(zip(peers, weights))
@@ -281,10 +297,15 @@ class Reduction:
                 self.means[k].set_result(mean)
 
     def _mean(self, decoded: list[torch.Tensor]) -> bytes:
-        acc = torch.zeros_like(decoded[0])
-        for p, x in zip(self.peers, decoded):  # a fixed order: the group order
-            acc += x * (self.weights[p] / self.total_weight)
-        return self.codec.encode(acc)
+        mean, refused = self.aggregation.combine(decoded, [self.weights[p] for p in self.peers])
+        for i in refused:
+            peer = self.peers[i]
+            if peer not in self.refused:
+                log.warning("refusing the contribution of peer %s to this part: its size is more than %gx the "
+                            "median of the group's (an outlier, or poisoned); the mean is of the others'",
+                            peer, self.aggregation.refuse_factor)
+            self.refused[peer] = self.refused.get(peer, 0) + 1
+        return self.codec.encode(mean)
 
     def drop(self, peer: PeerID) -> None:
         """Member `peer` gave up the round: the part fails when some of its chunks are still to come (a member
@@ -333,7 +354,7 @@ class ButterflyProtocol:
         if group.me in owner_part:
             lo, hi = owner_part[group.me]
             reduction = Reduction(codec, hi - lo, group.peers, group.weights, self.peer_id, group.chunk_deadline,
-                                  pacer, group.chunk_bytes)
+                                  pacer, group.chunk_bytes, Aggregation(group.aggregation))
         self._running_groups[group_info.group_id].set_result(reduction)
         traffic = {"sent": 0, "received": 0}
         try:
@@ -369,8 +390,10 @@ class ButterflyProtocol:
             self._drop_out(group, group_info.group_id, owner_part)
             raise
         return {"peers": len(group.peers), "weight": group.total_weight, "began": began, "ended": time.time(),
-                "setup_s": exchange_began - began,
-                "codec": codec.name, **traffic}
+                "setup_s": exchange_began - began, "codec": codec.name,
+                # the members whose contributions to our part this reducer left out (chunks each)
+                "refused": {str(p): n for p, n in reduction.refused.items()} if reduction is not None else {},
+                **traffic}
 
     async def _round_trips(self, group: _Group, owner_part: dict) -> dict[int, float]:
         """{reducer index: the kernel's RTT to it} for the reducers this peer is connected to and `ss` knows."""

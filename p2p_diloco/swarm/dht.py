@@ -1,8 +1,9 @@
 """The DHT: starting a node that dies with its parent, and the run's records in it.
 
 Keys are namespaced by run id: `{run}_config` holds the host's `RunConfig`;
-`{run}_progress` holds one `PeerProgress` per peer (subkey = peer id). Values are
-msgpack bytes, validated on read; a malformed record is logged and ignored.
+`{run}_progress` holds one `PeerProgress` per peer (subkey = peer id, the record
+signed by that peer: `signed_records`). Values are msgpack bytes, validated on
+read; a malformed record is logged and ignored.
 
 Bootstrap: a node joins through `initial_peers`, multiaddrs ending in the
 peer id of a live peer of the run. Their syntax can be checked before anything
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import tempfile
 import time
 
 import hivemind
@@ -29,6 +33,7 @@ from ..node.records import PeerProgress, RecordError, RunConfig, check_run_id
 from . import reachability
 from .addresses import likeliest_first
 from .lifetime import die_with_parent
+from .signed_records import SignedRecords
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ class DHTStartError(RuntimeError):
 def check_initial_peers(maddrs: list[str], option: str = "--initial-peers") -> list[str]:
     """Each of `maddrs` must be a multiaddr with the peer id of the peer to join through (`/p2p/<id>`, as the
     host prints it); raises BootstrapError naming the first one that is not."""
-    example = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooW... (copy it whole from what the host printed)"
+    example = "/ip4/203.0.113.5/tcp/31337/p2p/QmXyZ... (copy it whole from what the host printed)"
     for text in maddrs:
         try:
             m = Multiaddr(text)
@@ -162,17 +167,40 @@ def start_dht(initial_peers: list[str] | None = None, host_maddrs: list[str] | N
     every interface (`addresses.listen_and_announce`). A node not in client mode answers dial-backs
     (`reachability`), so that peers can learn whether they can be reached.
 
+    Records stored under a peer id are signed by that peer and checked by every node (`signed_records`): a node
+    that publishes them needs its key file, `identity_path` (created by the daemon when missing).
+
     Raises BootstrapError when it cannot join through `initial_peers`, DHTStartError when its daemon does not
     start for another reason (the daemon's own message is the exception's cause)."""
+    # without a key file of the user's, a new identity each start: its file lives only until the DHT process
+    # holds the key
+    own_keys = tempfile.mkdtemp(prefix="p2p-diloco-identity-") if identity_path is None else None
+    key_path = identity_path or os.path.join(own_keys, "identity.key")
     try:
         dht = _DHT(start=True, initial_peers=initial_peers or None,
                    host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"], announce_maddrs=announce_maddrs or None,
-                   identity_path=identity_path, client_mode=client_mode)
+                   identity_path=key_path, client_mode=client_mode, record_validators=[SignedRecords(key_path)])
+        signer = dht.run_coroutine(_load_signing_key)
     except P2PDaemonError as e:
         raise _start_failure(e, list(initial_peers or []), identity_path) from e
+    finally:
+        if own_keys:
+            shutil.rmtree(own_keys, ignore_errors=True)
+    if signer != str(dht.peer_id):
+        dht.shutdown()
+        raise DHTStartError(f"the key that signs this node's records ({signer}) is not its libp2p identity "
+                            f"({dht.peer_id})")
     if not client_mode:
         reachability.serve(dht)
     return dht
+
+
+async def _load_signing_key(dht: hivemind.DHT, node) -> str | None:
+    """In the DHT's process: load the key that signs this node's records (`SignedRecords`); its peer id."""
+    for validator in dht._record_validator._validators:
+        if isinstance(validator, SignedRecords):
+            return validator.load()
+    return None
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

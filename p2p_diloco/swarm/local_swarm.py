@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..node import attacks
 from ..node.records import RunConfig
 
 HOST_START_TIMEOUT = 60.0
@@ -70,15 +71,16 @@ class TrainerProcess:
 class LocalSwarm:
     def __init__(self, run: RunConfig, peers: int, steps: int, workdir: str | None = None,
                  data: list[str] | None = None, slow_peer_delay: float = 0.0, late_peer_after: float = 0.0,
-                 links: tuple | None = None):
+                 links: tuple | None = None, attacker: str = ""):
         """`steps`: the global step every trainer stops at; the last trainer may be slowed
-        (`slow_peer_delay` seconds of sleep per inner step) or join late (`late_peer_after` seconds).
+        (`slow_peer_delay` seconds of sleep per inner step), join late (`late_peer_after` seconds) or be
+        malicious (`attacker`: a `node.attacks` spec).
         `links`: (the host's `Link`, [each trainer's `Link`]) from `emulation.links.read_links`: every member
         then runs in a network namespace of its own behind that link, and declares its uplink rate."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
         self.links, self.net = links, None
         self.machine_of: dict[str, int] = {}  # trainers placed on a machine by `start_trainer(machine=...)`
-        self.slow_peer_delay, self.late_peer_after = slow_peer_delay, late_peer_after
+        self.slow_peer_delay, self.late_peer_after, self.attacker = slow_peer_delay, late_peer_after, attacker
         if workdir:
             os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir or tempfile.mkdtemp(prefix="p2p-diloco-swarm-")
@@ -191,7 +193,8 @@ class LocalSwarm:
     def _start(self, i: int, maddr: str) -> TrainerProcess:
         extra = ["--step-delay", str(self.slow_peer_delay)] if i == self.peers - 1 and self.slow_peer_delay else []
         wait_for = self.peers if self._late_index() is None else self.peers - 1
-        trainer = TrainerProcess(*self.start_trainer(f"peer{i}", maddr, wait_for, extra))
+        env = {attacks.ENV: self.attacker} if i == self.peers - 1 and self.attacker else None
+        trainer = TrainerProcess(*self.start_trainer(f"peer{i}", maddr, wait_for, extra, env=env))
         threading.Thread(target=trainer.read_progress, daemon=True).start()
         return trainer
 

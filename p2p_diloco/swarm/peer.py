@@ -163,7 +163,7 @@ class Peer:
         self.averager = SwarmAverager(self.dht, run.run_id, self.fragment_sizes, run.diloco.codec,
                                       round_timeout=run.round_timeout, target_group_size=run.target_group_size,
                                       uplink_mbit=self.opts.bandwidth, min_matchmaking_time=run.matchmaking_time,
-                                      client_mode=self.client_mode)
+                                      client_mode=self.client_mode, aggregation=run.diloco.aggregation)
         self.outer = StreamingDiLoCo(self.model, run.diloco, self.averager, run_id=run.run_id)
         if self.opts.threads:
             # only now: an averager process forked after set_num_threads trips torch's "Invalid thread pool"
@@ -395,6 +395,10 @@ class Peer:
             "downlink_measured_mbit": round(self.averager.meter.down / 125_000, 2),
             "uplink_declared_mbit": self.opts.bandwidth,
             "codec_rounds": dict(self.averager.codec_rounds),  # rounds averaged per codec (`--codec auto` varies)
+            # incidents: peer -> rounds in which this peer, reducing, refused its contribution as an outlier
+            "refused_contributions": dict(self.averager.refused),
+            # (fragment, round) states that a single peer published and nobody else held: passed over
+            "states_passed_over": sorted(self.outer.unbacked),
             "state_sha256": list(self.outer.digests),  # per fragment: the hash the swarm votes on
             "wall_s": round(time.time() - self.started, 2),
         }

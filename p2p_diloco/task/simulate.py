@@ -23,11 +23,15 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.aggregation import Aggregation
+from ..core.averaging import FragmentAverager, PendingAverage, RoundKey
 from ..core.codecs import get_codec
 from ..core.config import ConfigError, DiLoCoConfig
 from ..core.inner import InnerTrainer
 from ..core.local_group import LocalGroup
 from ..core.streaming import StreamingDiLoCo
+from ..node.attacks import Attack
+from ..node.attacks import parse as parse_attack
 from .data import BatchStream, Corpus
 from .model import build_model, evaluate, lm_loss, model_spec
 
@@ -57,6 +61,8 @@ class SimSettings:
     data: list[str] = field(default_factory=list)
     base: dict[str, Any] = field(default_factory=dict)  # DiLoCoConfig values shared by every method
     inner_lr: dict[str, float] = field(default_factory=dict)  # per-method inner lr overrides
+    attack: str = ""  # the last worker is malicious (`node.attacks` spec, e.g. "scale:1000"); "": nobody
+    protected: bool = True  # False: reducers neither refuse outliers nor cap weights (to measure what that is worth)
 
     def config_for(self, method: str) -> DiLoCoConfig:
         values = dict(self.base)
@@ -111,10 +117,16 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
         wire = _ring_allreduce_bytes(numel, settings.workers) * settings.steps
         result.update(wire_bytes_per_worker=wire, wire_bytes_received_per_worker=wire)
     else:
-        group = LocalGroup(settings.workers, get_codec(config.codec))
+        aggregation = Aggregation(config.aggregation) if settings.protected \
+            else Aggregation.unprotected(config.aggregation)
+        group = LocalGroup(settings.workers, get_codec(config.codec), aggregation=aggregation)
         models = [build_model(spec, config.seed) for _ in range(settings.workers)]
         trainers = [InnerTrainer(m, config, lm_loss) for m in models]
-        outer = [StreamingDiLoCo(m, config, group.member(w), run_id=f"sim-{method}") for w, m in enumerate(models)]
+        members = [group.member(w) for w in range(settings.workers)]
+        attack = parse_attack(settings.attack)
+        if attack is not None:
+            members[-1] = _Attacker(members[-1], attack)
+        outer = [StreamingDiLoCo(m, config, a, run_id=f"sim-{method}") for m, a in zip(models, members)]
 
         def global_model():
             outer[0].load_anchors_into(eval_model)
@@ -146,6 +158,7 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
             rounds_applied=outer[0].stats.applied,
             rounds_failed=outer[0].stats.failed,
             consensus=consensus,
+            parts_refused=group.refused,
         )
     result.update(
         eval_loss=evaluate(global_model(), eval_batches),
@@ -154,6 +167,16 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
         curve=curve,
     )
     return result
+
+
+class _Attacker(FragmentAverager):
+    """A member that poisons what it sends (`node.attacks`)."""
+
+    def __init__(self, member: FragmentAverager, attack: Attack):
+        self.member, self.attack = member, attack
+
+    def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
+        return self.member.begin(key, *self.attack.poison(outer_grad, weight))
 
 
 def _worker(label: str, method: str, settings: SimSettings, queue) -> None:

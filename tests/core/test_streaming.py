@@ -393,6 +393,32 @@ def test_a_worker_that_disagrees_with_the_majority_downloads_its_state():
     assert RoundReport(0, {"a" * 64: 1}).majority("b" * 64) == "a" * 64
 
 
+def test_a_newer_round_held_by_a_single_peer_is_not_adopted_until_a_second_one_holds_it():
+    """One peer publishing a round of its own making (a zeroed state) under the next round: the others pass it
+    over; an honest round has at least two holders (a group of two or more applied it)."""
+    swarm = _Swarm()
+    o, config = one_fragment_worker(swarm)
+    n = o.anchors[0].numel()
+    zeroed = AgreedState(torch.zeros(n), torch.zeros(n))
+    swarm.reports[0] = RoundReport(4, {swarm.holds(4, zeroed): 1}, voters=3)
+    anchor = o.anchors[0].clone()
+    o.sync(o.offsets[0] + 5 * 6)  # round 5 is due: the forged round 4 is passed over, round 5 averaged as held
+    assert o.base_round[0] == -1 and o.stats.recovered[0] == 0 and swarm.pending == [RoundKey("local", 0, 5)]
+    assert torch.equal(o.anchors[0], anchor) and (0, 4) in o.unbacked
+    # a joiner passes it over too, and takes the older round two peers hold
+    older = AgreedState(torch.full((n,), 0.5), torch.full((n,), 0.25))
+    swarm.reports[0] = [RoundReport(3, {swarm.holds(3, older): 2}, voters=3),
+                        RoundReport(4, {swarm.holds(4, zeroed): 1}, voters=3)]
+    joiner, _ = one_fragment_worker(swarm)
+    assert joiner.adopt_swarm_state(joiner.offsets[0] + 5 * 6) == [3]
+    assert torch.equal(joiner.anchors[0], older.anchor)
+    # the same round, another state from one peer, against this peer's own: this peer keeps its own
+    assert RoundReport(3, {"0" * 64: 1}, voters=2).agreed("f" * 64) == "f" * 64
+    assert RoundReport(3, {"0" * 64: 2}, voters=2).agreed("f" * 64) == "0" * 64
+    # the only other peer of the swarm: one voice is all there is
+    assert RoundReport(3, {"0" * 64: 1}, voters=1).agreed() == "0" * 64
+
+
 def test_a_round_not_done_yet_lets_training_go_on_until_the_next_one_is_due():
     swarm = _Swarm()
     swarm.ready = False

@@ -24,6 +24,7 @@ from p2p_diloco.swarm.local_swarm import verdict
 
 TIMEOUT = 150  # seconds for one local-swarm run (a busy 2-core machine included)
 STEPS = 200
+EVAL_LOSS_TRAINED = 4.0  # the tiny model after STEPS steps is near 3.1 (the untrained one: ln 256 = 5.5)
 ESCAPES = re.compile(rb"\x1b\[|\r")
 
 
@@ -213,6 +214,26 @@ def test_peers_of_different_speeds_outlive_their_host(run):
         assert p["inner_steps"] >= 0.8 * p["global_step"], r.text()
     assert re.search(rb"^host died \(SIGKILL\); the trainers go on", r.err, re.M), r.text()
     assert_plain_output(r, 3)
+
+
+def test_a_peer_sending_its_outer_gradients_x1000_is_refused_by_the_reducers_and_the_run_ends_in_consensus(run):
+    """A malicious peer built on our code (`--attacker scale:1000`): every honest reducer leaves its contribution
+    out and names it; all three end holding the same model, which trained (the attacker applies the same means)."""
+    r = run(3, "--attacker", "scale:1000")
+    report = r.finish()
+    assert r.proc.returncode == 0, r.text()
+    assert_finishers_agree(report, ["peer0", "peer1", "peer2"])
+    peers = {p["name"]: p for p in report["peers"]}
+    attacker = peers["peer2"]["peer_id"]
+    for name in ("peer0", "peer1"):
+        refused = peers[name]["refused_contributions"]
+        assert set(refused) == {attacker} and refused[attacker] >= 2, (name, refused, r.text())
+    # nobody honest is ever an outlier (the attacker, reducing its own part with our code, refuses only itself)
+    assert set(peers["peer2"]["refused_contributions"]) <= {attacker}
+    for p in peers.values():
+        assert p["eval_loss"] < EVAL_LOSS_TRAINED, (p["name"], p["eval_loss"])
+    assert b"ATTACK armed" in (r.workdir / "peer2.log").read_bytes()
+    assert re.search(rf"refusing the contribution of peer {attacker}".encode(), (r.workdir / "peer0.log").read_bytes())
 
 
 def _report(finished: list[tuple[str, str]], crashed: list[str], problems=(), trainers: int = 3,

@@ -113,16 +113,17 @@ def test_two_peers_average_exactly_in_fp32(dhts):
 
 
 def test_malformed_dht_records_are_ignored_with_a_warning(dhts, caplog):
-    (dht,) = dhts(1)
-    good = PeerProgress("peerA", 10, [1], 5.0, 1, 2, 3.0)
+    """Records signed by their own peers (`signed_records`), but malformed or naming another peer."""
+    a, b, c = dhts(3)
+    good = PeerProgress(str(a.peer_id), 10, [1], 5.0, 1, 2, 3.0)
     exp = get_dht_time() + 60
-    dht.store("r_progress", good.encode(), expiration_time=exp, subkey="peerA")
-    dht.store("r_progress", b"\xc1garbage", expiration_time=exp, subkey="peerB")
-    dht.store("r_progress", PeerProgress("peerX", 1, [0]).encode(), expiration_time=exp, subkey="peerC")
+    a.store("r_progress", good.encode(), expiration_time=exp, subkey=str(a.peer_id))
+    b.store("r_progress", b"\xc1garbage", expiration_time=exp, subkey=str(b.peer_id))
+    c.store("r_progress", PeerProgress("peerX", 1, [0]).encode(), expiration_time=exp, subkey=str(c.peer_id))
     with caplog.at_level(logging.WARNING):
-        assert fetch_progress(dht, "r") == [good]
-    assert "peerB" in caplog.text and "not valid msgpack" in caplog.text
-    assert "stored under 'peerC'" in caplog.text
+        assert fetch_progress(a, "r") == [good]
+    assert str(b.peer_id) in caplog.text and "not valid msgpack" in caplog.text
+    assert f"stored under '{c.peer_id}'" in caplog.text
 
 
 def test_a_config_of_another_protocol_version_is_refused(dhts):
@@ -202,7 +203,7 @@ def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts):
         assert torch.equal(fetched.result(timeout=60).anchor, anchor)
         # only peers known to be training count: a dead peer's record is neither the swarm's state nor a donor
         avs[2].live_peers = {avs[1].peer_id}
-        assert avs[2].latest_agreed(0, 10) == RoundReport(4, {digest: 1})
+        assert avs[2].latest_agreed(0, 10) == RoundReport(4, {digest: 1}, voters=1)
         avs[2].live_peers = set()
         assert avs[2].latest_agreed(0, 10) is None
         # the end of a run: a peer lingers until every live peer holds the last round (its own state: nobody
@@ -228,6 +229,16 @@ def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts):
         avs[0].averagers[0].served[1][0].add_(1.0)
         avs[1].averagers[0].served[1][0].add_(1.0)
         assert avs[2].recover(key) is None
+        # one peer alone publishing a round of its own making (a zeroed state, say) is not agreed: nobody serves
+        # it as the swarm's state
+        forged = RoundKey("run1", 0, 6)
+        avs[0].applied(forged, torch.zeros(3000), torch.zeros(3000), state_hash(torch.zeros(3000), torch.zeros(3000)))
+        deadline = time.monotonic() + 10
+        while (report := avs[2].latest_agreed(0, 10)).round != 6:
+            assert time.monotonic() < deadline, "the forged record never showed"
+            time.sleep(0.1)
+        assert report.round == 6 and report.voters == 2 and report.agreed() is None
+        assert avs[2].recover(forged) is None
     finally:
         for av in avs:
             av.shutdown()
