@@ -8,7 +8,8 @@ with each aggregation rule (`core.aggregation`: mean, clip, trimmed, all with re
 
     python scripts/bench_poisoning.py --steps 1200 --json results/bench_poisoning.json
 
-Prints a table and writes the JSON (settings, and per run: eval loss, parts refused, rounds failed, curve).
+Prints a table and writes the JSON (settings, and per run: eval loss, parts refused, rounds failed, curve; or
+the error that ended a run, e.g. a model that diverged).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ RUNS = [("", "mean", True), ("", "clip", True), ("", "trimmed", True),
         ("scale:1000", "mean", False), ("scale:1000", "mean", True), ("scale:1000", "clip", True),
         ("scale:1000", "trimmed", True),
         ("flip", "mean", False), ("flip", "clip", True), ("flip", "trimmed", True),
+        ("", "winsorized", True), ("scale:1000", "winsorized", True), ("flip", "winsorized", True),
         ("weight:1e9", "mean", False), ("weight:1e9", "mean", True)]
 
 
@@ -55,11 +57,14 @@ def main() -> int:
                                    inner_lr=dict(sim.DEFAULT_INNER_LR), attack=attack, protected=protected)
         runs.append((name, "streaming_diloco", settings))
     start = time.time()
-    results = sim._run_all(runs, args.jobs)
+    results = sim._run_all(runs, args.jobs, keep_failures=True)
     clean = results.get("clean/mean", {}).get("eval_loss")
     print(f"\n{'run':>24} {'eval loss':>9} {'vs clean/mean':>13} {'parts refused (per member)':>28}")
     for name, _, _ in runs:
         r = results[name]
+        if "error" in r:
+            print(f"{name:>24} {'failed':>9} {'':>13} {r['error'][:200]}")
+            continue
         vs = f"{100 * (r['eval_loss'] / clean - 1):+.2f}%" if clean else "-"
         print(f"{name:>24} {r['eval_loss']:9.4f} {vs:>13} {str(r['parts_refused']):>28}")
     if args.json_path:

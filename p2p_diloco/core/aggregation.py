@@ -13,8 +13,9 @@ function of what the reducer holds (so anyone holding the same contributions get
 * **The rule** (a run option, `DiLoCoConfig.aggregation`): `mean`, the weighted mean; `clip`, each
   contribution first scaled down to at most CLIP_FACTOR times the reference RMS; `trimmed`, per coordinate the
   `trimmed_count(n)` highest and lowest values left out, the weighted mean of the rest (a sign-flipped or
-  scaled coordinate lands at an end and is dropped). Measured on the embedded task: `scripts/bench_poisoning.py`
-  and the README.
+  scaled coordinate lands at an end and is dropped); `winsorized`, the same ends clamped to the nearest kept
+  value instead of dropped (every contribution still counts, none beyond the others' range). Measured on the
+  embedded task: `scripts/bench_poisoning.py` and the README.
 
 Order is fixed (the members' order as given) and the sums are fp32: the result is bit-identical wherever it
 is recomputed.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-AGGREGATIONS = ("mean", "clip", "trimmed")
+AGGREGATIONS = ("mean", "clip", "trimmed", "winsorized")
 WEIGHT_CAP = 4.0  # a member's weight counts at most this many times the group's median weight
 REFUSE_FACTOR = 16.0  # a contribution whose RMS is more than this times the reference is left out
 CLIP_FACTOR = 2.0  # `clip`: a contribution's RMS is scaled down to at most this times the reference
@@ -85,13 +86,13 @@ class Aggregation:
         if self.rule == "clip" and reference > 0:
             bound = self.clip_factor * reference
             xs = [x * (bound / sizes[i]) if sizes[i] > bound else x for x, i in zip(xs, kept)]
-        if self.rule == "trimmed" and (b := trimmed_count(len(xs))) > 0:
-            stacked = torch.stack(xs)
-            order = torch.sort(stacked, dim=0, stable=True)
+        if self.rule in ("trimmed", "winsorized") and (b := trimmed_count(len(xs))) > 0:
+            order = torch.sort(torch.stack(xs), dim=0, stable=True)
             w = torch.tensor(ws, dtype=torch.float32)[order.indices]
+            rows = range(b, len(xs) - b) if self.rule == "trimmed" else range(len(xs))
             acc, total = torch.zeros_like(xs[0]), torch.zeros_like(xs[0])
-            for row in range(b, len(xs) - b):  # a fixed order: from the lowest kept value up
-                acc += order.values[row] * w[row]
+            for row in rows:  # a fixed order: from the lowest value up
+                acc += order.values[min(max(row, b), len(xs) - b - 1)] * w[row]
                 total += w[row]
             return acc / total, refused
         total = sum(ws)

@@ -92,6 +92,8 @@ def _load(path: str) -> dict:
         raise LinksError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise LinksError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise LinksError(f"{path}: not valid TOML: not UTF-8 text (byte {e.start})") from None
 
 
 def _peer_tables(path: str, entries, peers: int) -> list[Link]:

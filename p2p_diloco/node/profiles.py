@@ -29,6 +29,8 @@ def load_profile(ctx: click.Context, param: click.Parameter, path: str | None) -
         raise click.BadParameter(f"cannot read {path}: {e.strerror}", ctx, param) from None
     except tomllib.TOMLDecodeError as e:
         raise click.BadParameter(f"{path} is not valid TOML: {e}", ctx, param) from None
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{path} is not valid TOML: not UTF-8 text (byte {e.start})", ctx, param) from None
     command = ctx.command.name
     role = data.pop("role", None)
     if role is not None and role != command:

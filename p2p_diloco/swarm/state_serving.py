@@ -30,12 +30,15 @@ from ..node.failpoints import reached
 log = logging.getLogger(__name__)
 
 HASHES_TTL = 3600.0
+STATE_OVERHEAD_BYTES = 64 * 1024  # what a state's download may carry besides its two tensors' values
+MAX_STATE_METADATA_BYTES = 4096
 
 
 class StateServing:
     """The state half of `CodecAverager` (a mixin of a hivemind `DecentralizedAverager`)."""
 
     served: tuple[dict, list[torch.Tensor]] | None = None  # set in the peer's main process
+    numel: int  # the fragment's size
 
     def get_current_state(self):
         """Called in the peer's main process when another peer downloads this fragment's state."""
@@ -58,11 +61,19 @@ class StateServing:
                 tensors.append(deserialize_torch_tensor(combine_from_streaming(current)))
                 current.clear()
 
+            # a state is two fp32 tensors of the fragment's size: a donor that sends more is cut off before it is
+            # held in memory (a stalled one by `timeout` between two messages)
+            limit, received = 2 * 4 * self.numel + STATE_OVERHEAD_BYTES, 0
             async for msg in aiter_with_timeout(stream, timeout=timeout):
+                received += len(msg.tensor_part.buffer) + len(msg.metadata)
+                if received > limit or len(msg.metadata) > MAX_STATE_METADATA_BYTES:
+                    raise ConnectionError(f"the donor sent more than the {limit} bytes of this fragment's state")
                 if msg.metadata:
                     metadata = msg.metadata
                 if msg.tensor_part.dtype and current:  # a dtype marks the first chunk of the next tensor
                     take()
+                    if len(tensors) >= 2:
+                        raise ConnectionError("the donor sent more than the two tensors of a state")
                 current.append(msg.tensor_part)
             if current:
                 take()

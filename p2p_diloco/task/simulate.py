@@ -245,8 +245,9 @@ class _Progress:
             b.close()
 
 
-def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int) -> dict[str, dict]:
-    """Run (label, method, settings) jobs in `jobs` processes, with their progress (`_Progress`)."""
+def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int, keep_failures: bool = False) -> dict[str, dict]:
+    """Run (label, method, settings) jobs in `jobs` processes, with their progress (`_Progress`). A failed job
+    raises SimulationFailed once all are done; with `keep_failures` it is in the results as {"error": why}."""
     for _, method, settings in runs:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -287,9 +288,9 @@ def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int) -> dict[str, d
         for p in running.values():
             p.kill()
         progress.close()
-    if errors:
+    if errors and not keep_failures:
         raise SimulationFailed("; ".join(f"{label}: {e}" for label, e in errors.items()))
-    return results
+    return {**results, **{label: {"error": e} for label, e in errors.items()}}
 
 
 def simulate(methods: list[str], settings: SimSettings, jobs: int) -> dict:

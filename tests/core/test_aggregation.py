@@ -68,7 +68,7 @@ def test_clip_scales_a_large_contribution_down_to_twice_the_median_size():
     assert torch.equal(Aggregation("clip").combine(xs, [1.0] * 5)[0], Aggregation().combine(xs, [1.0] * 5)[0])
 
 
-def test_trimmed_drops_the_extremes_of_every_coordinate_and_three_members_give_the_median():
+def test_trimmed_drops_the_extremes_of_every_coordinate_and_three_members_give_the_median_winsorized_clamps():
     assert [trimmed_count(n) for n in (1, 2, 3, 4, 5, 6, 10, 11)] == [0, 0, 1, 1, 1, 2, 2, 3]
     xs = _honest(5)
     flipped = xs[:4] + [-xs[4] * 3]  # sign-flipped and tripled: at one end of most coordinates
@@ -80,6 +80,11 @@ def test_trimmed_drops_the_extremes_of_every_coordinate_and_three_members_give_t
     three = [torch.tensor([1.0, 5.0, -2.0]), torch.tensor([2.0, 0.0, 9.0]), torch.tensor([3.0, 1.0, 0.0])]
     median, _ = Aggregation("trimmed").combine(three, [1.0, 7.0, 3.0])
     assert torch.equal(median, torch.tensor([2.0, 1.0, 0.0]))
+    # winsorized: the ends clamped to the nearest kept value, every weight still counts
+    clamped, _ = Aggregation("winsorized").combine(three, [1.0, 1.0, 2.0])
+    assert torch.allclose(clamped, torch.tensor([(2 + 2 + 2 * 2) / 4, (1 + 1 + 2 * 1) / 4, (0 + 0 + 2 * 0) / 4]))
+    winsorized, _ = Aggregation("winsorized").combine(flipped, [1.0] * 5)
+    assert rms(winsorized - honest_mean) < rms(plain - honest_mean)
 
 
 def test_combining_is_deterministic():
@@ -101,7 +106,7 @@ def test_weights_are_capped_at_four_times_the_median():
 def test_the_run_config_names_its_aggregation():
     assert DiLoCoConfig().aggregation == "mean"
     assert DiLoCoConfig(aggregation="trimmed").to_dict()["aggregation"] == "trimmed"
-    with pytest.raises(ConfigError, match="aggregation='median'.*mean, clip, trimmed"):
+    with pytest.raises(ConfigError, match="aggregation='median'.*mean, clip, trimmed, winsorized"):
         DiLoCoConfig(aggregation="median")
 
 

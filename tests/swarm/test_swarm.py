@@ -186,7 +186,7 @@ def test_a_member_that_never_sends_its_part_fails_the_round_within_seconds(dhts,
     assert all(t < chunk_deadline([0.0] * 3, 3) for _, t in errors[:2]), errors
 
 
-def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts):
+def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts, caplog):
     a, b, c = dhts(3)
     avs = [SwarmAverager(d, "run1", [3000], "fp4", round_timeout=10) for d in (a, b, c)]
     try:
@@ -228,7 +228,16 @@ def test_a_peer_that_missed_a_round_adopts_the_majority_state(dhts):
         # a donor whose state changed since it published the hash is not trusted
         avs[0].averagers[0].served[1][0].add_(1.0)
         avs[1].averagers[0].served[1][0].add_(1.0)
-        assert avs[2].recover(key) is None
+        with caplog.at_level(logging.WARNING):
+            assert avs[2].recover(key, digest) is None
+        assert "does not match the agreed hash" in caplog.text
+        # a donor streaming more than a state of the fragment takes is cut off before it is held in memory
+        for av in avs[:2]:
+            meta, _ = av.averagers[0].served
+            av.averagers[0].served = (meta, [torch.zeros(3000 * 50), torch.zeros(3000 * 50)])
+        with caplog.at_level(logging.WARNING):
+            assert avs[2].recover(key, digest) is None
+        assert "sent more than the 89536 bytes of this fragment's state" in caplog.text
         # one peer alone publishing a round of its own making (a zeroed state, say) is not agreed: nobody serves
         # it as the swarm's state
         forged = RoundKey("run1", 0, 6)
