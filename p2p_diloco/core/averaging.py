@@ -77,11 +77,13 @@ class RoundReport:
         and makes nobody adopt it."""
         return min(ADOPT_QUORUM, self.voters if self.voters is not None else sum(self.digests.values()))
 
-    def agreed(self, own: str | None = None) -> str | None:
+    def agreed(self, own: str | None = None, quorum: int | None = None) -> str | None:
         """The state to hold for this round: the majority (this peer's `own` vote included) when it is `own` or
-        has a quorum; else `own` (None when this peer holds no state of this round)."""
+        has a quorum (`quorum`, else `self.quorum()`); else `own` (None when this peer holds no state of this
+        round)."""
         winner = self.majority(own)
-        return winner if winner == own or self.digests.get(winner, 0) >= self.quorum() else own
+        needed = self.quorum() if quorum is None else quorum
+        return winner if winner == own or self.digests.get(winner, 0) >= needed else own
 
     def majority(self, own: str | None = None) -> str:
         """The swarm's state for this round, this peer's own vote included; ties go to the smallest hash."""

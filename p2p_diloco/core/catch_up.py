@@ -103,7 +103,7 @@ class CatchUp:
                 return False
             own = self.digests[k]
             resync = report.round == self.base_round[k]
-            digest = report.agreed(own if resync else None)
+            digest = report.agreed(own if resync else None, self._quorum(report))
             if digest == own:
                 return False
             if resync:
@@ -121,7 +121,8 @@ class CatchUp:
         once), and the one before it considered."""
         report = self.averager.latest_agreed(k, upto)
         while report is not None and report.round >= self.base_round[k]:
-            if report.agreed(self.digests[k] if report.round == self.base_round[k] else None) is not None:
+            own = self.digests[k] if report.round == self.base_round[k] else None
+            if report.agreed(own, self._quorum(report)) is not None:
                 return report
             if (k, report.round) not in self.unbacked:
                 self.unbacked.add((k, report.round))
@@ -130,6 +131,14 @@ class CatchUp:
                             max(report.digests.values(), default=0), report.quorum())
             report = self.averager.latest_agreed(k, report.round - 1)
         return report
+
+    def _quorum(self, report: RoundReport) -> int:
+        """Holders a state other than ours needs: `report.quorum()` mid-run; one at the end of a run
+        (`reconcile`). A round can end applied on one member and failed on the other (a reply lost): mid-run the
+        next round repairs that, but at the end the one holder is all there is, and without adopting its state
+        the swarm ends apart (measured: the slow-peer local swarm ended with three states). So a forger's
+        single voice is still heard at the very end; admission (run tokens) is what closes that."""
+        return 1 if self.reconciling else report.quorum()
 
     def _finish_fetch(self, k: int, wait: float | None) -> str:
         """"adopted", "failed" (nobody could hand it over, or it did not check out) or "pending"."""
@@ -170,7 +179,7 @@ class CatchUp:
                     break
                 while report is not None:
                     key = RoundKey(self.run_id, k, report.round)
-                    if self._adopt_agreed_state(k, key, report.agreed(), count=False):
+                    if self._adopt_agreed_state(k, key, report.agreed(None, self._quorum(report)), count=False):
                         break
                     # nobody could serve that round (its holders died): an older agreed state, if one is held
                     report = self._agreed_report(k, report.round - 1)
@@ -217,5 +226,9 @@ class CatchUp:
         A round can end applied on some peers and failed on others (a reply lost on
         the way); mid-run the next round repairs that, at the end this does.
         """
-        for k in range(len(self.fragments)):
-            self._catch_up(k, 1 << 62, wait=None)
+        self.reconciling = True
+        try:
+            for k in range(len(self.fragments)):
+                self._catch_up(k, 1 << 62, wait=None)
+        finally:
+            self.reconciling = False

@@ -91,6 +91,7 @@ class StreamingDiLoCo(CatchUp):
         self.in_flight: dict[int, _InFlight] = {}
         self.fetching: dict[int, StateFetch] = {}  # the swarm's state of these fragments is downloading
         self.unbacked: set[tuple[int, int]] = set()  # (fragment, round) whose state too few peers held (logged)
+        self.reconciling = False  # the end of a run: one holder of a newer state is enough (`CatchUp._quorum`)
         self.stats = RoundStats.empty(len(self.fragments))
 
     # -- schedule ---------------------------------------------------------

@@ -417,6 +417,13 @@ def test_a_newer_round_held_by_a_single_peer_is_not_adopted_until_a_second_one_h
     assert RoundReport(3, {"0" * 64: 2}, voters=2).agreed("f" * 64) == "0" * 64
     # the only other peer of the swarm: one voice is all there is
     assert RoundReport(3, {"0" * 64: 1}, voters=1).agreed() == "0" * 64
+    # at the very end of a run (reconcile) one holder is enough: a round applied on one member and failed on the
+    # other has no other holder, and the swarm would end apart
+    o.finish_in_flight()
+    assert o.base_round[0] == 5
+    swarm.reports[0] = RoundReport(6, {swarm.holds(6, zeroed): 1}, voters=3)
+    o.reconcile()
+    assert o.base_round[0] == 6 and torch.equal(o.anchors[0], zeroed.anchor) and not o.reconciling
 
 
 def test_a_round_not_done_yet_lets_training_go_on_until_the_next_one_is_due():

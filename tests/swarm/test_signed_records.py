@@ -7,14 +7,13 @@ import time
 
 import hivemind
 import msgpack
-import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 from p2p_diloco.node.records import PeerProgress
-from p2p_diloco.swarm.dht import fetch_progress, publish_progress, start_dht, visible_maddrs
+from p2p_diloco.swarm.dht import fetch_progress, publish_progress, visible_maddrs
 from p2p_diloco.swarm.signed_records import SignedRecords, load_identity, peer_id_of
 
 
@@ -25,28 +24,12 @@ def _until(predicate, timeout: float = 10.0, what: str = "") -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def nodes():
-    started = []
-
-    def make(n: int):
-        first = start_dht()
-        started.append(first)
-        for _ in range(n - 1):
-            started.append(start_dht(visible_maddrs(first)))
-        return started[-n:]
-
-    yield make
-    for d in started:
-        d.shutdown()
-
-
 def _steps(dht, run="r") -> dict[str, int]:
     return {p.peer_id: p.step for p in fetch_progress(dht, run)}
 
 
-def test_only_the_peer_a_record_names_can_publish_it(nodes):
-    a, b = nodes(2)
+def test_only_the_peer_a_record_names_can_publish_it(dhts):
+    a, b = dhts(2)
     me, other = str(a.peer_id), str(b.peer_id)
     publish_progress(a, "r", PeerProgress(me, 5))
     _until(lambda: _steps(b, "r").get(me) == 5, what="a's own signed record never showed")
@@ -57,8 +40,8 @@ def test_only_the_peer_a_record_names_can_publish_it(nodes):
     assert _steps(a, "r")[me] == 5 and _steps(b, "r")[me] == 5
 
 
-def test_a_stock_hivemind_node_cannot_plant_an_unsigned_record_under_a_peer_id(nodes):
-    a, b = nodes(2)
+def test_a_stock_hivemind_node_cannot_plant_an_unsigned_record_under_a_peer_id(dhts):
+    a, b = dhts(2)
     me = str(a.peer_id)
     publish_progress(a, "r", PeerProgress(me, 5))
     _until(lambda: _steps(b, "r").get(me) == 5, what="a's record never showed")

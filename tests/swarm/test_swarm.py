@@ -20,25 +20,9 @@ from p2p_diloco.node.failpoints import ENV as FAILPOINT
 from p2p_diloco.node.records import PeerProgress, RecordError, RunConfig
 from p2p_diloco.swarm.averager import SwarmAverager
 from p2p_diloco.swarm.butterfly import MEMBER_CONNECT_S, chunk_deadline
-from p2p_diloco.swarm.dht import fetch_progress, fetch_run_config, publish_run_config, start_dht, visible_maddrs
+from p2p_diloco.swarm.dht import fetch_progress, fetch_run_config, publish_run_config, visible_maddrs
 from p2p_diloco.task.model import model_spec
 from processes import p2pd_pids
-
-
-@pytest.fixture
-def dhts():
-    started = []
-
-    def make(n: int):
-        first = start_dht()
-        started.append(first)
-        for _ in range(n - 1):
-            started.append(start_dht(visible_maddrs(first)))
-        return started[-n:]
-
-    yield make
-    for d in started:
-        d.shutdown()
 
 
 def run_local_swarm(tmp_path, *args: str, timeout: float = 170) -> dict:
