@@ -34,12 +34,12 @@ def diloco_options(f):
         click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9]."),
         click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100]."),
         click.option("--aggregation", default=None,
-                     type=click.Choice(["mean", "clip", "trimmed", "winsorized"]),
+                     type=click.Choice(["mean", "clip", "trimmed", "winsorized", "centered"]),
                      help="How a reducer combines the members' outer gradients: mean (weighted), clip (each first "
                           "scaled to at most 2x the median size), trimmed (per value, the highest and lowest fifth "
-                          "left out) or winsorized (clamped to the others' range); outliers over 16x the median "
-                          "size are refused and weights capped at 4x the median in every case (README: Public "
-                          "runs) [default: mean]."),
+                          "left out), winsorized (clamped to the others' range) or centered (a centered clip "
+                          "around the median); outliers over 16x the median size are refused and weights capped "
+                          "at 4x the median in every case (README: Public runs) [default: mean]."),
     ]):
         f = decorator(f)
     return f

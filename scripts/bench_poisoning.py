@@ -31,6 +31,7 @@ RUNS = [("", "mean", True), ("", "clip", True), ("", "trimmed", True),
         ("scale:1000", "trimmed", True),
         ("flip", "mean", False), ("flip", "clip", True), ("flip", "trimmed", True),
         ("", "winsorized", True), ("scale:1000", "winsorized", True), ("flip", "winsorized", True),
+        ("", "centered", True), ("scale:1000", "centered", True), ("flip", "centered", True),
         ("weight:1e9", "mean", False), ("weight:1e9", "mean", True)]
 
 
@@ -47,6 +48,10 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma list of run labels (e.g. clean/mean,flip/trimmed)")
     ap.add_argument("--json", dest="json_path", default=None)
     args = ap.parse_args()
+    labels = [label(*r) for r in RUNS]
+    unknown = [name for name in args.only.split(",") if args.only and name not in labels]
+    if unknown:
+        ap.error(f"--only: unknown run(s) {', '.join(unknown)}; known: {', '.join(labels)}")
     runs = []
     for attack, aggregation, protected in RUNS:
         name = label(attack, aggregation, protected)

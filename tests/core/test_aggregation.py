@@ -85,6 +85,11 @@ def test_trimmed_drops_the_extremes_of_every_coordinate_and_three_members_give_t
     assert torch.allclose(clamped, torch.tensor([(2 + 2 + 2 * 2) / 4, (1 + 1 + 2 * 1) / 4, (0 + 0 + 2 * 0) / 4]))
     winsorized, _ = Aggregation("winsorized").combine(flipped, [1.0] * 5)
     assert rms(winsorized - honest_mean) < rms(plain - honest_mean)
+    # centered clip: a far-off contribution pulls no harder than a typical one
+    centered, _ = Aggregation("centered").combine(flipped, [1.0] * 5)
+    assert rms(centered - honest_mean) < 0.5 * rms(plain - honest_mean)
+    same = [torch.full((8,), 2.0)] * 4
+    assert torch.equal(Aggregation("centered").combine(same, [1.0] * 4)[0], torch.full((8,), 2.0))
 
 
 def test_combining_is_deterministic():
@@ -106,7 +111,7 @@ def test_weights_are_capped_at_four_times_the_median():
 def test_the_run_config_names_its_aggregation():
     assert DiLoCoConfig().aggregation == "mean"
     assert DiLoCoConfig(aggregation="trimmed").to_dict()["aggregation"] == "trimmed"
-    with pytest.raises(ConfigError, match="aggregation='median'.*mean, clip, trimmed, winsorized"):
+    with pytest.raises(ConfigError, match="aggregation='median'.*mean, clip, trimmed, winsorized, centered"):
         DiLoCoConfig(aggregation="median")
 
 
