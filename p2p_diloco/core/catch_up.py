@@ -17,6 +17,7 @@ lock itself out of rounds.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .averaging import AveragingFailed, RoundKey, RoundReport
 log = logging.getLogger(__name__)
 
 JOIN_ATTEMPTS = 5
+JOIN_BACKING_POLL_S = 0.25  # a joiner re-reads the records this often while a newest round gains its second holder
 
 
 CATCH_UP_WAIT_S = 1.0  # a round start waits this long for the swarm's state; then it sits the round out
@@ -160,7 +162,7 @@ class CatchUp:
             log.warning("fragment %d caught up to the swarm's round %d", k, fetch.key.round)
         return "adopted"
 
-    def adopt_swarm_state(self, step: int) -> list[int | None]:
+    def adopt_swarm_state(self, step: int, backing_wait_s: float = 0.0) -> list[int | None]:
         """A joiner at global step `step`: take every fragment's latest agreed state from the swarm.
 
         Anchors and momenta come from the swarm (verified by the averager); the
@@ -168,12 +170,14 @@ class CatchUp:
         round (its holders died), an older agreed round is taken; the catch-up at
         the next round brings the fragment forward. Returns the round each fragment
         now holds (None: the swarm reports none, the fragment stays at the run's seed).
+        A newest round held by one peer only is waited for up to `backing_wait_s` seconds
+        (`_backed_report`) before an older one is taken.
         """
         held: list[int | None] = []
         for k in range(len(self.fragments)):
             for attempt in range(JOIN_ATTEMPTS):  # the donors may move on to the next round meanwhile
                 latest = self.schedule.latest_round(k, step)
-                report = self._agreed_report(k, latest + attempt) if latest is not None else None
+                report = self._backed_report(k, latest + attempt, backing_wait_s) if latest is not None else None
                 if report is None and attempt == 0:
                     held.append(None)
                     break
@@ -191,6 +195,21 @@ class CatchUp:
                 raise AveragingFailed(f"could not download the swarm's state of fragment {k} "
                                       f"in {JOIN_ATTEMPTS} attempts")
         return held
+
+    def _backed_report(self, k: int, upto: int, wait_s: float) -> RoundReport | None:
+        """`_agreed_report`, waiting up to `wait_s` seconds while a newer round than the one it returns is held
+        by too few peers: the members of a round's group publish their state hashes moments apart, so a joiner
+        that reads them in between sees the round with one holder (measured: CI's loaded machine left a late
+        joiner at the seed of one fragment that way); a member that failed the round catches up at its next
+        round. Past `wait_s` the older agreed round (or None) is what there is."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            report = self._agreed_report(k, upto)
+            newest = self.averager.latest_agreed(k, upto)
+            if newest is None or report is not None and report.round >= newest.round \
+                    or time.monotonic() >= deadline:
+                return report
+            time.sleep(min(JOIN_BACKING_POLL_S, max(0.0, deadline - time.monotonic())))
 
     def _adopt_agreed_state(self, k: int, key: RoundKey, digest: str | None = None, count: bool = True) -> bool:
         """Download `key`'s state (hashing to `digest`) and adopt it, waiting for it (a joiner's start)."""

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 1.0
 TRAINER_NICENESS = 5
 START_MARGIN_S = 2.0  # peers that wait for each other start this long after the last one arrived
+JOIN_BACKING_WAIT_S = 5.0  # a joiner waits this long at most for a newest round's second holder to publish
 FINAL_LINGER_S = 3.0  # after a run's last rounds, at most: time for the others to publish their last hashes
 # then, at most, time to serve this peer's state to those whose last round failed (over a slow link a fragment's
 # state takes seconds); both end as soon as every live peer holds this peer's state, and both wait a round timeout
@@ -499,7 +500,7 @@ def _join(outer: StreamingDiLoCo, clock: SwarmClock, swarm: list[ClockReading], 
     if not swarm:
         return {"rounds_held": [], "step": int(clock.global_step(time.time()))}
     step = clock.observe(swarm, time.time(), joining=True)
-    held = list(outer.base_round) if resumed else outer.adopt_swarm_state(step)
+    held = list(outer.base_round) if resumed else outer.adopt_swarm_state(step, JOIN_BACKING_WAIT_S)
     return {"rounds_held": held, "step": step}
 
 

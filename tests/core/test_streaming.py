@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -424,6 +425,28 @@ def test_a_newer_round_held_by_a_single_peer_is_not_adopted_until_a_second_one_h
     swarm.reports[0] = RoundReport(6, {swarm.holds(6, zeroed): 1}, voters=3)
     o.reconcile()
     assert o.base_round[0] == 6 and torch.equal(o.anchors[0], zeroed.anchor) and not o.reconciling
+
+
+def test_a_joiner_waits_a_moment_for_the_newest_round_s_second_holder():
+    """The members of a round's group publish their hashes moments apart: a joiner reading them in between sees
+    the newest round with one holder. It waits (up to `backing_wait_s`) for the second rather than starting a
+    fragment from an older round or the seed."""
+    swarm = _Swarm()
+    o, _ = one_fragment_worker(swarm)
+    n = o.anchors[0].numel()
+    newest = AgreedState(torch.full((n,), 0.5), torch.full((n,), 0.25))
+    digest = swarm.holds(4, newest)
+    swarm.reports[0] = RoundReport(4, {digest: 1}, voters=2)  # the other member still holds round 3, unpublished
+    threading.Timer(0.3, lambda: swarm.reports.update({0: RoundReport(4, {digest: 2}, voters=2)})).start()
+    began = time.monotonic()
+    assert o.adopt_swarm_state(o.offsets[0] + 5 * 6, backing_wait_s=5.0) == [4]
+    assert time.monotonic() - began < 2 and torch.equal(o.anchors[0], newest.anchor)
+    # never backed: after the wait, what there is (here nothing agreed: the fragment stays at the seed)
+    swarm.reports[0] = RoundReport(4, {digest: 1}, voters=2)
+    joiner, _ = one_fragment_worker(swarm)
+    began = time.monotonic()
+    assert joiner.adopt_swarm_state(joiner.offsets[0] + 5 * 6, backing_wait_s=0.5) == [None]
+    assert 0.5 <= time.monotonic() - began < 2
 
 
 def test_a_round_not_done_yet_lets_training_go_on_until_the_next_one_is_due():
