@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -227,11 +228,15 @@ def run_options(f):
 @network_options(HOST_PORT, "peers of other machines connect here: open it in the firewall.")
 @click.option("--identity", "identity_path", default=None, help="Key file: keeps the peer id (and address) "
               "across restarts; created if missing.")
+@click.option("--run-key", "run_key_path", default=None, help="Make the run admission-only: this Ed25519 key file "
+              "(created if missing; keep it secret) signs the run config and the join tokens that `p2p-diloco admit` "
+              "issues [default: no key; the run admits anyone who reaches its DHT].")
 @click.option("--run-config", "run_config_path", default=None, hidden=True, help="A msgpack RunConfig (local-swarm).")
 @click.option("--maddrs-file", default=None, hidden=True, help="Write the visible addresses here (local-swarm).")
 def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size, matchmaking_time,
          total_steps,
-         initial_peers, port, host_maddrs, announce_maddrs, identity_path, run_config_path, maddrs_file, **diloco):
+         initial_peers, port, host_maddrs, announce_maddrs, identity_path, run_key_path, run_config_path, maddrs_file,
+         **diloco):
     """Bootstrap DHT node for a run: publishes the run config and stays up until Ctrl-C."""
     from .node.records import RecordError, RunConfig
     from .swarm.dht import BootstrapError, DHTStartError
@@ -246,6 +251,18 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
     else:
         run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout,
                           target_group_size, matchmaking_time, None, _pop_diloco(diloco))
+    signed = None
+    if run_key_path is not None:
+        from .node.admission import AdmissionError, RunKey, sign_run_config
+
+        try:
+            key, created = RunKey.load_or_create(run_key_path)
+        except AdmissionError as e:
+            raise click.UsageError(str(e)) from None
+        if created:
+            click.echo(f"created the run key {run_key_path}: keep it secret; it admits peers to this run", err=True)
+        run = dataclasses.replace(run, run_key=key.public.hex())
+        signed = sign_run_config(run.encode(), key)
     if identity_path is not None:
         check_identity_file(identity_path)
     peers = parse_initial_peers(initial_peers)
@@ -253,7 +270,8 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
     if peers:
         probe_bootstrap(peers)
     try:
-        run_host(run, peers, listen, announce, identity_path, maddrs_file)
+        run_host(run, peers, listen, announce, identity_path, maddrs_file, signed=signed,
+                 run_key_path=run_key_path)
     except (BootstrapError, DHTStartError) as e:
         raise fail(e) from None
 
@@ -288,10 +306,16 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
               "(peers given the same value stop together).")
 @click.option("--wait-for-peers", default=1, type=click.IntRange(min=1), hidden=True,
               help="Start once this many peers are present (local-swarm).")
+@click.option("--token", default=None, envvar="P2P_DILOCO_TOKEN",
+              help="Join token from the run's host (`p2p-diloco admit`), for an admission-only run "
+                   "[env: P2P_DILOCO_TOKEN].")
+@click.option("--identity", "identity_path", default=None, help="Key file: trains under its peer id (the one a "
+              "token for one peer admits; `p2p-diloco identity FILE` prints it); created if missing "
+              "[default: a new identity each start].")
 def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs, announce_maddrs, data, summary_path,
          threads,
          step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, global_steps,
-         wait_for_peers):
+         wait_for_peers, token, identity_path):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
     from .node import attacks, failpoints
 
@@ -308,6 +332,17 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
         click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer {action} at hit {armed[1]} of "
                    f"{armed[0]} ({failpoints.POINTS[armed[0]]})", err=True)
     check_run_id_flag(run_id)
+    from .node.admission import AdmissionError, Token
+
+    if token:
+        try:
+            parsed = Token.parse(token.strip())
+        except AdmissionError as e:
+            raise click.UsageError(f"--token: {e}") from None
+        if parsed.run_id != run_id:
+            raise click.UsageError(f"--token is for run {parsed.run_id!r}, not --run-id {run_id!r}")
+    if identity_path is not None:
+        check_identity_file(identity_path)
     initial_peers = parse_initial_peers(initial_peers)
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
     check_join_files(run_id, data, summary_path, checkpoint_dir, resume)
@@ -323,11 +358,11 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
                        summary_path, progress_json, global_steps is not None, threads, global_steps=global_steps,
                        wait_for_peers=wait_for_peers,
                        step_delay=step_delay, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                       resume=resume)
+                       resume=resume, token=(token or "").strip(), identity_path=identity_path)
     try:
         summary = run_peer(opts)
     except (RecordError, TimeoutError, ConfigError, AveragingFailed, CheckpointError, BootstrapError,
-            DHTStartError) as e:
+            DHTStartError, AdmissionError) as e:
         raise fail(e) from None
     click.echo(f"done: {summary['inner_steps']} inner steps to global step {summary['global_step']}, "
                f"eval loss {summary['eval_loss']:.4f}, sent {summary['wire_bytes_sent'] / 1e6:.2f} MB"
@@ -361,13 +396,16 @@ def _slashed(values: list[int]) -> str:
               help="The last peer joins this many seconds after the others started (a mid-run join).")
 @click.option("--attacker", default="", metavar="ATTACK",
               help="The last peer is malicious on purpose, to see what the others withstand: scale:F (its outer "
-                   "gradients x F), flip (sign-flipped) or weight:W (it claims W tokens) (README: Public runs).")
+                   "gradients x F), flip (sign-flipped), weight:W (it claims W tokens) or unadmitted (with "
+                   "--admission: it takes part with a token stolen from another peer) (README: Public runs).")
+@click.option("--admission", is_flag=True, help="An admission-only run: a run key in the workdir, a key file and a "
+              "join token for each trainer (README: Hosting a public run).")
 @click.option("--links", "links_path", default=None,
               help="TOML file of emulated WAN links (e.g. peers/links-mixed.toml): each member on a machine of its "
                    "own (a network namespace) behind its upload/download rate, delay and loss. Root only.")
 def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size,
                 matchmaking_time, data, timeout, json_path, workdir, progress_every, slow_peer_delay,
-                late_peer_after, attacker, links_path, **diloco):
+                late_peer_after, attacker, admission, links_path, **diloco):
     """A host and N trainers as separate processes on 127.0.0.1 (or behind emulated WAN links, --links), all
     stopping at global step --steps.
 
@@ -389,12 +427,14 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
         raise click.UsageError(f"--attacker: {e}") from None
     if attacker and peers < 3:
         raise click.UsageError("--attacker needs --peers >= 3 (two honest peers, at least, to withstand it)")
+    if attacker == "unadmitted" and not admission:
+        raise click.UsageError("--attacker unadmitted needs --admission (a run that admits anyone admits it)")
     links = check_links(links_path, peers)
     run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
                       target_group_size or (peers if peers >= 2 else None), matchmaking_time, None,
                       _pop_diloco(diloco))
     swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), slow_peer_delay=slow_peer_delay,
-                       late_peer_after=late_peer_after, links=links, attacker=attacker)
+                       late_peer_after=late_peer_after, links=links, attacker=attacker, admission=admission)
     # SIGTERM must unwind like Ctrl-C, through the cleanup that stops every child (the host included)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
@@ -412,14 +452,70 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
 
 
 @main.command()
+@click.option("--run-key", "run_key_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The run's key file (the one `host --run-key` created).")
+@click.option("--run-id", default="default", show_default=True)
+@click.option("--peer", "peer_id", default=None, help="Admit only this peer id (`p2p-diloco identity FILE` prints a "
+              "trainer's; it then joins with --identity FILE) [default: anyone who presents the token].")
+@click.option("--valid-for", default=168.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Hours the token admits its holder for.")
+def admit(run_key_path, run_id, peer_id, valid_for):
+    """Issue a join token for an admission-only run (printed on stdout; pass it to `join --token`)."""
+    from .node.admission import AdmissionError, RunKey, Token
+
+    check_run_id_flag(run_id)
+    if peer_id is not None:
+        import multihash
+        from hivemind.p2p import PeerID
+
+        try:
+            multihash.decode(PeerID.from_base58(peer_id).to_bytes())  # a peer id is a multihash of a public key
+        except Exception:
+            raise click.UsageError(f"--peer {peer_id!r} is not a peer id (as `p2p-diloco identity FILE` prints "
+                                   "it: Qm...)") from None
+    try:
+        token = RunKey.load(run_key_path).issue(run_id, peer_id, valid_for * 3600)
+    except AdmissionError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(token)
+    click.echo(f"admits: {Token.parse(token).describe()}", err=True)
+    if peer_id is None:
+        click.echo("anyone who holds this token joins, as many identities as they like: give it out with care",
+                   err=True)
+
+
+@main.command()
+@click.argument("key_file")
+def identity(key_file):
+    """Print the peer id of KEY_FILE, a libp2p key (created if missing): `join --identity KEY_FILE` trains as it,
+    and `admit --peer` admits it."""
+    from hivemind.p2p import P2P
+
+    from .swarm.dht import identity_peer_id
+
+    check_identity_file(key_file)
+    if not os.path.exists(key_file):
+        P2P.generate_identity(key_file)
+        click.echo(f"created {key_file}", err=True)
+    click.echo(str(identity_peer_id(key_file)))
+
+
+@main.command()
 @click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any live peer of the run.")
 @click.option("--run-id", default="default", show_default=True)
-def status(initial_peers, run_id):
+@click.option("--token", default=None, envvar="P2P_DILOCO_TOKEN", help="A join token of the run (an admission-only "
+              "run's config is read with the run key it names).")
+def status(initial_peers, run_id, token):
     """Who is in the run: step, rounds, throughput and bytes, read from the DHT."""
+    from .node.admission import AdmissionError, Token
     from .node.records import RecordError
     from .swarm.dht import BootstrapError, DHTStartError, fetch_progress, fetch_run_config, start_dht
 
     check_run_id_flag(run_id)
+    try:
+        run_key = Token.parse(token).run_key if token else None
+    except AdmissionError as e:
+        raise click.UsageError(f"--token: {e}") from None
     peers = parse_initial_peers(initial_peers)
     probe_bootstrap(peers)
     try:
@@ -428,10 +524,11 @@ def status(initial_peers, run_id):
         raise fail(e) from None
     try:
         try:
-            run = fetch_run_config(dht, run_id, timeout=10)
+            run = fetch_run_config(dht, run_id, timeout=10, run_key=run_key)
             click.echo(f"run {run.run_id}: model {run.model.to_dict()}, H={run.diloco.outer_period}, "
-                       f"fragments={run.diloco.fragments}, codec={run.diloco.codec}")
-        except (RecordError, TimeoutError) as e:
+                       f"fragments={run.diloco.fragments}, codec={run.diloco.codec}, "
+                       + ("admission-only" if run.admission_only else "admits anyone"))
+        except (RecordError, TimeoutError, AdmissionError) as e:
             click.echo(f"run config: {e}", err=True)
         peers = fetch_progress(dht, run_id)
         click.echo(f"{len(peers)} peer(s)")

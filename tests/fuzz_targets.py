@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import click
 import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException
@@ -23,6 +24,8 @@ from hivemind.utils import MSGPackSerializer
 from p2p_diloco.core.codecs import CODECS, CodecError, get_codec
 from p2p_diloco.core.config import DiLoCoConfig
 from p2p_diloco.emulation.links import LinksError, read_links
+from p2p_diloco.node.admission import (Admission, AdmissionError, RunKey, config_subkey, open_run_config,
+                                       sign_run_config)
 from p2p_diloco.node.checkpoint import CheckpointError, check_checkpoint_dir
 from p2p_diloco.node.records import PeerProgress, RecordError, RunConfig
 from p2p_diloco.swarm.butterfly import read_group
@@ -51,6 +54,21 @@ def _signed_record(data: bytes) -> None:
     checker = SignedRecords()
     assert isinstance(checker.validate(record), bool)
     checker.strip_value(record)
+
+
+_RUN_KEY = RunKey(Ed25519PrivateKey.from_private_bytes(b"\x07" * 32))
+
+
+def _token(data: bytes) -> None:
+    """A join token as a peer presents it (text), checked as every member checks it."""
+    Admission("r", _RUN_KEY.public).problem(data.decode("utf-8", "replace"), "QmPeer")
+
+
+def _signed_run_config(data: bytes) -> None:
+    """A run config record as the DHT returns it; the validator, then the reader."""
+    subkey = msgpack.packb(config_subkey(_RUN_KEY.public))
+    assert isinstance(SignedRecords().validate(DHTRecord(b"key-id", subkey, data, 1.0)), bool)
+    RunConfig.decode(open_run_config(data, _RUN_KEY.public))
 
 
 def _group_metadata(data: bytes) -> None:
@@ -97,6 +115,8 @@ TARGETS = [
     ("hash_records", _hash_records, ()),
     ("signed_record", _signed_record, ()),
     ("group_metadata", _group_metadata, (AllreduceException,)),
+    ("token", _token, ()),
+    ("signed_run_config", _signed_run_config, (AdmissionError, RecordError)),
     ("checkpoint_metadata", _checkpoint_metadata, (CheckpointError,)),
     ("profile", _profile, (click.BadParameter,)),
     ("links", _links, (LinksError,)),
@@ -112,6 +132,9 @@ SEEDS = {
     "checkpoint_metadata": [b'{"format": 1, "run_id": "r", "global_step": 5, "inner_step": 5, '
                             b'"state_file": "s.safetensors", "state_sha256": "00"}'],
     "profile": [b'bandwidth = 10\nrun_id = "r"\n'],
+    "token": [_RUN_KEY.issue("r", "QmPeer", 3600, now=0.0).encode()],
+    "signed_run_config": [sign_run_config(RunConfig("r", DiLoCoConfig(fragments=2), model_spec("tiny"), 2, "stdlib",
+                                                    run_key=_RUN_KEY.public.hex()).encode(), _RUN_KEY)],
     "links": [b"[default]\nup_mbit = 10\ndown_mbit = 10\ndelay_ms = 5\n[[peer]]\nup_mbit = 1\n"],
 }
 

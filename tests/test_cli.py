@@ -28,6 +28,7 @@ from click.testing import CliRunner
 
 from p2p_diloco.cli import main
 from p2p_diloco.core.config import DiLoCoConfig
+from p2p_diloco.node.admission import Admission, RunKey
 from p2p_diloco.node.checkpoint import (META_NAME, CheckpointError, check_checkpoint_dir, check_checkpoint_target,
                                         save_checkpoint)
 from p2p_diloco.node.records import RecordError, RunConfig
@@ -59,7 +60,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "bad-hash").mkdir()
     _fake_checkpoint(root / "bad-hash", state_sha256="0" * 64)
     (root / "profile.toml").write_text('role = "join"\nstepz = 5\n')
-    return {name: str(root / name) for name in ("a-file", "bad-json", "bad-hash", "profile.toml")}
+    key = RunKey.load_or_create(str(root / "run.key"))[0]
+    return {**{name: str(root / name) for name in ("a-file", "bad-json", "bad-hash", "profile.toml", "run.key")},
+            "token-run-r": key.issue("r", None, 3600)}
 
 
 def _fake_checkpoint(directory: Path, run_id: str = "default", state_sha256: str | None = None) -> None:
@@ -112,6 +115,17 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
         "identity-not-a-key": (["host", "--identity", f["a-file"]], 2, ["--identity", "not a key file"]),
         "profile-unknown-key": (["join", "--profile", f["profile.toml"], *peers], 2,
                                 ["profile.toml", "unknown key 'stepz'"]),
+        # admission: tokens, run keys, peer ids
+        "join-token-garbage": (["join", *peers, "--token", "hello"], 2, ["--token", "not a join token"]),
+        "join-token-damaged": (["join", *peers, "--token", "p2pd-token-1.AAAA"], 2, ["--token", "damaged token"]),
+        "join-token-other-run": (["join", *peers, "--token", f["token-run-r"]], 2,
+                                 ["--token is for run 'r', not --run-id 'default'"]),
+        "host-run-key-not-a-key": (["host", "--run-key", f["a-file"]], 2, ["--run-key", "not a PEM private key"]),
+        "admit-bad-peer": (["admit", "--run-key", f["run.key"], "--peer", "nobody"], 2,
+                           ["--peer 'nobody' is not a peer id"]),
+        "admit-no-key": (["admit", "--run-key", "/nonexistent/run.key"], 2, ["--run-key", "/nonexistent/run.key"]),
+        "admit-valid-for-0": (["admit", "--run-key", f["run.key"], "--valid-for", "0"], 2, ["--valid-for"]),
+        "status-token-garbage": (["status", *peers, "--token", "x"], 2, ["--token", "not a join token"]),
         # numbers and names
         "join-steps-0": (["join", *peers, "--steps", "0"], 2, ["--steps", "0 is not in the range"]),
         "join-threads-0": (["join", *peers, "--threads", "0"], 2, ["--threads"]),
@@ -126,7 +140,8 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
 # the listed ones run as a process of their own (the time a user waits); the rest in this one, through click
 IN_A_PROCESS = ["join-unreachable", "status-unreachable", "join-garbage", "local-swarm-fragments", "resume-missing",
                 "resume-bad-hash", "join-steps-0", "simulate-bad-method"]
-IN_THIS_PROCESS = [name for name in _cases(0, dict.fromkeys(["a-file", "bad-json", "bad-hash", "profile.toml"], ""))
+IN_THIS_PROCESS = [name for name in _cases(0, dict.fromkeys(["a-file", "bad-json", "bad-hash", "profile.toml",
+                                                              "run.key", "token-run-r"], ""))
                    if name not in IN_A_PROCESS]
 
 
@@ -308,3 +323,23 @@ def test_checkpoint_targets(tmp_path):
         check_checkpoint_target(str(tmp_path / "f"))
     with pytest.raises(CheckpointError, match="cannot be created"):
         check_checkpoint_target(str(tmp_path / "f" / "sub"))
+
+
+def test_admit_prints_a_token_for_a_peer_that_identity_prints(tmp_path):
+    runner = CliRunner()
+    key_file, run_key = str(tmp_path / "me.key"), str(tmp_path / "run.key")
+    made = runner.invoke(main, ["identity", key_file])
+    assert made.exit_code == 0, made.output
+    peer_id = made.stdout.strip().splitlines()[-1]
+    assert peer_id.startswith("Qm") and runner.invoke(main, ["identity", key_file]).stdout.strip() == peer_id
+    key = RunKey.load_or_create(run_key)[0]
+    issued = runner.invoke(main, ["admit", "--run-key", run_key, "--run-id", "pub", "--peer", peer_id,
+                                  "--valid-for", "2"])
+    assert issued.exit_code == 0, issued.output
+    token = issued.stdout.strip().splitlines()[-1]
+    admission = Admission("pub", key.public)
+    assert admission.problem(token, peer_id) is None and "not QmOther" in admission.problem(token, "QmOther")
+    assert f"admits: run 'pub', peer {peer_id}, valid until" in issued.stderr
+    anyone = runner.invoke(main, ["admit", "--run-key", run_key, "--run-id", "pub"])
+    assert "give it out with care" in anyone.stderr
+    assert admission.problem(anyone.stdout.strip().splitlines()[-1], "QmOther") is None

@@ -18,6 +18,7 @@ KINDS = {
     "scale": "scale:F — its outer gradient is sent multiplied by F (e.g. 1000)",
     "flip": "flip — its outer gradient is sent sign-flipped",
     "weight": "weight:W — it declares W tokens behind every outer gradient (e.g. 1e9)",
+    "unadmitted": "unadmitted — it takes part in an admission-only run though its --token (if any) does not admit it",
 }
 __doc__ += "".join(f"\n  {what}." for what in KINDS.values())
 
@@ -37,7 +38,9 @@ class Attack:
             return outer_grad * self.value, weight
         if self.kind == "flip":
             return -outer_grad, weight
-        return outer_grad, self.value
+        if self.kind == "weight":
+            return outer_grad, self.value
+        return outer_grad, weight
 
 
 def parse(spec: str | None) -> Attack | None:
@@ -47,9 +50,9 @@ def parse(spec: str | None) -> Attack | None:
     kind, _, value = spec.partition(":")
     if kind not in KINDS:
         raise AttackError(f"{ENV}={spec!r}: unknown attack {kind!r}; known: {', '.join(KINDS)}")
-    if kind == "flip":
+    if kind in ("flip", "unadmitted"):
         if value:
-            raise AttackError(f"{ENV}={spec!r}: flip takes no value")
+            raise AttackError(f"{ENV}={spec!r}: {kind} takes no value")
         return Attack(kind)
     try:
         number = float(value)

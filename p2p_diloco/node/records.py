@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 
 from ..core.config import ConfigError, DiLoCoConfig
+from .admission import MAX_TOKEN_CHARS
 from ..task.model import ModelSpec
 
 PROTOCOL_VERSION = 1
@@ -83,13 +84,18 @@ class RunConfig:
     # seconds a group that is not full waits for more peers; >= 2, since requests to other peers get half of it,
     # at most 1 s, and a new connection cut shorter under load puts that peer in libp2p's dial backoff
     matchmaking_time: float = 3.0
+    run_key: str = ""  # hex of the run's Ed25519 public key (`node.admission`); "": the run admits anyone
+
+    @property
+    def admission_only(self) -> bool:
+        return bool(self.run_key)
 
     def encode(self) -> bytes:
         return _pack("run_config", {"run_id": self.run_id, "diloco": self.diloco.to_dict(),
                                     "model": self.model.to_dict(), "batch_size": self.batch_size,
                                     "data": self.data, "round_timeout": self.round_timeout,
                                     "target_group_size": self.target_group_size,
-                                    "matchmaking_time": self.matchmaking_time})
+                                    "matchmaking_time": self.matchmaking_time, "run_key": self.run_key})
 
     @classmethod
     def decode(cls, data: Any) -> "RunConfig":
@@ -124,8 +130,11 @@ class RunConfig:
         matchmaking = _get(obj, kind, "matchmaking_time", (int, float))
         if not math.isfinite(matchmaking) or not 2.0 <= matchmaking < round_timeout:
             raise RecordError(f"{kind} record: matchmaking_time must be >= 2 and below round_timeout")
+        run_key = obj.get("run_key", "")
+        if not isinstance(run_key, str) or run_key and (len(run_key) != 64 or not _is_hex(run_key)):
+            raise RecordError(f"{kind} record: run_key must be 64 hex digits (an Ed25519 public key) or empty")
         return cls(run_id, diloco, model, batch_size, _get(obj, kind, "data", str), float(round_timeout), target,
-                   float(matchmaking))
+                   float(matchmaking), run_key)
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,7 @@ class PeerProgress:
     time: float = 0.0  # seconds since the epoch when this record was made
     training: bool = True  # False while the peer waits for the swarm to start
     reachable: bool = True  # False: other machines cannot connect to it (client mode): never a donor of state
+    token: str = ""  # its join token (`node.admission`), in a run that admits only token holders
 
     def encode(self) -> bytes:
         return _pack("peer_progress", asdict(self))
@@ -164,6 +174,9 @@ class PeerProgress:
         reachable = obj.get("reachable", True)
         if not isinstance(reachable, bool):
             raise RecordError(f"{kind} record: reachable must be true or false")
+        token = obj.get("token", "")
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+            raise RecordError(f"{kind} record: token must be a string of at most {MAX_TOKEN_CHARS} characters")
         numbers = {}
         for name in ("global_step", "steps_per_s", "time"):
             value = _get(obj, kind, name, (int, float))
@@ -173,7 +186,11 @@ class PeerProgress:
         return cls(_get(obj, kind, "peer_id", str), _count(obj, kind, "step"), list(rounds), float(tps),
                    _count(obj, kind, "bytes_sent"), _count(obj, kind, "bytes_received"),
                    None if loss is None else float(loss), training=_get(obj, kind, "training", bool),
-                   reachable=reachable, **numbers)
+                   reachable=reachable, token=token, **numbers)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def check_run_id(run_id: str) -> str:

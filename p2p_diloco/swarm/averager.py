@@ -40,7 +40,9 @@ from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverage, Fra
 from ..core.codecs import get_codec
 from ..core.config import AUTO_CODEC
 from ..node import attacks
+from ..node.admission import Admission
 from ..node.failpoints import reached
+from .admitted import AdmittedPeers
 from .butterfly import DEADLINE_FLOOR_S, FLOOR_RATE, ButterflyProtocol
 from .lifetime import die_with_parent
 from .link_meter import LinkMeter
@@ -55,10 +57,14 @@ class CodecAverager(ButterflyProtocol, StateServing, DecentralizedAverager):
 
     _rpc_handlers = None  # hivemind collects rpc_* per class; a subclass must not inherit the parent's list
 
-    def __init__(self, numel: int, codec_name: str, paced_uplink: float = 0.0, **kwargs):
+    def __init__(self, numel: int, codec_name: str, paced_uplink: float = 0.0, admission: Admission | None = None,
+                 **kwargs):
+        """`admission`: the run's (`node.admission`); None: a run that admits anyone."""
         self.codec_name = codec_name
         self.numel = numel
         self.paced_uplink = paced_uplink
+        self.admitted = AdmittedPeers(admission) if admission is not None else None
+        self._leaders_filtered = False
         self._streams_opened = {}  # member -> (event loop) time of the latest stream it opened to this peer
         super().__init__([torch.zeros(numel, dtype=torch.float32)], **kwargs)
 
@@ -68,9 +74,34 @@ class CodecAverager(ButterflyProtocol, StateServing, DecentralizedAverager):
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if self.admitted is not None:
+            problem = self.admitted.metadata_problem(request.gather, self.serializer, str(context.remote_id))
+            if problem is not None:
+                self.admitted.refuse(str(context.remote_id), "a place in a group this peer leads", problem)
+                yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+                return
         async for response in super().rpc_join_group(request, context):
             yield response
             reached("matchmaking")
+
+    async def _step(self, **kwargs):
+        if self.admitted is not None and not self._leaders_filtered:
+            self._ask_admitted_leaders_only()
+        return await super()._step(**kwargs)
+
+    def _ask_admitted_leaders_only(self) -> None:
+        """hivemind's matchmaking asks the peers declared under the round's group key to lead a group: here
+        only those whose progress records show them admitted (an honest peer never joins an unadmitted one's
+        group; the round would fail at `read_group` when it begins)."""
+        keys = self._matchmaking.group_key_manager
+        declared = keys.get_averagers
+
+        async def admitted_only(group_key, only_active):
+            found = await declared(group_key, only_active)
+            return [(peer, expiration) for peer, expiration in found
+                    if await self.admitted.admits(self.dht, peer.to_base58())]
+        keys.get_averagers = admitted_only
+        self._leaders_filtered = True
 
 
 RECORDS_REFRESH_S = 0.5  # the state records (hashes) of every fragment are read this often in the background
@@ -83,14 +114,15 @@ class SwarmAverager(FragmentAverager):
     def __init__(self, dht, run_id: str, fragment_sizes: list[int], codec_name: str, *, round_timeout: float,
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
                  uplink_mbit: float | None = None, client_mode: bool = False, search_timeout: float | None = None,
-                 aggregation: str = "mean"):
+                 aggregation: str = "mean", admission: Admission | None = None, token: str = ""):
         """`uplink_mbit`: this peer's uplink as declared (`join --bandwidth`): every member of a group learns it
         (load balancing, deadlines: see `butterfly`), and what this peer sends is paced to just under it
         (`butterfly.UplinkPacer`); None: unknown, unpaced. Only a declared uplink paces: a measured one is what
         the paced sends themselves reached, and would only shrink. `aggregation`: the run's rule for combining
-        contributions (`core.aggregation`); every member of a group must have the same."""
+        contributions (`core.aggregation`); every member of a group must have the same. `admission`: the run's
+        (None: it admits anyone); `token`: this peer's join token, in its round metadata."""
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
-        self.aggregation = aggregation
+        self.aggregation, self.token = aggregation, token
         # a group forms about one matchmaking time after its first member came: a peer that finds none by one
         # more matchmaking time (it came late, or nobody came) gives up, not after the whole round timeout.
         # Longer, and a round nobody comes to holds its peer up at the fragment's next round (its deadline);
@@ -128,7 +160,8 @@ class SwarmAverager(FragmentAverager):
                           # no bound on the whole all-reduce: a slow link may need long for a large fragment;
                           # the butterfly's per-chunk deadlines (from the members' rates) notice a stalled member
                           allreduce_timeout=None, next_chunk_timeout=round_timeout,
-                          client_mode=client_mode, declare_state_period=3600, paced_uplink=self.declared_rate)
+                          client_mode=client_mode, declare_state_period=3600, paced_uplink=self.declared_rate,
+                          admission=admission)
             for k, numel in enumerate(fragment_sizes)]
         signal.signal(signal.SIGINT, previous)  # hivemind makes the creating process ignore Ctrl-C
         self.meter.start()
@@ -150,7 +183,7 @@ class SwarmAverager(FragmentAverager):
         av.set_group_bits(format(key.round % (1 << 16), "016b"))
         meta = {"run": key.run_id, "fragment": key.fragment, "round": key.round, "codec": self.codec_name,
                 "numel": int(outer_grad.numel()), "weight": float(weight), "rate": self.rate,
-                "interval": self.round_interval_s, "aggregation": self.aggregation}
+                "interval": self.round_interval_s, "aggregation": self.aggregation, "token": self.token}
         control = av.step(gather=meta, weight=float(weight), wait=False, timeout=self.search_timeout,
                           allow_retries=False)
         return _SwarmPending(self, av, key, control, time.time())

@@ -49,6 +49,7 @@ from ..core.aggregation import AGGREGATIONS, WEIGHT_CAP, Aggregation, cap_weight
 from ..core.codecs import Codec, CodecError, get_codec
 from ..core.config import AUTO_CODEC
 from ..core.parts import block_aligned_parts
+from ..node.admission import Admission
 from ..node.failpoints import reached
 from .round_trips import peer_round_trip, round_trips
 
@@ -172,10 +173,11 @@ class UplinkPacer:
             await asyncio.sleep(at - now)
 
 
-def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
+def read_group(group_info: GroupInfo, me: PeerID, serializer, admission: Admission | None = None) -> _Group:
     """The group's gathered metadata, checked: every member on the same run, fragment, round, codec, size and
     aggregation rule, each with a positive finite weight (capped at `aggregation.WEIGHT_CAP` times the group's
-    median). Raises AllreduceException naming the first peer that differs."""
+    median) and, in a run with `admission`, a token that admits it. Raises AllreduceException naming the first
+    peer that differs."""
     peers = list(group_info.peer_ids)
     try:
         _, modes, user = zip(*map(serializer.loads, group_info.gathered))
@@ -192,6 +194,8 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer) -> _Group:
             if m.get(field) != mine.get(field):
                 raise AllreduceException(f"group mismatch: peer {peer} has {field}={m.get(field)!r}, "
                                          f"this peer {mine.get(field)!r}; refusing to mix")
+        if admission is not None and (problem := admission.problem(m.get("token"), str(peer))) is not None:
+            raise AllreduceException(f"peer {peer} is not admitted to this run ({problem}): refusing the group")
         w = m.get("weight")
         if not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
             raise AllreduceException(f"peer {peer} declared weight {w!r}")
@@ -334,6 +338,7 @@ class ButterflyProtocol:
     numel: int
     paced_uplink: float  # this peer's declared uplink (bytes/s): what it sends goes at PACE of it; 0: unpaced
     _streams_opened: dict  # member -> event-loop time of the latest stream it opened to this peer
+    admitted = None  # `admitted.AdmittedPeers` in a run with a run key (set by `CodecAverager`)
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, weight: float | None = None,
                                     **kwargs) -> dict:
@@ -342,7 +347,8 @@ class ButterflyProtocol:
         loop = asyncio.get_event_loop()
         # a member's stream may come in before this peer registered the group (`rpc_codec_part` waits for it)
         streams_since = loop.time() - GROUP_REGISTRATION_S
-        group = read_group(group_info, self.peer_id, self.serializer)
+        group = read_group(group_info, self.peer_id, self.serializer,
+                           self.admitted.admission if self.admitted is not None else None)
         codec = get_codec(auto_codec(group.rates, group.intervals, self.numel) if self.codec_name == AUTO_CODEC
                           else self.codec_name)
         counts = await loop.run_in_executor(  # hivemind's LP: elements per reducer by declared bandwidth

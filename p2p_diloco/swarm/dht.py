@@ -29,11 +29,12 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
 
+from ..node.admission import AdmissionError, config_subkey, open_run_config
 from ..node.records import PeerProgress, RecordError, RunConfig, check_run_id
 from . import reachability
 from .addresses import likeliest_first
 from .lifetime import die_with_parent
-from .signed_records import SignedRecords
+from .signed_records import SignedRecords, protected_keys
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +163,16 @@ class _DHT(hivemind.DHT):
 
 def start_dht(initial_peers: list[str] | None = None, host_maddrs: list[str] | None = None,
               identity_path: str | None = None, client_mode: bool = False,
-              announce_maddrs: list[str] | None = None) -> hivemind.DHT:
+              announce_maddrs: list[str] | None = None, run_id: str | None = None,
+              admission_only: bool = False) -> hivemind.DHT:
     """A DHT node (and its p2pd). `host_maddrs` default to loopback (tests, local swarms); the CLI passes
     every interface (`addresses.listen_and_announce`). A node not in client mode answers dial-backs
     (`reachability`), so that peers can learn whether they can be reached.
 
     Records stored under a peer id are signed by that peer and checked by every node (`signed_records`): a node
-    that publishes them needs its key file, `identity_path` (created by the daemon when missing).
+    that publishes them needs its key file, `identity_path` (created by the daemon when missing). With `run_id`,
+    the node also refuses plain values stored over that run's peer records (and, `admission_only`, any run
+    config not signed by a run key): `signed_records.protected_keys`.
 
     Raises BootstrapError when it cannot join through `initial_peers`, DHTStartError when its daemon does not
     start for another reason (the daemon's own message is the exception's cause)."""
@@ -179,7 +183,7 @@ def start_dht(initial_peers: list[str] | None = None, host_maddrs: list[str] | N
     try:
         dht = _DHT(start=True, initial_peers=initial_peers or None,
                    host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"], announce_maddrs=announce_maddrs or None,
-                   identity_path=key_path, client_mode=client_mode, record_validators=[SignedRecords(key_path)])
+                   identity_path=key_path, client_mode=client_mode, record_validators=[SignedRecords(key_path, protected_keys(run_id, admission_only))])
         signer = dht.run_coroutine(_load_signing_key)
     except P2PDaemonError as e:
         raise _start_failure(e, list(initial_peers or []), identity_path) from e
@@ -208,27 +212,66 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return likeliest_first([str(a) for a in dht.get_visible_maddrs()])
 
 
-def publish_run_config(dht: hivemind.DHT, run: RunConfig, wait: bool = True):
-    """Store the run config (the host does, and every trainer again, so the run outlives its host)."""
-    return dht.store(f"{run.run_id}_config", run.encode(), expiration_time=get_dht_time() + CONFIG_TTL,
-                     return_future=not wait)
+def publish_run_config(dht: hivemind.DHT, run: RunConfig, wait: bool = True, signed: bytes | None = None):
+    """Store the run config (the host does, and every trainer again, so the run outlives its host). An
+    admission-only run's is `signed` by its run key (`admission.sign_run_config`), stored under the key's subkey."""
+    expiration = get_dht_time() + CONFIG_TTL
+    if run.admission_only:
+        if signed is None:
+            raise ValueError("an admission-only run's config is published signed by its run key")
+        return dht.store(f"{run.run_id}_config", signed, expiration_time=expiration,
+                         subkey=config_subkey(bytes.fromhex(run.run_key)), return_future=not wait)
+    return dht.store(f"{run.run_id}_config", run.encode(), expiration_time=expiration, return_future=not wait)
 
 
-def fetch_run_config(dht: hivemind.DHT, run_id: str, timeout: float = 30.0) -> RunConfig:
-    """The run's config from the DHT; waits up to `timeout` for it to appear.
+def fetch_run_config(dht: hivemind.DHT, run_id: str, timeout: float = 30.0, run_key: bytes | None = None
+                     ) -> RunConfig:
+    """`fetch_signed_run_config` without the signed record."""
+    return fetch_signed_run_config(dht, run_id, timeout, run_key)[0]
 
-    Raises RecordError for a malformed or other-version config, TimeoutError if none is found.
+
+def fetch_signed_run_config(dht: hivemind.DHT, run_id: str, timeout: float = 30.0, run_key: bytes | None = None
+                            ) -> tuple[RunConfig, bytes | None]:
+    """The run's config from the DHT, and its record signed by `run_key` (the key a join token names; None:
+    a run without one); waits up to `timeout` for it to appear.
+
+    Raises RecordError for a malformed or other-version config, AdmissionError for an admission-only run without
+    `run_key` (or one that has another), TimeoutError if none is found.
     """
     check_run_id(run_id)
     deadline = time.monotonic() + timeout
     while True:
         found = dht.get(f"{run_id}_config", latest=True)
         if found is not None:
-            return RunConfig.decode(found.value)
+            read = _read_run_config(found.value, run_id, run_key)
+            if read is not None:
+                return read
         if time.monotonic() > deadline:
+            if found is not None:  # (an admission-only run, but not under this token's key)
+                raise AdmissionError(f"run {run_id!r} has no config signed by the run key your token names: the "
+                                     "token is for another host's run of that name, or for another run id")
             raise TimeoutError(f"no config for run {run_id!r} in the DHT after {timeout:.0f}s: "
                                "is a host for this run up, and is --initial-peers right?")
         time.sleep(1.0)
+
+
+def _read_run_config(value, run_id: str, run_key: bytes | None) -> tuple[RunConfig, bytes | None] | None:
+    if not isinstance(value, dict):  # a run without a run key
+        if run_key is not None:
+            raise AdmissionError(f"run {run_id!r} has no run key (it admits anyone), but your token names one: "
+                                 "the token is for another run")
+        return RunConfig.decode(value), None
+    if run_key is None:
+        raise AdmissionError(f"run {run_id!r} admits only peers with a join token from its host: ask the host for "
+                             "one (`p2p-diloco admit`) and pass it with --token")
+    entry = value.get(config_subkey(run_key))
+    if entry is None:
+        return None
+    run = RunConfig.decode(open_run_config(entry.value, run_key))
+    if run.run_id != run_id or run.run_key != run_key.hex():
+        raise RecordError(f"the run config signed by the run key is for run {run.run_id!r} with key "
+                          f"{run.run_key[:12]}..., not {run_id!r}")
+    return run, entry.value
 
 
 def publish_progress(dht: hivemind.DHT, run_id: str, progress: PeerProgress) -> None:

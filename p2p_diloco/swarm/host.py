@@ -14,14 +14,17 @@ from .dht import CONFIG_TTL, publish_run_config, start_dht, visible_maddrs
 
 
 def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[str] | None,
-             announce_maddrs: list[str] | None, identity_path: str | None, maddrs_file: str | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; re-publishes the config well before it expires."""
+             announce_maddrs: list[str] | None, identity_path: str | None, maddrs_file: str | None = None,
+             signed: bytes | None = None, run_key_path: str | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; re-publishes the config well before it expires. `signed`: the config signed
+    by the run key (`node.admission`: an admission-only run), whose file is `run_key_path`."""
     stop = threading.Event()
-    dht = start_dht(initial_peers, host_maddrs, identity_path=identity_path, announce_maddrs=announce_maddrs)
+    dht = start_dht(initial_peers, host_maddrs, identity_path=identity_path, announce_maddrs=announce_maddrs,
+                    run_id=run.run_id, admission_only=run.admission_only)
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         maddrs = visible_maddrs(dht)
-        if not publish_run_config(dht, run):
+        if not publish_run_config(dht, run, signed=signed):
             print("warning: the DHT did not accept the run config yet; retrying", file=sys.stderr)
         if maddrs_file:
             tmp = maddrs_file + ".tmp"
@@ -38,9 +41,16 @@ def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[
             ports = sorted({p for a in maddrs if (p := port_of(a))})
             print(f"peers on other machines need TCP port {', '.join(map(str, ports))} of this host open; "
                   "join it from another machine with:", flush=True)
-        print(f"  p2p-diloco join --initial-peers {maddrs[0]} --run-id {run.run_id}", flush=True)
+        if run.admission_only:
+            print(f"  p2p-diloco join --initial-peers {maddrs[0]} --run-id {run.run_id} --token TOKEN", flush=True)
+            print(f"the run admits only peers with a token: issue one with\n  p2p-diloco admit --run-key "
+                  f"{run_key_path} --run-id {run.run_id} [--peer PEER_ID]", flush=True)
+        else:
+            print(f"  p2p-diloco join --initial-peers {maddrs[0]} --run-id {run.run_id}", flush=True)
+            print("the run admits anyone who reaches this DHT (no --run-key): fine on a private network; host a "
+                  "public run with --run-key", flush=True)
         while not stop.wait(CONFIG_TTL / 4):
-            publish_run_config(dht, run)
+            publish_run_config(dht, run, signed=signed)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -71,16 +71,20 @@ class TrainerProcess:
 class LocalSwarm:
     def __init__(self, run: RunConfig, peers: int, steps: int, workdir: str | None = None,
                  data: list[str] | None = None, slow_peer_delay: float = 0.0, late_peer_after: float = 0.0,
-                 links: tuple | None = None, attacker: str = ""):
+                 links: tuple | None = None, attacker: str = "", admission: bool = False):
         """`steps`: the global step every trainer stops at; the last trainer may be slowed
         (`slow_peer_delay` seconds of sleep per inner step), join late (`late_peer_after` seconds) or be
-        malicious (`attacker`: a `node.attacks` spec).
+        malicious (`attacker`: a `node.attacks` spec). `admission`: the run is admission-only (a run key in the
+        workdir; each trainer gets a key file and a token for its peer id; an "unadmitted" attacker a token
+        stolen from peer0, which does not admit its own identity).
         `links`: (the host's `Link`, [each trainer's `Link`]) from `emulation.links.read_links`: every member
         then runs in a network namespace of its own behind that link, and declares its uplink rate."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
         self.links, self.net = links, None
         self.machine_of: dict[str, int] = {}  # trainers placed on a machine by `start_trainer(machine=...)`
         self.slow_peer_delay, self.late_peer_after, self.attacker = slow_peer_delay, late_peer_after, attacker
+        self.admission = admission
+        self.run_key = None  # `node.admission.RunKey` of an admission-only swarm, once the host starts
         if workdir:
             os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir or tempfile.mkdtemp(prefix="p2p-diloco-swarm-")
@@ -109,8 +113,15 @@ class LocalSwarm:
             f.write(self.run.encode())
         maddrs_path = os.path.join(self.workdir, "host.json")
         _remove_stale(maddrs_path)  # a --workdir of an earlier run: its files must not pass for this run's
+        extra = []
+        if self.admission:
+            from ..node.admission import RunKey
+
+            key_path = os.path.join(self.workdir, "run.key")
+            self.run_key = RunKey.load_or_create(key_path)[0]
+            extra = ["--run-key", key_path]
         host = self.host = self.spawn("host", ["host", "--run-config", config_path, "--maddrs-file", maddrs_path,
-                                               *self._listen("host")])
+                                               *self._listen("host"), *extra])
         deadline = time.monotonic() + HOST_START_TIMEOUT
         while not os.path.exists(maddrs_path):
             if host.proc.poll() is not None:
@@ -138,9 +149,33 @@ class LocalSwarm:
                 "--wait-for-peers", str(wait_for), *self._listen(name), *(extra or [])]
         if self.links is not None:
             args += ["--bandwidth", str(self._link(name).up_mbit)]
+        if self.run_key is not None:
+            args += self._admission_args(name, env)
         for d in self.data:
             args += ["--data", d]
         return self.spawn(name, args, stdout=subprocess.PIPE, env=env), summary
+
+    def _admission_args(self, name: str, env: dict[str, str] | None) -> list[str]:
+        """--identity and --token of trainer `name` in an admission-only swarm: a token for its own peer id,
+        or, for an "unadmitted" attacker, one stolen from peer0."""
+        from hivemind.p2p import P2P
+
+        from .dht import identity_peer_id
+
+        def identity(who: str) -> tuple[str, str]:
+            path = os.path.join(self.workdir, f"{who}.key")
+            if not os.path.exists(path):
+                P2P.generate_identity(path)
+            return path, str(identity_peer_id(path))
+
+        path, peer_id = identity(name)
+        if (env or {}).get(attacks.ENV) == "unadmitted":
+            peer_id = identity("peer0")[1]
+        return ["--identity", path, "--token", self.run_key.issue(self.run.run_id, peer_id, 24 * 3600)]
+
+    def _outsider(self) -> bool:
+        """The last trainer is an attacker that is not admitted: it is not counted as one of the swarm's."""
+        return self.admission and self.attacker == "unadmitted"
 
     def run_all(self, timeout: float, show_progress: bool = True,
                 progress_every: float = PLAIN_PROGRESS_EVERY_S) -> dict:
@@ -192,8 +227,10 @@ class LocalSwarm:
 
     def _start(self, i: int, maddr: str) -> TrainerProcess:
         extra = ["--step-delay", str(self.slow_peer_delay)] if i == self.peers - 1 and self.slow_peer_delay else []
-        wait_for = self.peers if self._late_index() is None else self.peers - 1
         env = {attacks.ENV: self.attacker} if i == self.peers - 1 and self.attacker else None
+        # the peers there at the start; the honest ones do not count an outsider
+        late_or_outsider = self._late_index() is not None or self._outsider() and env is None
+        wait_for = self.peers - 1 if late_or_outsider else self.peers
         trainer = TrainerProcess(*self.start_trainer(f"peer{i}", maddr, wait_for, extra, env=env))
         threading.Thread(target=trainer.read_progress, daemon=True).start()
         return trainer
@@ -244,12 +281,20 @@ class LocalSwarm:
         `consensus` (the finishers hold the same state: bit-identical anchors and momenta, by `state_sha256`)
         and `failure` (`verdict`)."""
         peers = [t.summary for t in trainers if t.summary is not None]
+        outsider = None
+        if self._outsider():  # not one of the swarm's: reported apart (finished or not), its state not compared
+            name = f"peer{self.peers - 1}"
+            outsider = next((p for p in peers + self.crashed if p["name"] == name), None)
+            peers = [p for p in peers if p is not outsider]
+            self.crashed = [c for c in self.crashed if c is not outsider]
         # a finisher that averaged nothing while others trained says so in its summary (`join` exited non-zero)
         problems = [f"{p['name']}: {p['problem']}" for p in peers if p.get("problem")]
         hashes = {tuple(p["state_sha256"]) for p in peers}
         report = {"consensus": len(hashes) == 1, "trainers": self.peers, "finished": [p["name"] for p in peers],
                   "crashed": self.crashed, "wall_s": round(wall, 2), "workdir": self.workdir,
                   "problems": problems, "peers": peers}
+        if self._outsider():
+            report["outsider"] = outsider
         report["failure"] = verdict(report)
         return report
 

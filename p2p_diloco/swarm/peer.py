@@ -38,6 +38,8 @@ import torch
 from ..core.fragments import split_fragments
 from ..core.inner import InnerTrainer
 from ..core.streaming import StreamingDiLoCo
+from ..node import attacks
+from ..node.admission import Admission, AdmissionError, Token
 from ..node.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from ..node.records import PeerProgress, RunConfig
 from ..task.data import BatchStream, Corpus
@@ -46,8 +48,8 @@ from ..task.model import build_model, evaluate, lm_loss
 from . import reachability
 from .averager import SwarmAverager
 from .clock import ClockReading, SwarmClock
-from .dht import (CONFIG_TTL, decode_progress, fetch_progress, fetch_run_config, publish_progress, publish_run_config,
-                  request_progress, start_dht, visible_maddrs)
+from .dht import (CONFIG_TTL, decode_progress, fetch_progress, fetch_signed_run_config, publish_progress,
+                  publish_run_config, request_progress, start_dht, visible_maddrs)
 from .round_health import RoundHealth
 
 log = logging.getLogger(__name__)
@@ -86,17 +88,21 @@ class JoinOptions:
     checkpoint_dir: str | None = None  # save here every `checkpoint_every` applied rounds and on exit
     checkpoint_every: int = 10
     resume: str | None = None  # a checkpoint directory to start from
+    token: str = ""  # this peer's join token (`node.admission`); "": for a run that admits anyone
+    identity_path: str | None = None  # this peer's key file (keeps its peer id); None: a new identity
 
 
 def run_peer(opts: JoinOptions) -> dict:
     """Join the run, train until its end (or a stop signal), finish the rounds in flight; returns the summary."""
+    run_key = Token.parse(opts.token).run_key if opts.token else None
     reach, client_mode = _check_reachable(opts)
-    dht = start_dht(opts.initial_peers, opts.host_maddrs, client_mode=client_mode,
-                    announce_maddrs=opts.announce_maddrs)
+    dht = start_dht(opts.initial_peers, opts.host_maddrs, identity_path=opts.identity_path, client_mode=client_mode,
+                    announce_maddrs=opts.announce_maddrs, run_id=opts.run_id, admission_only=run_key is not None)
     peer = None
     try:
-        run = fetch_run_config(dht, opts.run_id, timeout=opts.config_timeout)
-        peer = Peer(dht, run, opts, reach, client_mode)
+        run, signed = fetch_signed_run_config(dht, opts.run_id, opts.config_timeout, run_key)
+        _check_admitted(run, opts.token, str(dht.peer_id))
+        peer = Peer(dht, run, opts, reach, client_mode, signed)
         peer.start()
         peer.join()
         with peer.heartbeat():  # the others count this peer live while it trains, holds for a round, finishes
@@ -121,8 +127,10 @@ class Peer:
     """
 
     def __init__(self, dht, run: RunConfig, opts: JoinOptions, reach: reachability.Reachability | None,
-                 client_mode: bool):
-        self.dht, self.run, self.opts = dht, run, opts
+                 client_mode: bool, signed_config: bytes | None = None):
+        """`signed_config`: the run config's record as its run key signed it (an admission-only run)."""
+        self.dht, self.run, self.opts, self.signed_config = dht, run, opts, signed_config
+        self.admission = Admission(run.run_id, bytes.fromhex(run.run_key)) if run.admission_only else None
         self.reach, self.client_mode = reach, client_mode
         self.peer_id = str(dht.peer_id)
         self.maddrs = visible_maddrs(dht)
@@ -156,6 +164,7 @@ class Peer:
         self.held_s = 0.0  # all the time averaging held up training
         self.trained_s = 0.0  # from the first inner step to the last
         self.saved_at_rounds = 0
+        self.unadmitted: set[str] = set()  # peers whose records were ignored (logged once each)
 
     # -- joining -------------------------------------------------------------------
     def start(self) -> None:
@@ -164,7 +173,8 @@ class Peer:
         self.averager = SwarmAverager(self.dht, run.run_id, self.fragment_sizes, run.diloco.codec,
                                       round_timeout=run.round_timeout, target_group_size=run.target_group_size,
                                       uplink_mbit=self.opts.bandwidth, min_matchmaking_time=run.matchmaking_time,
-                                      client_mode=self.client_mode, aggregation=run.diloco.aggregation)
+                                      client_mode=self.client_mode, aggregation=run.diloco.aggregation,
+                                      admission=self.admission, token=self.opts.token)
         self.outer = StreamingDiLoCo(self.model, run.diloco, self.averager, run_id=run.run_id)
         if self.opts.threads:
             # only now: an averager process forked after set_num_threads trips torch's "Invalid thread pool"
@@ -239,7 +249,7 @@ class Peer:
         rounds due in between."""
         target = self.clock.step_done(now)
         if self.pending_readings is not None and self.pending_readings.done():
-            target = self.clock.observe(_readings(self.pending_readings, self.peer_id, self.averager, self.health),
+            target = self.clock.observe(_readings(self.pending_readings, self),
                                         now)
             self.pending_readings = None
         if self.opts.global_steps is not None:
@@ -262,7 +272,7 @@ class Peer:
         self.published = now
         publish_progress(self.dht, self.run.run_id, record)
         if now - self.config_published >= CONFIG_TTL / 4:
-            publish_run_config(self.dht, self.run, wait=False)
+            publish_run_config(self.dht, self.run, wait=False, signed=self.signed_config)
             self.config_published = now
         if self.pending_readings is None:
             self.pending_readings = request_progress(self.dht, self.run.run_id)
@@ -276,7 +286,7 @@ class Peer:
         return PeerProgress(self.peer_id, self.step, list(self.outer.stats.applied), tokens_per_s,
                             self.averager.bytes_sent, self.averager.bytes_received, self.loss,
                             self.clock.global_step(now), self.clock.speed(now), now, reachable=not self.client_mode,
-                            training=not self.leaving)
+                            training=not self.leaving, token=self.opts.token)
 
     def _save(self) -> None:
         path = save_checkpoint(self.checkpoint_dir, self.run.run_id, self.run.model, self.outer, self.trainer,
@@ -348,8 +358,7 @@ class Peer:
         outer = self.outer
         while True:
             # who is live now (a peer that joined at the very end counts): a fresh read of the progress records
-            readings = _readings(request_progress(self.dht, self.run.run_id), self.peer_id, self.averager,
-                                 self.health)
+            readings = _readings(request_progress(self.dht, self.run.run_id), self)
             waited = time.monotonic() - began
             behind = any(r.global_step < self.global_step for r in readings)
             if waited >= most + (self.run.round_timeout if behind else 0.0):
@@ -427,25 +436,60 @@ def _yield_cpu_to_network() -> None:
         log.debug("could not lower the trainer's priority: %s", e)
 
 
-def _live(records: list[PeerProgress], peer_id: str, averager: SwarmAverager, health: RoundHealth
-          ) -> list[ClockReading]:
-    """The clock readings of the other peers training now; tells the averager and the health watch who they are."""
-    now = time.time()
-    live = [p for p in records if p.training and p.peer_id != peer_id and now - p.time <= LIVE_WITHIN_S]
+def _live(records: list[PeerProgress], peer: Peer) -> list[ClockReading]:
+    """The clock readings of the other peers training now (in an admission-only run: the admitted ones); tells
+    the averager and the health watch who they are."""
+    now, peer_id, averager, health = time.time(), peer.peer_id, peer.averager, peer.health
+    live = [p for p in _admitted(records, peer)
+            if p.training and p.peer_id != peer_id and now - p.time <= LIVE_WITHIN_S]
     averager.live_peers = {p.peer_id for p in live}
     averager.unreachable_peers = {p.peer_id for p in live if not p.reachable}
     health.observe_swarm(len(live), sum(p.reachable for p in live), max((sum(p.rounds) for p in live), default=0))
     return [ClockReading(p.global_step, p.steps_per_s, p.time) for p in live]
 
 
-def _readings(future, peer_id: str, averager: SwarmAverager, health: RoundHealth) -> list[ClockReading]:
+def _admitted(records: list[PeerProgress], peer: Peer) -> list[PeerProgress]:
+    """The records whose token admits their peer (all of them in a run that admits anyone); the others are
+    logged once per peer id."""
+    if peer.admission is None:
+        return records
+    admitted = []
+    for p in records:
+        problem = peer.admission.problem(p.token, p.peer_id)
+        if problem is None:
+            admitted.append(p)
+        elif p.peer_id not in peer.unadmitted:
+            peer.unadmitted.add(p.peer_id)
+            log.warning("ignoring peer %s: it is not admitted to this run (%s); logged once", p.peer_id, problem)
+    return admitted
+
+
+def _check_admitted(run: RunConfig, token: str, peer_id: str) -> None:
+    """Say how this run admits peers; refuse to start with a token that does not admit this peer."""
+    if not run.admission_only:
+        log.warning("run %r has no run key: it admits anyone who reaches its DHT (fine on a private network; a "
+                    "public run is hosted with --run-key)", run.run_id)
+        return
+    problem = Admission(run.run_id, bytes.fromhex(run.run_key)).problem(token, peer_id)
+    if problem is not None:
+        if attacks.armed() is not None and attacks.armed().kind == "unadmitted":
+            log.warning("ATTACK: taking part though not admitted (%s)", problem)
+            return
+        raise AdmissionError(f"your --token does not admit this peer ({peer_id}) to run {run.run_id!r}: {problem}"
+                             + (". A token for one peer id holds for that identity only: start with the --identity "
+                                "key file whose peer id the host admitted" if "a token for peer" in problem else ""))
+    log.warning("run %r admits only token holders; this peer's token: %s", run.run_id,
+                Token.parse(token).describe())
+
+
+def _readings(future, peer: Peer) -> list[ClockReading]:
     """`_live` from a finished `request_progress`."""
     try:
         records = decode_progress(future.result())
     except Exception as e:  # a failed DHT lookup only delays alignment
         log.warning("could not read the swarm's progress: %r", e)
         return []
-    return _live(records, peer_id, averager, health)
+    return _live(records, peer)
 
 
 def _check_reachable(opts: JoinOptions) -> tuple[reachability.Reachability | None, bool]:
@@ -476,9 +520,9 @@ def _wait_for_swarm(peer: Peer) -> list[ClockReading]:
     announced = time.time()
     deadline = time.monotonic() + opts.config_timeout
     while True:
-        publish_progress(dht, run_id, PeerProgress(peer_id, 0, time=announced, training=False))
-        records = fetch_progress(dht, run_id)
-        training = _live(records, peer_id, peer.averager, peer.health)
+        publish_progress(dht, run_id, PeerProgress(peer_id, 0, time=announced, training=False, token=opts.token))
+        records = _admitted(fetch_progress(dht, run_id), peer)  # (an unadmitted peer is not waited for)
+        training = _live(records, peer)
         waiting = {p.peer_id: p.time for p in records if not p.training} | {peer_id: announced}
         if training or peer.stopping or opts.wait_for_peers <= 1:
             return training

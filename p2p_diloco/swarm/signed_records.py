@@ -11,8 +11,11 @@ or replay an old one with a later expiration; a vote, a group member and a donor
 (hivemind's `RSASignatureValidator` protects subkeys that spell out a second, process-wide RSA key; binding
 records to the peer id that libp2p authenticates needs no second key and no key in every subkey.)
 
-Records without a string subkey (the run config; hivemind's own matchmaking records, whose subkeys are bytes)
-pass unchanged. What signatures do not stop: one operator starting many identities (admission tokens do).
+The run config of an admission-only run is stored under a bytes subkey naming the run key
+(`admission.config_subkey`) and must be signed by that key (`admission.open_run_config`): nobody can replace it.
+Other records without a string subkey (the config of a run without a run key; hivemind's own matchmaking
+records, whose subkeys are bytes) pass unchanged. What signatures do not stop: one operator starting many
+identities (admission tokens for one peer id each do).
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ import multihash
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
+
+from ..node.admission import RUN_KEY_SUBKEY, AdmissionError, open_run_config
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +73,12 @@ class SignedRecords(RecordValidatorBase):
     `identity_path`: this node's key file; read by `load` (or when the first record is signed), in the DHT's
     process, once the daemon has started (hivemind writes a new one then). None: this node signs nothing."""
 
-    def __init__(self, identity_path: str | None = None):
+    def __init__(self, identity_path: str | None = None, protected: dict[bytes, str] | None = None):
+        """`protected`: DHT key ids (`protected_keys`) -> what they must hold: "peer records" (only records under
+        a peer id: a plain value stored over them, with a later expiration, would wipe every peer's) or "run
+        config" (only the config signed by a run key)."""
         self.identity_path = identity_path
+        self.protected = protected or {}
         self._key: rsa.RSAPrivateKey | None = None
         self._peer_id: str | None = None
         self._public_der = b""
@@ -112,12 +122,44 @@ class SignedRecords(RecordValidatorBase):
     def validate(self, record: DHTRecord) -> bool:
         subkey = self._subkey(record)
         if subkey is None:
-            return True
+            guarded = self.protected.get(record.key)
+            if guarded is not None and not self._run_key_subkey(record):
+                if guarded not in self._logged:
+                    self._logged.add(guarded)
+                    log.warning("refusing a record over the run's %s that is not one (logged once)", guarded)
+                return False
+            return self._valid_run_config(record)
+        if self.protected.get(record.key) == "run config":
+            return False
         problem = self.problem(record, subkey)
         if problem is not None and subkey not in self._logged:
             self._logged.add(subkey)
             log.warning("refusing a record stored under peer %s: %s (logged once per peer id)", subkey, problem)
         return problem is None
+
+    @staticmethod
+    def _run_key_subkey(record: DHTRecord) -> bytes | None:
+        try:
+            subkey = msgpack.unpackb(record.subkey, raw=False) if record.subkey else None
+        except Exception:
+            return None
+        return subkey if isinstance(subkey, bytes) and subkey.startswith(RUN_KEY_SUBKEY) else None
+
+    def _valid_run_config(self, record: DHTRecord) -> bool:
+        """A record under a run key's subkey must be that key's signed run config; any other passes."""
+        subkey = self._run_key_subkey(record)
+        if subkey is None:
+            return self.protected.get(record.key) != "peer records"
+        try:  # (the value as stored: our bytes, serialized by hivemind)
+            value = msgpack.unpackb(record.value, raw=True, max_bin_len=64 * 1024) \
+                if len(record.value) <= 64 * 1024 + 8 else None
+            open_run_config(value, subkey[len(RUN_KEY_SUBKEY):])
+        except (AdmissionError, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+            if "run-config" not in self._logged:
+                self._logged.add("run-config")
+                log.warning("refusing a run config record: %s (logged once)", e)
+            return False
+        return True
 
     @staticmethod
     def problem(record: DHTRecord, subkey: str) -> str | None:
@@ -146,6 +188,18 @@ class SignedRecords(RecordValidatorBase):
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return False
+
+
+def protected_keys(run_id: str | None, admission_only: bool, fragments: int = 64) -> dict[bytes, str]:
+    """The DHT key ids of run `run_id`'s records (`SignedRecords.protected`): progress and state-hash records
+    (of up to `fragments` fragments), and, in an admission-only run, the run config."""
+    if not run_id:
+        return {}
+    keys = {f"{run_id}_progress": "peer records",
+            **{f"{run_id}_f{k}_hashes": "peer records" for k in range(fragments)}}
+    if admission_only:
+        keys[f"{run_id}_config"] = "run config"
+    return {DHTID.generate(source=key).to_bytes(): what for key, what in keys.items()}
 
 
 def _open(value: bytes) -> tuple[bytes, bytes, bytes] | None:

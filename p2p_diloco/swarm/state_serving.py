@@ -39,6 +39,7 @@ class StateServing:
 
     served: tuple[dict, list[torch.Tensor]] | None = None  # set in the peer's main process
     numel: int  # the fragment's size
+    admitted = None  # `admitted.AdmittedPeers` in a run with a run key (set by `CodecAverager`)
 
     def get_current_state(self):
         """Called in the peer's main process when another peer downloads this fragment's state."""
@@ -84,6 +85,10 @@ class StateServing:
 
     async def rpc_download_state(self, request: averaging_pb2.DownloadRequest, context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if self.admitted is not None and not await self.admitted.admits(self.dht, str(context.remote_id)):
+            self.admitted.refuse(str(context.remote_id), "this fragment's state", "no token that admits it in its "
+                            "progress record")
+            return  # an empty answer: "no state here"
         async for message in super().rpc_download_state(request, context):
             yield message
             reached("serving_state")

@@ -257,3 +257,29 @@ def test_the_exit_rule():
     assert "peer1 (exit code 1, log /w/peer1.log)" in \
         verdict(_report([("peer0", "a"), ("peer2", "a")], ["peer1"], exit_code=1))
     assert verdict(_report([("peer0", "a"), ("peer2", "a")], ["host"], exit_code=1)) is None
+
+
+def test_an_unadmitted_peer_is_never_in_a_group_and_never_served_state_across_100_rounds(run):
+    """An admission-only run (`--admission`: a run key, a token for each trainer's peer id) and a malicious peer
+    built on our code that takes part with a token stolen from peer0 (`--attacker unadmitted`): in every one of
+    100+ rounds the honest peers leave it out (as leader, as follower, as a member) and refuse it their state;
+    they never fail a round over it, and end in consensus, trained."""
+    r = run(3, "--admission", "--attacker", "unadmitted", "--model", "small", "--fragments", "4", "-H", "10",
+            "--target-group-size", "2")
+    report = r.finish()
+    assert r.proc.returncode == 0, r.text()
+    assert_finishers_agree(report, ["peer0", "peer1"])
+    outsider = report["outsider"]
+    assert outsider["name"] == "peer2" and outsider["peer_id"] not in {p["peer_id"] for p in report["peers"]}
+    for p in report["peers"]:
+        assert sum(p["rounds"]) >= 100 and sum(p["rounds_failed"]) == 0, (p["name"], p["rounds"], p["rounds_failed"])
+    # never in a group: it applied no round; never served: it downloaded no state (it tried, every round)
+    assert sum(outsider["rounds"]) == 0 and sum(outsider["rounds_recovered"]) == 0, outsider
+    logs = {name: (r.workdir / f"{name}.log").read_text() for name in ("peer0", "peer1", "peer2")}
+    assert "ATTACK: taking part though not admitted (a token for peer" in logs["peer2"]
+    assert "the donor has no state for this fragment" in logs["peer2"]
+    who = outsider["peer_id"]
+    honest = logs["peer0"] + logs["peer1"]
+    assert f"refusing peer {who} a place in a group this peer leads" in honest, r.text()
+    assert f"refusing peer {who} this fragment's state" in honest, r.text()
+    assert f"ignoring peer {who}: it is not admitted to this run" in honest
