@@ -41,13 +41,17 @@ def diloco_options(f):
                           "left out), winsorized (clamped to the others' range) or centered (a centered clip "
                           "around the median); outliers over 16x the median size are refused and weights capped "
                           "at 4x the median in every case (README: Public runs) [default: mean]."),
+        click.option("--audit", default=None, type=click.FloatRange(0, 1),
+                     help="Chance that a member of a round recomputes each other reducer's part from the members' "
+                          "own bytes before anyone applies it: a reducer returning a wrong mean is caught, the "
+                          "round applied by no member, the reducer banned (README: Public runs) [default: 0]."),
     ]):
         f = decorator(f)
     return f
 
 
 _DILOCO_KEYS = ("outer_period", "fragments", "tau", "alpha", "outer_lr", "outer_momentum", "warmup_steps",
-                "aggregation")
+                "aggregation", "audit")
 
 
 def _pop_diloco(kwargs: dict) -> dict:
@@ -396,8 +400,9 @@ def _slashed(values: list[int]) -> str:
               help="The last peer joins this many seconds after the others started (a mid-run join).")
 @click.option("--attacker", default="", metavar="ATTACK",
               help="The last peer is malicious on purpose, to see what the others withstand: scale:F (its outer "
-                   "gradients x F), flip (sign-flipped), weight:W (it claims W tokens) or unadmitted (with "
-                   "--admission: it takes part with a token stolen from another peer) (README: Public runs).")
+                   "gradients x F), flip (sign-flipped), weight:W (it claims W tokens), lie (as a reducer it "
+                   "returns negated means; see --audit) or unadmitted (with --admission: it takes part with a token "
+                   "stolen from another peer) (README: Public runs).")
 @click.option("--admission", is_flag=True, help="An admission-only run: a run key in the workdir, a key file and a "
               "join token for each trainer (README: Hosting a public run).")
 @click.option("--links", "links_path", default=None,

@@ -53,6 +53,7 @@ class DiLoCoConfig:
     codec: str = "fp4"
     error_feedback: bool = False  # carry each fragment's quantization residual into its next round
     aggregation: str = "mean"  # how reducers combine contributions: mean, clip or trimmed (core/aggregation.py)
+    audit: float = 0.0  # chance that a member recomputes another reducer's part of a round (swarm/audit.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -126,6 +127,8 @@ class DiLoCoConfig:
             raise bad("error_feedback", "must be true or false")
         if self.aggregation not in AGGREGATIONS:
             raise bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)} (core/aggregation.py)")
+        if isinstance(self.audit, bool) or not isinstance(self.audit, (int, float)) or not 0.0 <= self.audit <= 1.0:
+            raise bad("audit", "must be a probability in [0, 1]")
         if self.error_feedback and self.codec == AUTO_CODEC:
             raise bad("error_feedback", "needs a fixed codec (its residual is what that codec loses), not auto")
 

@@ -18,6 +18,7 @@ KINDS = {
     "scale": "scale:F — its outer gradient is sent multiplied by F (e.g. 1000)",
     "flip": "flip — its outer gradient is sent sign-flipped",
     "weight": "weight:W — it declares W tokens behind every outer gradient (e.g. 1e9)",
+    "lie": "lie — as a reducer it returns its group the negated mean of its part (its commitments honest)",
     "unadmitted": "unadmitted — it takes part in an admission-only run though its --token (if any) does not admit it",
 }
 __doc__ += "".join(f"\n  {what}." for what in KINDS.values())
@@ -50,7 +51,7 @@ def parse(spec: str | None) -> Attack | None:
     kind, _, value = spec.partition(":")
     if kind not in KINDS:
         raise AttackError(f"{ENV}={spec!r}: unknown attack {kind!r}; known: {', '.join(KINDS)}")
-    if kind in ("flip", "unadmitted"):
+    if kind in ("flip", "unadmitted", "lie"):
         if value:
             raise AttackError(f"{ENV}={spec!r}: {kind} takes no value")
         return Attack(kind)

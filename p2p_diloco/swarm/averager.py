@@ -43,6 +43,7 @@ from ..node import attacks
 from ..node.admission import Admission
 from ..node.failpoints import reached
 from .admitted import AdmittedPeers
+from .audit import AuditProtocol, ReducerCaught
 from .butterfly import DEADLINE_FLOOR_S, FLOOR_RATE, ButterflyProtocol
 from .lifetime import die_with_parent
 from .link_meter import LinkMeter
@@ -52,7 +53,7 @@ from .state_serving import (StateServing, decode_state, hash_records, hashes_key
 log = logging.getLogger(__name__)
 
 
-class CodecAverager(ButterflyProtocol, StateServing, DecentralizedAverager):
+class CodecAverager(ButterflyProtocol, AuditProtocol, StateServing, DecentralizedAverager):
     """One fragment's averager process. Every peer of a run must use this class (RPC names embed it)."""
 
     _rpc_handlers = None  # hivemind collects rpc_* per class; a subclass must not inherit the parent's list
@@ -64,6 +65,7 @@ class CodecAverager(ButterflyProtocol, StateServing, DecentralizedAverager):
         self.numel = numel
         self.paced_uplink = paced_uplink
         self.admitted = AdmittedPeers(admission) if admission is not None else None
+        self.banned: set[str] = set()  # peers this peer caught lying (`_ban`): no group, no state, for the run
         self._leaders_filtered = False
         self._streams_opened = {}  # member -> (event loop) time of the latest stream it opened to this peer
         super().__init__([torch.zeros(numel, dtype=torch.float32)], **kwargs)
@@ -74,6 +76,9 @@ class CodecAverager(ButterflyProtocol, StateServing, DecentralizedAverager):
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
                              ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if str(context.remote_id) in self.banned:
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         if self.admitted is not None:
             problem = self.admitted.metadata_problem(request.gather, self.serializer, str(context.remote_id))
             if problem is not None:
@@ -85,23 +90,27 @@ class CodecAverager(ButterflyProtocol, StateServing, DecentralizedAverager):
             reached("matchmaking")
 
     async def _step(self, **kwargs):
-        if self.admitted is not None and not self._leaders_filtered:
-            self._ask_admitted_leaders_only()
+        if not self._leaders_filtered:
+            self._ask_trusted_leaders_only()
         return await super()._step(**kwargs)
 
-    def _ask_admitted_leaders_only(self) -> None:
+    def _ask_trusted_leaders_only(self) -> None:
         """hivemind's matchmaking asks the peers declared under the round's group key to lead a group: here
-        only those whose progress records show them admitted (an honest peer never joins an unadmitted one's
-        group; the round would fail at `read_group` when it begins)."""
+        never a banned one, and in an admission-only run only those whose progress records show them admitted (an
+        honest peer never joins such a peer's group; the round would fail at `read_group` when it begins)."""
         keys = self._matchmaking.group_key_manager
         declared = keys.get_averagers
 
-        async def admitted_only(group_key, only_active):
+        async def trusted_only(group_key, only_active):
             found = await declared(group_key, only_active)
-            return [(peer, expiration) for peer, expiration in found
-                    if await self.admitted.admits(self.dht, peer.to_base58())]
-        keys.get_averagers = admitted_only
+            return [(peer, expiration) for peer, expiration in found if peer.to_base58() not in self.banned
+                    and (self.admitted is None or await self.admitted.admits(self.dht, peer.to_base58()))]
+        keys.get_averagers = trusted_only
         self._leaders_filtered = True
+
+    async def _ban(self, peer: str) -> None:
+        """Called from the trainer's process (every fragment's averager) once one of them caught `peer` lying."""
+        self.banned.add(peer)
 
 
 RECORDS_REFRESH_S = 0.5  # the state records (hashes) of every fragment are read this often in the background
@@ -114,15 +123,22 @@ class SwarmAverager(FragmentAverager):
     def __init__(self, dht, run_id: str, fragment_sizes: list[int], codec_name: str, *, round_timeout: float,
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
                  uplink_mbit: float | None = None, client_mode: bool = False, search_timeout: float | None = None,
-                 aggregation: str = "mean", admission: Admission | None = None, token: str = ""):
+                 aggregation: str = "mean", admission: Admission | None = None, token: str = "",
+                 audit: float = 0.0):
         """`uplink_mbit`: this peer's uplink as declared (`join --bandwidth`): every member of a group learns it
         (load balancing, deadlines: see `butterfly`), and what this peer sends is paced to just under it
         (`butterfly.UplinkPacer`); None: unknown, unpaced. Only a declared uplink paces: a measured one is what
         the paced sends themselves reached, and would only shrink. `aggregation`: the run's rule for combining
         contributions (`core.aggregation`); every member of a group must have the same. `admission`: the run's
-        (None: it admits anyone); `token`: this peer's join token, in its round metadata."""
+        (None: it admits anyone); `token`: this peer's join token, in its round metadata. `audit`: the run's chance
+        that a member audits each other reducer's part (`audit`)."""
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
-        self.aggregation, self.token = aggregation, token
+        self.aggregation, self.token, self.audit = aggregation, token, audit
+        self.banned: set[str] = set()  # reducers this peer caught returning a wrong mean
+        self.incidents: list[dict] = []  # what they did, where: the summary's "incidents"
+        self.ban_on_proof = True  # (False: scripts/bench_audit.py, to count catches round after round)
+        self.audited_parts = 0  # parts this peer recomputed (audits), and the bytes they took
+        self.audit_bytes = 0
         # a group forms about one matchmaking time after its first member came: a peer that finds none by one
         # more matchmaking time (it came late, or nobody came) gives up, not after the whole round timeout.
         # Longer, and a round nobody comes to holds its peer up at the fragment's next round (its deadline);
@@ -183,7 +199,8 @@ class SwarmAverager(FragmentAverager):
         av.set_group_bits(format(key.round % (1 << 16), "016b"))
         meta = {"run": key.run_id, "fragment": key.fragment, "round": key.round, "codec": self.codec_name,
                 "numel": int(outer_grad.numel()), "weight": float(weight), "rate": self.rate,
-                "interval": self.round_interval_s, "aggregation": self.aggregation, "token": self.token}
+                "interval": self.round_interval_s, "aggregation": self.aggregation, "token": self.token,
+                "audit": self.audit}
         control = av.step(gather=meta, weight=float(weight), wait=False, timeout=self.search_timeout,
                           allow_retries=False)
         return _SwarmPending(self, av, key, control, time.time())
@@ -338,6 +355,15 @@ class SwarmAverager(FragmentAverager):
         donors = [p for p in by_hash.get(digest, []) if p not in self.unreachable_peers]
         return (digest, donors) if donors else None
 
+    def caught(self, reducer: str, key: RoundKey, what: str) -> None:
+        """This peer proved that `reducer` lied in round `key`: an incident, and a ban in every fragment."""
+        self.incidents.append({"peer": reducer, "fragment": key.fragment, "round": key.round, "what": what})
+        if self.ban_on_proof and reducer not in self.banned:
+            self.banned.add(reducer)
+            log.warning("banning peer %s from this peer's groups and state for the run: %s", reducer, what)
+            for av in self.averagers:
+                av._outer_pipe.send(("_ban", [], dict(peer=reducer)))
+
     def shutdown(self) -> None:
         self._closing.set()
         self.meter.stop()
@@ -365,6 +391,9 @@ class _SwarmPending(PendingAverage):
     def result(self) -> FragmentAverage:
         try:
             gathered = self.control.result(timeout=self._safety_net())
+        except ReducerCaught as e:
+            self.owner.caught(e.reducer, self.key, e.message)
+            raise AveragingFailed(f"{self.key}: {e.message}") from None
         except Exception as e:
             raise AveragingFailed(f"{self.key}: {type(e).__name__}: {e}") from None
         stats = gathered
@@ -375,6 +404,8 @@ class _SwarmPending(PendingAverage):
         self.owner.codec_rounds[stats.get("codec", self.owner.codec_name)] += 1
         for peer in stats.get("refused", {}):
             self.owner.refused[peer] += 1
+        self.owner.audited_parts += stats.get("audited", 0)
+        self.owner.audit_bytes += stats.get("audit_bytes", 0)
         with self.av.get_tensors() as tensors:
             mean = tensors[0].clone()
         return FragmentAverage(mean, int(stats["peers"]), float(stats["weight"]))

@@ -49,8 +49,10 @@ from ..core.aggregation import AGGREGATIONS, WEIGHT_CAP, Aggregation, cap_weight
 from ..core.codecs import Codec, CodecError, get_codec
 from ..core.config import AUTO_CODEC
 from ..core.parts import block_aligned_parts
+from ..node import attacks
 from ..node.admission import Admission
 from ..node.failpoints import reached
+from .audit import ReducerCaught, digest, split_mean
 from .round_trips import peer_round_trip, round_trips
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class _Group:
     rates: list[float]  # each member's uplink in bytes/s as it published it (measured, else declared); 0: unknown
     intervals: list[float]  # each member's time between two rounds of this fragment (s); 0: unknown
     aggregation: str = "mean"  # the run's rule for combining contributions (`core.aggregation`)
+    audit: float = 0.0  # the run's chance that a member audits each other reducer's part (`audit`)
 
     @property
     def total_weight(self) -> float:
@@ -173,11 +176,12 @@ class UplinkPacer:
             await asyncio.sleep(at - now)
 
 
-def read_group(group_info: GroupInfo, me: PeerID, serializer, admission: Admission | None = None) -> _Group:
+def read_group(group_info: GroupInfo, me: PeerID, serializer, admission: Admission | None = None,
+               banned: set[str] | None = None) -> _Group:
     """The group's gathered metadata, checked: every member on the same run, fragment, round, codec, size and
     aggregation rule, each with a positive finite weight (capped at `aggregation.WEIGHT_CAP` times the group's
-    median) and, in a run with `admission`, a token that admits it. Raises AllreduceException naming the first
-    peer that differs."""
+    median) and, in a run with `admission`, a token that admits it; none of them `banned`. Raises
+    AllreduceException naming the first peer that differs."""
     peers = list(group_info.peer_ids)
     try:
         _, modes, user = zip(*map(serializer.loads, group_info.gathered))
@@ -189,8 +193,12 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer, admission: Admissi
     for peer, m in zip(peers, meta):
         if not isinstance(m, dict):
             raise AllreduceException(f"peer {peer} sent no round metadata")
-        m.setdefault("aggregation", "mean")  # (a peer of an older version: the mean)
-        for field in ("run", "fragment", "round", "codec", "numel", "aggregation"):
+        m.setdefault("aggregation", "mean")  # (a peer of an older version: the mean, no audits)
+        m.setdefault("audit", 0.0)
+        if banned and str(peer) in banned:
+            raise AllreduceException(f"peer {peer} is banned from this peer's groups (caught returning a wrong "
+                                     "mean): refusing the group")
+        for field in ("run", "fragment", "round", "codec", "numel", "aggregation", "audit"):
             if m.get(field) != mine.get(field):
                 raise AllreduceException(f"group mismatch: peer {peer} has {field}={m.get(field)!r}, "
                                          f"this peer {mine.get(field)!r}; refusing to mix")
@@ -206,6 +214,9 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer, admission: Admissi
                 raise AllreduceException(f"peer {peer} declared {field} {value!r}")
     if mine["aggregation"] not in AGGREGATIONS:
         raise AllreduceException(f"unknown aggregation {mine['aggregation']!r}")
+    audit = mine["audit"]
+    if isinstance(audit, bool) or not isinstance(audit, (int, float)) or not 0.0 <= audit <= 1.0:
+        raise AllreduceException(f"audit {audit!r} is not a probability")
     reducers = [i for i, mode in enumerate(modes) if mode != _CLIENT_MODE]
     if not reducers:
         raise AllreduceException("no member can reduce (all in client mode)")
@@ -216,7 +227,7 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer, admission: Admissi
             log.info("peer %s declared weight %.6g; it counts as %.6g (%gx the group's median)", peer, d, w,
                      WEIGHT_CAP)
     return _Group(peers, index, weights, reducers, [float(m.get("rate", 0.0)) for m in meta],
-                  [float(m.get("interval", 0.0)) for m in meta], mine["aggregation"])
+                  [float(m.get("interval", 0.0)) for m in meta], mine["aggregation"], float(audit))
 
 
 def chunk_spans(numel: int, codec: Codec, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
@@ -231,6 +242,13 @@ def lanes_for(chunks: int, round_trip: float | None, stream_rate: float) -> int:
     """Streams to carry `chunks` chunks at `stream_rate` bytes/s over a `round_trip` (s; None: unknown)."""
     wanted = DEFAULT_LANES if round_trip is None else math.ceil(round_trip * stream_rate / WINDOW_BYTES)
     return max(1, min(MAX_LANES, chunks, wanted))
+
+
+async def _enumerated(items: AsyncIterator) -> AsyncIterator:
+    i = 0
+    async for item in items:
+        yield i, item
+        i += 1
 
 
 async def _encoded_ahead(codec: Codec, x: torch.Tensor, chunks: list[tuple[int, int]], ahead: int = 2
@@ -256,8 +274,11 @@ class Reduction:
 
     def __init__(self, codec: Codec, numel: int, peers: list[PeerID], weights: list[float], me: PeerID,
                  deadline: float, pacer: UplinkPacer | None = None, chunk_bytes: int = CHUNK_BYTES,
-                 aggregation: Aggregation | None = None):
+                 aggregation: Aggregation | None = None, audited: bool = False):
+        """`audited`: each mean goes out after a commitment to the members' chunks (`audit`)."""
         self.codec, self.numel, self.me, self.deadline = codec, numel, me, deadline
+        self.audited = audited
+        self.lying = (attack := attacks.armed()) is not None and attack.kind == "lie"  # (a test's attacker)
         self.aggregation = aggregation or Aggregation()
         self.refused: dict[PeerID, int] = {}  # member -> chunks of its contribution left out as outliers
         self.pacer = pacer or UplinkPacer(0.0)  # the means to other members go through it
@@ -267,6 +288,7 @@ class Reduction:
         self.chunks = chunk_spans(numel, codec, chunk_bytes)
         self._parts: list[dict[PeerID, torch.Tensor]] = [{} for _ in self.chunks]
         self._seen: set[tuple[PeerID, int]] = set()  # (member, chunk) already in
+        self._digests: list[dict[PeerID, bytes]] = [{} for _ in self.chunks]  # (audited) sha256 of each chunk
         self.bytes_in = 0
         self.bytes_out = 0  # encoded means, once (every other member receives them)
         loop = asyncio.get_event_loop()
@@ -293,9 +315,13 @@ class Reduction:
             self.bytes_in += len(payload)
         parts = self._parts[k]
         parts[peer] = decoded
+        if self.audited:
+            self._digests[k][peer] = digest(payload)
         if len(parts) == len(self.peers) and not self.failed.done():
             self._parts[k] = {}
             mean = await asyncio.get_event_loop().run_in_executor(None, self._mean, [parts[p] for p in self.peers])
+            if self.audited:
+                mean = b"".join(self._digests[k][p] for p in self.peers) + mean
             self.bytes_out += len(mean)
             if not self.means[k].done():
                 self.means[k].set_result(mean)
@@ -309,7 +335,7 @@ class Reduction:
                             "median of the group's (an outlier, or poisoned); the mean is of the others'",
                             peer, self.aggregation.refuse_factor)
             self.refused[peer] = self.refused.get(peer, 0) + 1
-        return self.codec.encode(mean)
+        return self.codec.encode(-mean if self.lying else mean)
 
     def drop(self, peer: PeerID) -> None:
         """Member `peer` gave up the round: the part fails when some of its chunks are still to come (a member
@@ -339,6 +365,7 @@ class ButterflyProtocol:
     paced_uplink: float  # this peer's declared uplink (bytes/s): what it sends goes at PACE of it; 0: unpaced
     _streams_opened: dict  # member -> event-loop time of the latest stream it opened to this peer
     admitted = None  # `admitted.AdmittedPeers` in a run with a run key (set by `CodecAverager`)
+    banned: set[str]  # peers this peer caught lying (set by `CodecAverager`)
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, weight: float | None = None,
                                     **kwargs) -> dict:
@@ -348,7 +375,7 @@ class ButterflyProtocol:
         # a member's stream may come in before this peer registered the group (`rpc_codec_part` waits for it)
         streams_since = loop.time() - GROUP_REGISTRATION_S
         group = read_group(group_info, self.peer_id, self.serializer,
-                           self.admitted.admission if self.admitted is not None else None)
+                           self.admitted.admission if self.admitted is not None else None, self.banned)
         codec = get_codec(auto_codec(group.rates, group.intervals, self.numel) if self.codec_name == AUTO_CODEC
                           else self.codec_name)
         counts = await loop.run_in_executor(  # hivemind's LP: elements per reducer by declared bandwidth
@@ -360,9 +387,12 @@ class ButterflyProtocol:
         if group.me in owner_part:
             lo, hi = owner_part[group.me]
             reduction = Reduction(codec, hi - lo, group.peers, group.weights, self.peer_id, group.chunk_deadline,
-                                  pacer, group.chunk_bytes, Aggregation(group.aggregation))
+                                  pacer, group.chunk_bytes, Aggregation(group.aggregation), audited=group.audit > 0)
         self._running_groups[group_info.group_id].set_result(reduction)
         traffic = {"sent": 0, "received": 0}
+        audit_stats = {}
+        if group.audit > 0:
+            self._trail(group_info.group_id, group.peers)
         try:
             if reached("dropping_out"):
                 raise AllreduceException("failpoint dropping_out: this member gives up the round")
@@ -386,6 +416,14 @@ class ButterflyProtocol:
                 if reduction is not None:  # every other member sent us its part and takes our encoded mean
                     traffic["sent"] += reduction.bytes_out * (len(group.peers) - 1)
                     traffic["received"] += reduction.bytes_in
+                if group.audit > 0:  # nobody applies the round before every member's audits passed
+                    # the others may be auditing: a part's bytes from every member, at the slowest uplink
+                    slowest = min((r if r > 0 else FLOOR_RATE) for r in group.rates)
+                    audit_stats = await self._audit_round(
+                        group, group_info.group_id, codec, owner_part,
+                        lambda owner: chunk_spans(owner_part[owner][1] - owner_part[owner][0], codec,
+                                                  group.chunk_bytes),
+                        group.chunk_deadline + 2 * codec.wire_size(self.numel) / slowest)
                 flat.copy_(out)  # all or nothing
         except BaseException as e:
             # whoever waits on this peer learns it at once, not at a chunk deadline: the members waiting for our
@@ -399,7 +437,7 @@ class ButterflyProtocol:
                 "setup_s": exchange_began - began, "codec": codec.name,
                 # the members whose contributions to our part this reducer left out (chunks each)
                 "refused": {str(p): n for p, n in reduction.refused.items()} if reduction is not None else {},
-                **traffic}
+                **audit_stats, **traffic}
 
     async def _round_trips(self, group: _Group, owner_part: dict) -> dict[int, float]:
         """{reducer index: the kernel's RTT to it} for the reducers this peer is connected to and `ss` knows."""
@@ -419,16 +457,21 @@ class ButterflyProtocol:
         streams); that part's mean comes back into `out` chunk by chunk, while later chunks are still on their way."""
         weight = group.weights[group.me]
         chunks = chunk_spans(mine.numel(), codec, group.chunk_bytes)
+        trail = self._trail(group_id) if group.audit > 0 else None
         if owner == group.me:
             async def feed():
                 k = 0
                 async for payload in _encoded_ahead(codec, mine, chunks):
+                    if trail is not None:
+                        trail.sent[(owner, k)] = payload
                     await reduction.add(self.peer_id, k, weight, payload)
                     k += 1
             feeding = asyncio.ensure_future(feed())
             try:
                 for k in range(len(chunks)):
                     mean = await reduction.mean(k, group.chunk_deadline + (MEMBER_CONNECT_S if k == 0 else 0.0))
+                    if trail is not None:
+                        mean = split_mean(mean, len(group.peers))[1]
                     await self._take_mean(codec, mean, out, chunks[k], group.peers[owner])
                 await feeding
             finally:
@@ -445,10 +488,14 @@ class ButterflyProtocol:
         """One stream to the reducer of part `owner`: the chunks of lane (i, n) out, their means back."""
         reducer, weight, timeout = group.peers[owner], group.weights[group.me], group.chunk_deadline
         stub = type(self).get_stub(self._p2p, reducer, namespace=self.prefix)
+        trail = self._trail(group_id) if group.audit > 0 else None
+        index = [lane[0] + i * lane[1] for i in range(len(chunks))]  # each chunk's index in the part
 
         async def requests():
             first = True
-            async for payload in _encoded_ahead(codec, mine, chunks, ahead=1):
+            async for i, payload in _enumerated(_encoded_ahead(codec, mine, chunks, ahead=1)):
+                if trail is not None:
+                    trail.sent[(owner, index[i])] = payload
                 await pacer.wait(len(payload))
                 traffic["sent"] += len(payload)
                 yield averaging_pb2.AveragingData(
@@ -474,7 +521,12 @@ class ButterflyProtocol:
                     raise AllreduceException(f"reducer {reducer} answered "
                                              f"{averaging_pb2.MessageCode.Name(msg.code)}")
                 traffic["received"] += len(msg.tensor_part.buffer)
-                await self._take_mean(codec, msg.tensor_part.buffer, out, span, reducer)
+                mean = msg.tensor_part.buffer
+                if trail is not None:  # our own entry of its commitment first; the rest for an audit
+                    commitment, mean = split_mean(mean, len(group.peers))
+                    trail.check_commitment(owner, index[k], commitment, group.me, reducer)
+                    trail.received[(owner, index[k])] = (commitment, mean)
+                await self._take_mean(codec, mean, out, span, reducer)
         finally:
             await stream.aclose()
 
@@ -497,6 +549,8 @@ class ButterflyProtocol:
                 work.cancel()
                 watch.result()  # raises: a member died
             await work
+        except ReducerCaught:  # (as it is: the trainer bans that reducer)
+            raise
         except BaseException as e:
             raise AllreduceException(f"round failed: {e!r}") from e
         finally:

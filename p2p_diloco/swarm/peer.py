@@ -174,7 +174,7 @@ class Peer:
                                       round_timeout=run.round_timeout, target_group_size=run.target_group_size,
                                       uplink_mbit=self.opts.bandwidth, min_matchmaking_time=run.matchmaking_time,
                                       client_mode=self.client_mode, aggregation=run.diloco.aggregation,
-                                      admission=self.admission, token=self.opts.token)
+                                      admission=self.admission, token=self.opts.token, audit=run.diloco.audit)
         self.outer = StreamingDiLoCo(self.model, run.diloco, self.averager, run_id=run.run_id)
         if self.opts.threads:
             # only now: an averager process forked after set_num_threads trips torch's "Invalid thread pool"
@@ -407,6 +407,9 @@ class Peer:
             "codec_rounds": dict(self.averager.codec_rounds),  # rounds averaged per codec (`--codec auto` varies)
             # incidents: peer -> rounds in which this peer, reducing, refused its contribution as an outlier
             "refused_contributions": dict(self.averager.refused),
+            "incidents": list(self.averager.incidents),  # reducers this peer caught lying, and where
+            "banned": sorted(self.averager.banned),
+            "audited_parts": self.averager.audited_parts, "audit_bytes": self.averager.audit_bytes,
             # (fragment, round) states that a single peer published and nobody else held: passed over
             "states_passed_over": sorted(self.outer.unbacked),
             "state_sha256": list(self.outer.digests),  # per fragment: the hash the swarm votes on
@@ -440,8 +443,8 @@ def _live(records: list[PeerProgress], peer: Peer) -> list[ClockReading]:
     """The clock readings of the other peers training now (in an admission-only run: the admitted ones); tells
     the averager and the health watch who they are."""
     now, peer_id, averager, health = time.time(), peer.peer_id, peer.averager, peer.health
-    live = [p for p in _admitted(records, peer)
-            if p.training and p.peer_id != peer_id and now - p.time <= LIVE_WITHIN_S]
+    live = [p for p in _admitted(records, peer) if p.training and p.peer_id != peer_id
+            and now - p.time <= LIVE_WITHIN_S and p.peer_id not in averager.banned]
     averager.live_peers = {p.peer_id for p in live}
     averager.unreachable_peers = {p.peer_id for p in live if not p.reachable}
     health.observe_swarm(len(live), sum(p.reachable for p in live), max((sum(p.rounds) for p in live), default=0))

@@ -85,6 +85,8 @@ class StateServing:
 
     async def rpc_download_state(self, request: averaging_pb2.DownloadRequest, context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if str(context.remote_id) in getattr(self, "banned", ()):
+            return  # caught lying: nothing from this peer
         if self.admitted is not None and not await self.admitted.admits(self.dht, str(context.remote_id)):
             self.admitted.refuse(str(context.remote_id), "this fragment's state", "no token that admits it in its "
                             "progress record")

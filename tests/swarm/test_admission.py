@@ -3,6 +3,7 @@ an admission-only run's config cannot be replaced, and no plain value can be sto
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import time
@@ -10,12 +11,16 @@ import time
 import hivemind
 import msgpack
 import pytest
+import torch
 from hivemind.utils import get_dht_time
 
+from p2p_diloco.core.averaging import RoundKey
 from p2p_diloco.core.config import DiLoCoConfig
+from p2p_diloco.core.state_hash import state_hash
 from p2p_diloco.node.admission import (TOKEN_PREFIX, Admission, AdmissionError, RunKey, Token, config_subkey,
                                        open_run_config, sign_run_config)
 from p2p_diloco.node.records import PeerProgress, RunConfig
+from p2p_diloco.swarm.averager import SwarmAverager
 from p2p_diloco.swarm.dht import fetch_progress, fetch_run_config, publish_progress, publish_run_config, visible_maddrs
 from p2p_diloco.task.model import model_spec
 
@@ -111,3 +116,33 @@ def test_an_admission_only_run_config_cannot_be_replaced_and_needs_a_token_to_re
         assert [p.step for p in fetch_progress(reader, "pub")] == [5]
     finally:
         stranger.shutdown()
+
+
+def test_a_donor_serves_its_state_to_admitted_peers_only(tmp_path, dhts, caplog):
+    """Real averager processes in an admission-only run: the donor hands its state to a peer whose progress record
+    carries a token for it, and nothing to one that presents a token stolen from another peer."""
+    key = RunKey.load_or_create(str(tmp_path / "k"))[0]
+    admission = Admission("pub", key.public)
+    a, b, c = dhts(3, run_id="pub", admission_only=True)
+    tokens = {d: key.issue("pub", str(d.peer_id), 3600) for d in (a, b)}
+    tokens[c] = tokens[a]  # stolen
+    avs = [SwarmAverager(d, "pub", [3000], "fp4", round_timeout=10, admission=admission, token=tokens[d])
+           for d in (a, b, c)]
+    try:
+        for d in (a, b, c):
+            publish_progress(d, "pub", PeerProgress(str(d.peer_id), 0, token=tokens[d]))
+        round_key = RoundKey("pub", 0, 4)
+        anchor, momentum = torch.randn(3000), torch.randn(3000)
+        digest = state_hash(anchor, momentum)
+        avs[0].applied(round_key, anchor, momentum, digest)
+        for av in avs[1:]:
+            av.live_peers = {avs[0].peer_id}
+        time.sleep(1.0)
+        state = avs[1].recover(round_key, digest)
+        assert state is not None and torch.equal(state.anchor, anchor)
+        with caplog.at_level(logging.WARNING):
+            assert avs[2].recover(round_key, digest) is None
+        assert "the donor has no state for this fragment" in caplog.text
+    finally:
+        for av in avs:
+            av.shutdown()
