@@ -470,14 +470,11 @@ def admit(run_key_path, run_id, peer_id, valid_for):
 
     check_run_id_flag(run_id)
     if peer_id is not None:
-        import multihash
-        from hivemind.p2p import PeerID
+        from .swarm.dht import is_peer_id
 
-        try:
-            multihash.decode(PeerID.from_base58(peer_id).to_bytes())  # a peer id is a multihash of a public key
-        except Exception:
+        if not is_peer_id(peer_id):
             raise click.UsageError(f"--peer {peer_id!r} is not a peer id (as `p2p-diloco identity FILE` prints "
-                                   "it: Qm...)") from None
+                                   "it: Qm...)")
     try:
         token = RunKey.load(run_key_path).issue(run_id, peer_id, valid_for * 3600)
     except AdmissionError as e:
@@ -494,13 +491,11 @@ def admit(run_key_path, run_id, peer_id, valid_for):
 def identity(key_file):
     """Print the peer id of KEY_FILE, a libp2p key (created if missing): `join --identity KEY_FILE` trains as it,
     and `admit --peer` admits it."""
-    from hivemind.p2p import P2P
-
-    from .swarm.dht import identity_peer_id
+    from .swarm.dht import create_identity, identity_peer_id
 
     check_identity_file(key_file)
     if not os.path.exists(key_file):
-        P2P.generate_identity(key_file)
+        create_identity(key_file)
         click.echo(f"created {key_file}", err=True)
     click.echo(str(identity_peer_id(key_file)))
 

@@ -24,7 +24,8 @@ import tempfile
 import time
 
 import hivemind
-from hivemind.p2p import PeerID
+import multihash
+from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.multiaddr import Multiaddr
@@ -68,6 +69,20 @@ def check_initial_peers(maddrs: list[str], option: str = "--initial-peers") -> l
             raise BootstrapError(f"{option} {text!r}: {m['p2p']!r} is not a peer id; expected e.g. {example}") \
                 from None
     return maddrs
+
+
+def is_peer_id(text: str) -> bool:
+    """Whether `text` is a libp2p peer id (base58 of a multihash of a public key, as `identity_peer_id` prints)."""
+    try:
+        multihash.decode(PeerID.from_base58(text).to_bytes())
+    except Exception:
+        return False
+    return True
+
+
+def create_identity(path: str) -> None:
+    """Write a new libp2p key file (hivemind's format) at `path`."""
+    P2P.generate_identity(path)
 
 
 def identity_peer_id(path: str) -> PeerID:

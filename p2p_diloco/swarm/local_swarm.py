@@ -158,14 +158,12 @@ class LocalSwarm:
     def _admission_args(self, name: str, env: dict[str, str] | None) -> list[str]:
         """--identity and --token of trainer `name` in an admission-only swarm: a token for its own peer id,
         or, for an "unadmitted" attacker, one stolen from peer0."""
-        from hivemind.p2p import P2P
-
-        from .dht import identity_peer_id
+        from .dht import create_identity, identity_peer_id
 
         def identity(who: str) -> tuple[str, str]:
             path = os.path.join(self.workdir, f"{who}.key")
             if not os.path.exists(path):
-                P2P.generate_identity(path)
+                create_identity(path)
             return path, str(identity_peer_id(path))
 
         path, peer_id = identity(name)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
 from p2p_diloco.core.averaging import AveragingFailed, RoundKey
