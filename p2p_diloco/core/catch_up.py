@@ -178,12 +178,15 @@ class CatchUp:
             for attempt in range(JOIN_ATTEMPTS):  # the donors may move on to the next round meanwhile
                 latest = self.schedule.latest_round(k, step)
                 report = self._backed_report(k, latest + attempt, backing_wait_s) if latest is not None else None
+                if report is None and attempt == 0 and latest is not None:
+                    report = self._oldest_held(k, latest)
                 if report is None and attempt == 0:
                     held.append(None)
                     break
                 while report is not None:
                     key = RoundKey(self.run_id, k, report.round)
-                    if self._adopt_agreed_state(k, key, report.agreed(None, self._quorum(report)), count=False):
+                    digest = report.agreed(None, self._quorum(report)) or report.majority()
+                    if self._adopt_agreed_state(k, key, digest, count=False):
                         break
                     # nobody could serve that round (its holders died): an older agreed state, if one is held
                     report = self._agreed_report(k, report.round - 1)
@@ -210,6 +213,22 @@ class CatchUp:
                     or time.monotonic() >= deadline:
                 return report
             time.sleep(min(JOIN_BACKING_POLL_S, max(0.0, deadline - time.monotonic())))
+
+    def _oldest_held(self, k: int, upto: int) -> RoundReport | None:
+        """When no round of fragment `k` is held by enough peers (each live peer holds a round of its own: one
+        failed the last round, another died with a newer one), the OLDEST round some peer holds: a joiner starts
+        from it rather than from the seed, and the catch-up brings it forward once a newer round is agreed. The
+        oldest, not the newest: one peer publishing a round of its own making ahead of the others would otherwise
+        be adopted, and no older agreed round could replace it later."""
+        oldest = None
+        report = self.averager.latest_agreed(k, upto)
+        while report is not None:
+            oldest = report
+            report = self.averager.latest_agreed(k, report.round - 1)
+        if oldest is not None:
+            log.warning("fragment %d: no round's state is held by enough peers; starting from the oldest held, "
+                        "round %d, until one is agreed", k, oldest.round)
+        return oldest
 
     def _adopt_agreed_state(self, k: int, key: RoundKey, digest: str | None = None, count: bool = True) -> bool:
         """Download `key`'s state (hashing to `digest`) and adopt it, waiting for it (a joiner's start)."""

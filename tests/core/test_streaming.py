@@ -441,12 +441,13 @@ def test_a_joiner_waits_a_moment_for_the_newest_round_s_second_holder():
     began = time.monotonic()
     assert o.adopt_swarm_state(o.offsets[0] + 5 * 6, backing_wait_s=5.0) == [4]
     assert time.monotonic() - began < 2 and torch.equal(o.anchors[0], newest.anchor)
-    # never backed: after the wait, what there is (here nothing agreed: the fragment stays at the seed)
-    swarm.reports[0] = RoundReport(4, {digest: 1}, voters=2)
+    # never backed (each live peer holds a round of its own): after the wait, the OLDEST round some peer holds
+    older = AgreedState(torch.full((n,), 0.25), torch.full((n,), 0.5))
+    swarm.reports[0] = [RoundReport(3, {swarm.holds(3, older): 1}, voters=2), RoundReport(4, {digest: 1}, voters=2)]
     joiner, _ = one_fragment_worker(swarm)
     began = time.monotonic()
-    assert joiner.adopt_swarm_state(joiner.offsets[0] + 5 * 6, backing_wait_s=0.5) == [None]
-    assert 0.5 <= time.monotonic() - began < 2
+    assert joiner.adopt_swarm_state(joiner.offsets[0] + 5 * 6, backing_wait_s=0.5) == [3]
+    assert 0.5 <= time.monotonic() - began < 2 and torch.equal(joiner.anchors[0], older.anchor)
 
 
 def test_a_round_not_done_yet_lets_training_go_on_until_the_next_one_is_due():
