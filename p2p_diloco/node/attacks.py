@@ -20,6 +20,7 @@ KINDS = {
     "weight": "weight:W — it declares W tokens behind every outer gradient (e.g. 1e9)",
     "lie": "lie — as a reducer it returns its group the negated mean of its part (its commitments honest)",
     "unadmitted": "unadmitted — it takes part in an admission-only run though its --token (if any) does not admit it",
+    "flood": "flood — it floods the other peers' averagers with oversized messages, streams and DHT pings",
 }
 __doc__ += "".join(f"\n  {what}." for what in KINDS.values())
 
@@ -51,7 +52,7 @@ def parse(spec: str | None) -> Attack | None:
     kind, _, value = spec.partition(":")
     if kind not in KINDS:
         raise AttackError(f"{ENV}={spec!r}: unknown attack {kind!r}; known: {', '.join(KINDS)}")
-    if kind in ("flip", "unadmitted", "lie"):
+    if kind in ("flip", "unadmitted", "lie", "flood"):
         if value:
             raise AttackError(f"{ENV}={spec!r}: {kind} takes no value")
         return Attack(kind)

@@ -42,6 +42,7 @@ from ..core.config import AUTO_CODEC
 from ..node import attacks
 from ..node.admission import Admission
 from ..node.failpoints import reached
+from . import inbound
 from .admitted import AdmittedPeers
 from .audit import AuditProtocol, ReducerCaught
 from .butterfly import DEADLINE_FLOOR_S, FLOOR_RATE, ButterflyProtocol
@@ -51,6 +52,14 @@ from .state_serving import (StateServing, decode_state, hash_records, hashes_key
                             publish_hash, read_hash_records)
 
 log = logging.getLogger(__name__)
+
+
+class Shunned(set):
+    """The peers an averager's process has nothing to do with: those it caught lying (the set's members, for the
+    run) and those its inbound limits dropped for flooding it (`inbound`, for a while): no group, no state."""
+
+    def __contains__(self, peer) -> bool:
+        return set.__contains__(self, peer) or inbound.INBOUND.is_dropped(peer)
 
 
 class CodecAverager(ButterflyProtocol, AuditProtocol, StateServing, DecentralizedAverager):
@@ -65,9 +74,10 @@ class CodecAverager(ButterflyProtocol, AuditProtocol, StateServing, Decentralize
         self.numel = numel
         self.paced_uplink = paced_uplink
         self.admitted = AdmittedPeers(admission) if admission is not None else None
-        self.banned: set[str] = set()  # peers this peer caught lying (`_ban`): no group, no state, for the run
+        self.banned = Shunned()  # peers this peer caught lying (`_ban`): no group, no state, for the run
         self._leaders_filtered = False
         self._streams_opened = {}  # member -> (event loop) time of the latest stream it opened to this peer
+        inbound.install()  # (before the averager's process forks)
         super().__init__([torch.zeros(numel, dtype=torch.float32)], **kwargs)
 
     def run(self):

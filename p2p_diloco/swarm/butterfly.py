@@ -195,9 +195,9 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer, admission: Admissi
             raise AllreduceException(f"peer {peer} sent no round metadata")
         m.setdefault("aggregation", "mean")  # (a peer of an older version: the mean, no audits)
         m.setdefault("audit", 0.0)
-        if banned and str(peer) in banned:
+        if banned is not None and str(peer) in banned:
             raise AllreduceException(f"peer {peer} is banned from this peer's groups (caught returning a wrong "
-                                     "mean): refusing the group")
+                                     "mean, or dropped for flooding this peer): refusing the group")
         for field in ("run", "fragment", "round", "codec", "numel", "aggregation", "audit"):
             if m.get(field) != mine.get(field):
                 raise AllreduceException(f"group mismatch: peer {peer} has {field}={m.get(field)!r}, "
@@ -593,7 +593,8 @@ class ButterflyProtocol:
         as it gave up matchmaking is connected (the DHT, other rounds) but never sends its part.
 
         A SIGKILLed member's connection closes at once, but a part it never sent, or
-        an answer it never gave, would otherwise be waited for until the chunk deadline.
+        an answer it never gave, would otherwise be waited for until the chunk deadline. So would a member this
+        peer drops mid-round (`inbound`: it floods this peer), whose streams are closed unread from then on.
         """
         others, seen = set(peers) - {self.peer_id}, set()
         loop = asyncio.get_event_loop()
@@ -607,6 +608,10 @@ class ButterflyProtocol:
                 gone = others - seen
             if gone:
                 raise AllreduceException(f"member {sorted(map(str, gone))[0]} is gone (not connected)")
+            shunned = sorted(str(p) for p in others if str(p) in self.banned)
+            if shunned:  # (dropped for flooding this peer mid-round: nothing more from it is read)
+                raise AllreduceException(f"member {shunned[0]} is banned or dropped by this peer: the round "
+                                         "cannot complete")
             if late and streams_since is not None:
                 silent = [p for p in others if self._streams_opened.get(p, -math.inf) < streams_since]
                 if silent:

@@ -32,7 +32,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from ..node.admission import AdmissionError, config_subkey, open_run_config
 from ..node.records import PeerProgress, RecordError, RunConfig, check_run_id
-from . import reachability
+from . import inbound, reachability
 from .addresses import likeliest_first
 from .lifetime import die_with_parent
 from .signed_records import SignedRecords, protected_keys
@@ -194,6 +194,7 @@ def start_dht(initial_peers: list[str] | None = None, host_maddrs: list[str] | N
     # without a key file of the user's, a new identity each start: its file lives only until the DHT process
     # holds the key
     own_keys = tempfile.mkdtemp(prefix="p2p-diloco-identity-") if identity_path is None else None
+    inbound.install()  # limits on what other peers make this node read (the DHT's process forks with them)
     key_path = identity_path or os.path.join(own_keys, "identity.key")
     try:
         dht = _DHT(start=True, initial_peers=initial_peers or None,

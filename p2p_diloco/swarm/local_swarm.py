@@ -172,9 +172,9 @@ class LocalSwarm:
         return ["--identity", path, "--token", self.run_key.issue(self.run.run_id, peer_id, 24 * 3600)]
 
     def _outsider(self) -> bool:
-        """The last trainer is an attacker the others shut out (not admitted, or a lying reducer they ban): it is
-        not counted as one of the swarm's."""
-        return self.admission and self.attacker == "unadmitted" or self.attacker == "lie"
+        """The last trainer is an attacker the others shut out (not admitted, a lying reducer they ban, or a
+        flooder they drop): it is not counted as one of the swarm's."""
+        return self.admission and self.attacker == "unadmitted" or self.attacker in ("lie", "flood")
 
     def run_all(self, timeout: float, show_progress: bool = True,
                 progress_every: float = PLAIN_PROGRESS_EVERY_S) -> dict:

@@ -46,8 +46,10 @@ from ..task.data import BatchStream, Corpus
 from ..task.device import pick_device
 from ..task.model import build_model, evaluate, lm_loss
 from . import reachability
-from .averager import SwarmAverager
+from .averager import CodecAverager, SwarmAverager
 from .clock import ClockReading, SwarmClock
+from .flooding import Flooder
+from .lifetime import peak_memory
 from .dht import (CONFIG_TTL, decode_progress, fetch_progress, fetch_signed_run_config, publish_progress,
                   publish_run_config, request_progress, start_dht, visible_maddrs)
 from .round_health import RoundHealth
@@ -165,6 +167,7 @@ class Peer:
         self.trained_s = 0.0  # from the first inner step to the last
         self.saved_at_rounds = 0
         self.unadmitted: set[str] = set()  # peers whose records were ignored (logged once each)
+        self.flooder: Flooder | None = None  # P2P_DILOCO_ATTACK=flood (a test's attacker)
 
     # -- joining -------------------------------------------------------------------
     def start(self) -> None:
@@ -181,9 +184,22 @@ class Peer:
             # assert the first time one of its threads runs a parallel op
             torch.set_num_threads(self.opts.threads)
         _yield_cpu_to_network()
+        if attacks.armed() is not None and attacks.armed().kind == "flood":
+            self.flooder = Flooder(self.dht, self._flood_targets)
+            self.flooder.start()
         signal.signal(signal.SIGINT, self._request_stop)
         signal.signal(signal.SIGTERM, self._request_stop)
         self._say_where()
+
+    def _flood_targets(self) -> dict[str, list[str]]:
+        """(P2P_DILOCO_ATTACK=flood) every other training peer's averager handlers."""
+        names = [CodecAverager._get_handle_name(f"{self.run.run_id}_f{k}", method)
+                 for k in range(len(self.fragment_sizes)) for method in ("rpc_codec_part", "rpc_join_group")]
+        try:
+            return {p.peer_id: names for p in fetch_progress(self.dht, self.run.run_id)
+                    if p.training and p.peer_id != self.peer_id}
+        except Exception:
+            return {}
 
     def _request_stop(self, signum, frame) -> None:
         self.stopping = True
@@ -414,7 +430,12 @@ class Peer:
             "states_passed_over": sorted(self.outer.unbacked),
             "state_sha256": list(self.outer.digests),  # per fragment: the hash the swarm votes on
             "wall_s": round(time.time() - self.started, 2),
+            # the highest resident memory of this peer's processes (trainer, averagers, DHT, p2pd), each's own
+            # peak, summed: an upper bound on what it ever held at once
+            "peak_memory_mb": round(peak_memory(os.getpid()) / 2**20, 1),
         }
+        if self.flooder is not None:
+            summary["flood"] = self.flooder.stop()
         if self.opts.summary_path:
             tmp = self.opts.summary_path + ".tmp"
             with open(tmp, "w") as f:

@@ -290,6 +290,33 @@ def test_an_unadmitted_peer_is_never_in_a_group_and_never_served_state_across_10
     assert not [line for line in failures if who in line], failures
 
 
+def test_a_flooding_peer_is_dropped_and_its_victims_memory_stays_bounded_their_rounds_going(run):
+    """`--attacker flood`: the last peer trains, and floods the others' averagers all run long with streams
+    declaring 2**40-byte messages (junk pushed into each) and DHT pings. Each victim process reads the first
+    header, drops the flooder (`swarm.inbound`) and leaves it out of its groups; the victims' memory stays where a
+    3-peer tiny swarm's is (measured: ~2.0 GB summed over a peer's ~10 processes, flooded or not, as the
+    flooder's own; an unlimited victim grows by what is pushed, `test_inbound.py`) and they average on, in
+    consensus."""
+    r = run(3, "--attacker", "flood")
+    report = r.finish()
+    assert r.proc.returncode == 0, r.text()
+    assert report["finished"] == ["peer0", "peer1"] and report["consensus"] is True, r.text()
+    assert len({tuple(p["state_sha256"]) for p in report["peers"]}) == 1
+    assert all(p["global_step"] == STEPS and p["eval_loss"] < EVAL_LOSS_TRAINED for p in report["peers"])
+    flooder = report["outsider"]
+    flood = flooder["flood"]
+    assert flood["streams_opened"] + flood["streams_failed"] >= 100 and flood["pings"] >= 100, flood
+    logs = {name: (r.workdir / f"{name}.log").read_text() for name in ("peer0", "peer1")}
+    for p in report["peers"]:
+        assert f"dropping peer {flooder['peer_id']} for" in logs[p["name"]], r.text()
+        # as much as the flooder's own processes (the same ones, never flooded) hold, give or take
+        assert p["peak_memory_mb"] < flooder["peak_memory_mb"] + 256, (p["name"], p["peak_memory_mb"],
+                                                                       flooder["peak_memory_mb"])
+        # rounds go on (flooded, on 2 cores shared with the flooder, about half of them fail: see the README)
+        assert sum(p["rounds"]) >= 4 and min(p["rounds"]) >= 1, (p["rounds"], p["rounds_failed"])
+    print({p["name"]: (p["peak_memory_mb"], p["rounds"], p["rounds_failed"]) for p in report["peers"]}, flood)
+
+
 @pytest.mark.skipif(not os.environ.get("P2P_DILOCO_LONG_TESTS"), reason="a minute; the suite's audit test is "
                     "tests/swarm/test_audit.py (P2P_DILOCO_LONG_TESTS=1 runs this one)")
 def test_a_lying_reducer_is_caught_its_rounds_applied_nowhere_and_it_is_banned(run):
