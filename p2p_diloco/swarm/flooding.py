@@ -4,18 +4,26 @@ It opens streams to other peers' averager handlers as fast as they let it, decla
 DECLARED_BYTES and pushes junk until the stream is refused or PUSH_BYTES went out; and fires DHT pings at them.
 A victim without limits buffers whatever is pushed (hivemind reads a message whole); with them it reads the
 8-byte header, closes the stream and soon drops the flooder.
+
+`python -m p2p_diloco.swarm.flooding victim limited|open` is a victim to measure (tests, scripts/bench_flood.py):
+one libp2p node with one stream handler (VICTIM_HANDLER), with or without `inbound`'s limits; it prints a JSON
+line (its peer id, addresses, memory), then, for each line read on stdin, its memory and what it refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import asdict, dataclass
 
 from hivemind.p2p import P2P, PeerID
-from hivemind.proto import dht_pb2
+from hivemind.proto import averaging_pb2, dht_pb2
+
+from . import inbound
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +109,40 @@ class Flooder:
                 tasks += [ping(p2p, peer, self.stats) for _ in range(len(handlers))]
                 await asyncio.gather(*tasks)
                 await asyncio.sleep(len(tasks) / OPENS_PER_S)
+
+
+VICTIM_HANDLER = "victim.rpc"
+
+
+def _memory() -> dict:
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                if k in ("VmRSS", "VmHWM")}
+
+
+async def serve_victim(limited: bool) -> None:
+    if limited:
+        inbound.install()
+    p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+
+    async def handler(stream, context):
+        async for _ in stream:
+            yield averaging_pb2.AveragingData()
+    await p2p.add_protobuf_handler(VICTIM_HANDLER, handler, averaging_pb2.AveragingData, stream_input=True,
+                                   stream_output=True)
+    print(json.dumps({"peer": p2p.peer_id.to_base58(), "maddrs": [str(m) for m in await p2p.get_visible_maddrs()],
+                      **_memory()}), flush=True)
+    loop = asyncio.get_running_loop()
+    try:
+        while await loop.run_in_executor(None, sys.stdin.readline):
+            print(json.dumps({**_memory(), "dropped": list(inbound.INBOUND.dropped),
+                              "refused": inbound.INBOUND.refused, "oversized": inbound.INBOUND.oversized}),
+                  flush=True)
+    finally:
+        await p2p.shutdown()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["victim"] or sys.argv[2:] not in (["limited"], ["open"]):
+        sys.exit("usage: python -m p2p_diloco.swarm.flooding victim limited|open")
+    asyncio.run(serve_victim(sys.argv[2] == "limited"))

@@ -1,20 +1,26 @@
 """`swarm.inbound`: the limits on what other peers make this one read. The accounting on a fake clock; then a
 real libp2p victim (its own process, its memory read from /proc) flooded by `flooding`'s attacker with and
 without the limits: without them it buffers what is pushed, with them it reads 8 bytes a stream and drops the
-flooder."""
+flooder; and real averager processes that average on through a flood."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
-import textwrap
+import time
 
 import pytest
+import torch
 from hivemind.p2p import P2P, PeerID
 
-from p2p_diloco.swarm.flooding import FloodStats, flood_stream
+from processes import p2pd_pids
+
+from p2p_diloco.core.averaging import RoundKey
+from p2p_diloco.swarm.averager import CodecAverager, SwarmAverager
+from p2p_diloco.swarm.flooding import VICTIM_HANDLER, Flooder, FloodStats, flood_stream
 from p2p_diloco.swarm.inbound import (DROP_AFTER, DROP_S, MAX_MESSAGE_BYTES, REQUEST_BURST, REQUEST_RATE,
                                       REQUESTS_IN_FLIGHT, STREAM_BURST, STREAM_RATE, STREAMS_PER_PEER, Inbound,
                                       OversizedMessage)
@@ -87,67 +93,41 @@ def test_an_oversized_message_is_refused_from_its_header_and_drops_its_sender_at
     assert list(guard.dropped) == ["a"]
 
 
-VICTIM = textwrap.dedent("""
-    import asyncio, json, sys
-    from hivemind.p2p import P2P
-    from hivemind.proto import averaging_pb2
-    from p2p_diloco.swarm import inbound
-
-    def memory():
-        with open("/proc/self/status") as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in f) if k in ("VmRSS", "VmHWM")}
-
-    async def main(limited):
-        if limited:
-            inbound.install()
-        p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        async def handler(stream, context):
-            async for message in stream:
-                yield averaging_pb2.AveragingData()
-        await p2p.add_protobuf_handler("victim.rpc", handler, averaging_pb2.AveragingData, stream_input=True,
-                                       stream_output=True)
-        print(json.dumps({"peer": p2p.peer_id.to_base58(), "maddrs": [str(m) for m in await p2p.get_visible_maddrs()],
-                          **memory()}), flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        print(json.dumps({**memory(), "dropped": list(inbound.INBOUND.dropped), "refused": inbound.INBOUND.refused,
-                          "oversized": inbound.INBOUND.oversized}), flush=True)
-        await p2p.shutdown()
-
-    asyncio.run(main(sys.argv[1] == "limited"))
-""")
-
-
 async def _flood(victim: dict, streams: int, push_bytes: int) -> FloodStats:
     p2p = await P2P.create(initial_peers=victim["maddrs"])
     stats = FloodStats()
     try:
         peer = PeerID.from_base58(victim["peer"])
         for _ in range(streams):
-            await flood_stream(p2p, peer, "victim.rpc", stats, push_bytes=push_bytes)
+            await flood_stream(p2p, peer, VICTIM_HANDLER, stats, push_bytes=push_bytes)
     finally:
         await p2p.shutdown()
     return stats
 
 
 def _flooded(limited: bool, streams: int, push_bytes: int) -> tuple[dict, dict, FloodStats]:
-    proc = subprocess.Popen([sys.executable, "-c", VICTIM, "limited" if limited else "open"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "p2p_diloco.swarm.flooding", "victim",
+                             "limited" if limited else "open"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         before = json.loads(proc.stdout.readline())
         stats = asyncio.run(asyncio.wait_for(_flood(before, streams, push_bytes), 120))
         proc.stdin.write("\n")
         proc.stdin.flush()
         after = json.loads(proc.stdout.readline())
-        proc.wait(timeout=30)
         return before, after, stats
-    finally:
-        proc.kill()
-        proc.wait()
+    finally:  # end of its stdin: the victim shuts its node (and p2pd) down
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_flood_of_oversized_messages_leaves_a_limited_victim_s_memory_bounded():
     """Measured: the same flood (streams declaring 2**40-byte messages, junk pushed into each) grows an unlimited
     victim by about what was pushed, a limited one by almost nothing; the limited one drops the flooder."""
+    daemons = p2pd_pids()
     before, after, stats = _flooded(False, streams=1, push_bytes=256 << 20)
     grown_open = after["VmHWM"] - before["VmRSS"]
     assert stats.bytes_pushed >= 200 << 20 and grown_open >= 150 << 20, (stats, before, after)
@@ -157,5 +137,49 @@ def test_a_flood_of_oversized_messages_leaves_a_limited_victim_s_memory_bounded(
     assert grown_limited < 32 << 20, (stats, before, after)
     assert after["oversized"] == 1 and len(after["dropped"]) == 1, after  # the first stream's header, then dropped
     assert stats.streams_opened + stats.streams_failed == STREAMS_PER_PEER
+    assert p2pd_pids() <= daemons, "p2pd left behind"
     print(f"unlimited victim: +{grown_open / 2**20:.0f} MiB; limited: +{grown_limited / 2**20:.1f} MiB "
           f"({stats.bytes_pushed / 2**20:.0f} MiB pushed in vain)")
+
+
+def _peak(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+from test_audit import _round  # noqa: E402  (one round of every averager at once)
+
+
+def test_flooded_averagers_drop_the_flooder_and_average_on_with_their_memory_flat(dhts, tmp_path):
+    """Two peers' real averager processes average round after round while a third peer, running `flooding`'s
+    attacker, floods both (streams declaring 2**40-byte messages, junk pushed into them, DHT pings): each drops
+    it at its first header, every round succeeds, and no averager process grows by more than a few MiB."""
+    a, b, c = dhts(3)
+    logged = logging.FileHandler(tmp_path / "inbound.log")  # (the averager processes fork with it)
+    logging.getLogger("p2p_diloco.swarm.inbound").addHandler(logged)
+    avs = [SwarmAverager(d, "run1", [4000], "fp4", round_timeout=20, target_group_size=2, min_matchmaking_time=2,
+                         search_timeout=10) for d in (a, b)]
+    handlers = [CodecAverager._get_handle_name("run1_f0", m) for m in ("rpc_codec_part", "rpc_join_group")]
+    flooder = Flooder(c, lambda: {str(a.peer_id): handlers, str(b.peer_id): handlers})
+    try:
+        xs = [torch.randn(4000) for _ in avs]
+        outcomes = _round(avs, RoundKey("run1", 0, 1), xs)  # (warms the averagers up)
+        assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+        pids = [av.averagers[0].pid for av in avs]
+        before = [_peak(pid) for pid in pids]
+        flooder.start()
+        time.sleep(2)
+        for r in range(2, 10):
+            outcomes = _round(avs, RoundKey("run1", 0, r), xs)
+            assert all(not isinstance(o, Exception) and o.peers == 2 for o in outcomes), (r, outcomes)
+        stats = flooder.stop()
+        grown = [_peak(pid) - b for pid, b in zip(pids, before)]
+        assert stats["streams_opened"] >= 50 and stats["pings"] >= 50, stats
+        assert max(grown) < 16 << 20, (grown, stats)
+        drops = (tmp_path / "inbound.log").read_text().count(f"dropping peer {c.peer_id} for")
+        assert drops == 2, drops  # once in each averager's process
+    finally:
+        logging.getLogger("p2p_diloco.swarm.inbound").removeHandler(logged)
+        flooder.stop()
+        for av in avs:
+            av.shutdown()
