@@ -15,6 +15,12 @@ afterwards: the DHT's, the averagers'):
   limit is closed unread.
 * **Requests.** Each remote peer may send unary requests at REQUEST_RATE a second (a burst of REQUEST_BURST) with
   at most REQUESTS_IN_FLIGHT unanswered; one over a limit is answered with an error, unrun.
+* **One DHT node per peer.** hivemind's DHT takes the node id a request claims at its word, and a request under a
+  new node id makes the receiving node update its routing table, pinging older nodes to see if they live: a peer
+  that claims a fresh node id in every ping has its victim send out several requests for each (measured: two
+  honest peers sent a flooder's DHT node over 500 requests a second). A peer may use at most NODE_IDS_PER_PEER
+  node ids (those unseen for NODE_ID_TTL_S are forgotten: a peer that restarts gets a new one); a request under
+  one more is refused.
 * **Throttled, then dropped.** A peer refused DROP_AFTER times within DROP_WINDOW_S (or sending one oversized
   message) is dropped: nothing from it is read or run for DROP_S seconds; logged once with its peer id.
 
@@ -33,16 +39,23 @@ from dataclasses import dataclass, field
 
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
+from hivemind.proto import dht_pb2
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 1 << 20
 STREAMS_PER_PEER = 32  # an averager's member opens at most MAX_LANES (8) all-reduce streams to a reducer at once
 STREAMS_TOTAL = 512
-STREAM_RATE, STREAM_BURST = 50.0, 200
-REQUEST_RATE, REQUEST_BURST = 50.0, 500
-REQUESTS_IN_FLIGHT = 64
+# rates far above what honest peers send (measured: two averagers that average back to back, 15 rounds a second,
+# sent one DHT node over 50 requests a second; a run's rounds are seconds apart): the limits are for floods
+STREAM_RATE, STREAM_BURST = 200.0, 1000
+REQUEST_RATE, REQUEST_BURST = 500.0, 2000
+REQUESTS_IN_FLIGHT = 256
+NODE_IDS_PER_PEER, NODE_ID_TTL_S = 4, 600.0
 DROP_AFTER, DROP_WINDOW_S, DROP_S = 100, 10.0, 600.0
+# the DHT's requests, each with the node id its sender claims (`NodeInfo peer`)
+DHT_REQUESTS = {"DHTProtocol.rpc_ping": dht_pb2.PingRequest, "DHTProtocol.rpc_store": dht_pb2.StoreRequest,
+                "DHTProtocol.rpc_find": dht_pb2.FindRequest}
 
 _REMOTE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # an inbound stream's reader -> its peer
 
@@ -78,6 +91,7 @@ class _Peer:
     open_streams: int = 0
     in_flight: int = 0
     refusals: list[float] = field(default_factory=list)
+    node_ids: dict[bytes, float] = field(default_factory=dict)  # DHT node id -> last seen (clock)
     throttled_logged: bool = False
 
 
@@ -147,12 +161,19 @@ class Inbound:
             state.open_streams -= 1
             self.open_streams -= 1
 
-    def start_request(self, peer: str) -> str | None:
-        """Why a unary request from `peer` is refused; None: it runs (call `end_request` after)."""
+    def start_request(self, peer: str, node_id: bytes = b"") -> str | None:
+        """Why a unary request from `peer` (a DHT request: under `node_id`) is refused; None: it runs (call
+        `end_request` after)."""
         if self.is_dropped(peer):
             self.refused += 1
             return "dropped"
         state = self._peer(peer)
+        if node_id:
+            now = self.clock()
+            state.node_ids = {n: t for n, t in state.node_ids.items() if t > now - NODE_ID_TTL_S}
+            if node_id not in state.node_ids and len(state.node_ids) >= NODE_IDS_PER_PEER:
+                return self._refuse(peer, f"requests under more than {NODE_IDS_PER_PEER} DHT node ids")
+            state.node_ids[node_id] = now
         if state.in_flight >= REQUESTS_IN_FLIGHT:
             return self._refuse(peer, f"more than {REQUESTS_IN_FLIGHT} requests unanswered")
         if not state.requests.take(self.clock()):
@@ -175,6 +196,18 @@ class Inbound:
         if peer is not None:
             self.drop(peer, why)
         raise OversizedMessage(f"refused {why}" + (f" from peer {peer}" if peer else ""))
+
+
+def dht_node_id(proto: str, request: bytes) -> bytes:
+    """The node id a DHT request claims; b"" for another request, or one that does not parse (its handler
+    refuses it)."""
+    kind = DHT_REQUESTS.get(proto)
+    if kind is None:
+        return b""
+    try:
+        return kind.FromString(request).peer.node_id
+    except Exception:
+        return b""
 
 
 INBOUND = Inbound()  # this process's (a forked process starts from a copy of its parent's)
@@ -216,7 +249,7 @@ def install() -> None:
     async def add_unary_handler(self, proto, handler, balanced: bool = False):
         async def limited(request: bytes, remote_id):
             peer = remote_id.to_base58()
-            problem = INBOUND.start_request(peer)
+            problem = INBOUND.start_request(peer, dht_node_id(proto, request))
             if problem is not None:
                 raise InboundRefused(problem)
             try:

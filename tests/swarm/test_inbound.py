@@ -15,15 +15,16 @@ import time
 import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
+from hivemind.proto import dht_pb2
 
 from processes import p2pd_pids
 
 from p2p_diloco.core.averaging import RoundKey
 from p2p_diloco.swarm.averager import CodecAverager, SwarmAverager
 from p2p_diloco.swarm.flooding import VICTIM_HANDLER, Flooder, FloodStats, flood_stream
-from p2p_diloco.swarm.inbound import (DROP_AFTER, DROP_S, MAX_MESSAGE_BYTES, REQUEST_BURST, REQUEST_RATE,
-                                      REQUESTS_IN_FLIGHT, STREAM_BURST, STREAM_RATE, STREAMS_PER_PEER, Inbound,
-                                      OversizedMessage)
+from p2p_diloco.swarm.inbound import (DROP_AFTER, DROP_S, MAX_MESSAGE_BYTES, NODE_ID_TTL_S, NODE_IDS_PER_PEER,
+                                      REQUEST_BURST, REQUEST_RATE, REQUESTS_IN_FLIGHT, STREAM_BURST, STREAM_RATE,
+                                      STREAMS_PER_PEER, Inbound, OversizedMessage, dht_node_id)
 
 
 class Clock:
@@ -72,6 +73,21 @@ def test_a_peer_over_the_limits_is_throttled_then_dropped_for_a_while():
     clock.now += DROP_S + 1  # forgiven after a while; its bucket has refilled
     assert not guard.is_dropped("a") and guard.start_request("a") is None
     assert REQUEST_RATE * DROP_S > REQUEST_BURST
+
+
+def test_a_peer_may_claim_a_few_dht_node_ids_not_one_per_request():
+    clock = Clock()
+    guard = Inbound(clock)
+    for i in range(NODE_IDS_PER_PEER):
+        assert guard.start_request("a", bytes([i]) * 20) is None
+    assert "DHT node ids" in guard.start_request("a", b"\xff" * 20)
+    assert guard.start_request("a", b"\x00" * 20) is None and guard.start_request("a") is None
+    assert guard.start_request("b", b"\xff" * 20) is None
+    clock.now += NODE_ID_TTL_S + 1  # a restarted peer's old node ids are forgotten
+    assert guard.start_request("a", b"\xff" * 20) is None
+    ping = dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(node_id=b"\x07" * 20)).SerializeToString()
+    assert dht_node_id("DHTProtocol.rpc_ping", ping) == b"\x07" * 20
+    assert dht_node_id("DHTProtocol.rpc_ping", b"\xff\xff") == b"" and dht_node_id("other", ping) == b""
 
 
 def test_unanswered_requests_are_capped_per_peer():
@@ -152,8 +168,9 @@ from test_audit import _round  # noqa: E402  (one round of every averager at onc
 
 def test_flooded_averagers_drop_the_flooder_and_average_on_with_their_memory_flat(dhts, tmp_path):
     """Two peers' real averager processes average round after round while a third peer, running `flooding`'s
-    attacker, floods both (streams declaring 2**40-byte messages, junk pushed into them, DHT pings): each drops
-    it at its first header, every round succeeds, and no averager process grows by more than a few MiB."""
+    attacker, floods both (streams declaring 2**40-byte messages, junk pushed into them, DHT pings each under a
+    new node id): each averager drops it at its first header, each DHT node answers its first few node ids only,
+    every round succeeds, and no averager process grows by more than a few MiB."""
     a, b, c = dhts(3)
     logged = logging.FileHandler(tmp_path / "inbound.log")  # (the averager processes fork with it)
     logging.getLogger("p2p_diloco.swarm.inbound").addHandler(logged)
@@ -174,7 +191,9 @@ def test_flooded_averagers_drop_the_flooder_and_average_on_with_their_memory_fla
             assert all(not isinstance(o, Exception) and o.peers == 2 for o in outcomes), (r, outcomes)
         stats = flooder.stop()
         grown = [_peak(pid) - b for pid, b in zip(pids, before)]
-        assert stats["streams_opened"] >= 50 and stats["pings"] >= 50, stats
+        # its pings, each under a new DHT node id, are answered for its first few node ids only
+        assert stats["streams_opened"] >= 50 and stats["pings"] + stats["pings_refused"] >= 50, stats
+        assert stats["pings_refused"] >= stats["pings"], stats
         assert max(grown) < 16 << 20, (grown, stats)
         drops = (tmp_path / "inbound.log").read_text().count(f"dropping peer {c.peer_id} for")
         assert drops == 2, drops  # once in each averager's process

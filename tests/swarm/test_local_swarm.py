@@ -299,23 +299,25 @@ def test_a_flooding_peer_is_dropped_and_its_victims_memory_stays_bounded_their_r
     3-peer tiny swarm's is (measured: ~2.0 GB summed over a peer's ~10 processes, flooded or not, as the
     flooder's own; an unlimited victim grows by what is pushed, `test_inbound.py`) and they average on, in
     consensus."""
-    r = run(3, "--attacker", "flood")
+    # groups of two: with the target at three (local-swarm's default, the number of peers) every round waits
+    # out the matchmaking time for a third member that never comes, the shunned flooder, and at H = 40 about half
+    # the rounds then fail (measured: 9 of 17 applied; 12 and 17 of 17 with --target-group-size 2)
+    r = run(3, "--attacker", "flood", "--target-group-size", "2")
     report = r.finish()
     assert r.proc.returncode == 0, r.text()
-    assert report["finished"] == ["peer0", "peer1"] and report["consensus"] is True, r.text()
-    assert len({tuple(p["state_sha256"]) for p in report["peers"]}) == 1
-    assert all(p["global_step"] == STEPS and p["eval_loss"] < EVAL_LOSS_TRAINED for p in report["peers"])
+    assert_finishers_agree(report, ["peer0", "peer1"])
     flooder = report["outsider"]
     flood = flooder["flood"]
-    assert flood["streams_opened"] + flood["streams_failed"] >= 100 and flood["pings"] >= 100, flood
+    assert flood["streams_opened"] + flood["streams_failed"] >= 100, flood
+    assert flood["pings_refused"] >= 100 and flood["pings_refused"] > flood["pings"], flood  # (its node ids)
     logs = {name: (r.workdir / f"{name}.log").read_text() for name in ("peer0", "peer1")}
     for p in report["peers"]:
         assert f"dropping peer {flooder['peer_id']} for" in logs[p["name"]], r.text()
         # as much as the flooder's own processes (the same ones, never flooded) hold, give or take
         assert p["peak_memory_mb"] < flooder["peak_memory_mb"] + 256, (p["name"], p["peak_memory_mb"],
                                                                        flooder["peak_memory_mb"])
-        # rounds go on (flooded, on 2 cores shared with the flooder, about half of them fail: see the README)
-        assert sum(p["rounds"]) >= 4 and min(p["rounds"]) >= 1, (p["rounds"], p["rounds_failed"])
+        # rounds go on: most apply (measured 17 of 17, 12 of 17: the flooder still costs the victims CPU)
+        assert sum(p["rounds_failed"]) <= sum(p["rounds"]) / 2, (p["rounds"], p["rounds_failed"])
     print({p["name"]: (p["peak_memory_mb"], p["rounds"], p["rounds_failed"]) for p in report["peers"]}, flood)
 
 
