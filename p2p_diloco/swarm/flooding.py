@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 from dataclasses import asdict, dataclass
@@ -140,6 +141,40 @@ async def serve_victim(limited: bool) -> None:
                   flush=True)
     finally:
         await p2p.shutdown()
+
+
+async def _flood_one(victim: dict, streams: int, push_bytes: int) -> FloodStats:
+    p2p = await P2P.create(initial_peers=victim["maddrs"])
+    stats = FloodStats()
+    try:
+        peer = PeerID.from_base58(victim["peer"])
+        for _ in range(streams):
+            await flood_stream(p2p, peer, VICTIM_HANDLER, stats, push_bytes=push_bytes)
+    finally:
+        await p2p.shutdown()
+    return stats
+
+
+def flood_victim(limited: bool, streams: int, push_bytes: int) -> tuple[dict, dict, FloodStats]:
+    """Start a victim (its own process, with `inbound`'s limits or without), flood it with `streams` streams of
+    up to `push_bytes` each, one after the other; (its memory before, its memory and refusals after, the
+    flooder's counts). The victim and its daemon are gone afterwards."""
+    proc = subprocess.Popen([sys.executable, "-m", "p2p_diloco.swarm.flooding", "victim",
+                             "limited" if limited else "open"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        before = json.loads(proc.stdout.readline())
+        stats = asyncio.run(asyncio.wait_for(_flood_one(before, streams, push_bytes), 120))
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        after = json.loads(proc.stdout.readline())
+        return before, after, stats
+    finally:  # end of its stdin: the victim shuts its node (and p2pd) down
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":

@@ -5,23 +5,18 @@ flooder; and real averager processes that average on through a flood."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from hivemind.p2p import P2P, PeerID
 from hivemind.proto import dht_pb2
 
 from processes import p2pd_pids
 
 from p2p_diloco.core.averaging import RoundKey
 from p2p_diloco.swarm.averager import CodecAverager, SwarmAverager
-from p2p_diloco.swarm.flooding import VICTIM_HANDLER, Flooder, FloodStats, flood_stream
+from p2p_diloco.swarm.flooding import Flooder, flood_victim
 from p2p_diloco.swarm.inbound import (DROP_AFTER, DROP_S, MAX_MESSAGE_BYTES, NODE_ID_TTL_S, NODE_IDS_PER_PEER,
                                       REQUEST_BURST, REQUEST_RATE, REQUESTS_IN_FLIGHT, STREAM_BURST, STREAM_RATE,
                                       STREAMS_PER_PEER, Inbound, OversizedMessage, dht_node_id)
@@ -109,46 +104,15 @@ def test_an_oversized_message_is_refused_from_its_header_and_drops_its_sender_at
     assert list(guard.dropped) == ["a"]
 
 
-async def _flood(victim: dict, streams: int, push_bytes: int) -> FloodStats:
-    p2p = await P2P.create(initial_peers=victim["maddrs"])
-    stats = FloodStats()
-    try:
-        peer = PeerID.from_base58(victim["peer"])
-        for _ in range(streams):
-            await flood_stream(p2p, peer, VICTIM_HANDLER, stats, push_bytes=push_bytes)
-    finally:
-        await p2p.shutdown()
-    return stats
-
-
-def _flooded(limited: bool, streams: int, push_bytes: int) -> tuple[dict, dict, FloodStats]:
-    proc = subprocess.Popen([sys.executable, "-m", "p2p_diloco.swarm.flooding", "victim",
-                             "limited" if limited else "open"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        before = json.loads(proc.stdout.readline())
-        stats = asyncio.run(asyncio.wait_for(_flood(before, streams, push_bytes), 120))
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        after = json.loads(proc.stdout.readline())
-        return before, after, stats
-    finally:  # end of its stdin: the victim shuts its node (and p2pd) down
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_a_flood_of_oversized_messages_leaves_a_limited_victim_s_memory_bounded():
     """Measured: the same flood (streams declaring 2**40-byte messages, junk pushed into each) grows an unlimited
     victim by about what was pushed, a limited one by almost nothing; the limited one drops the flooder."""
     daemons = p2pd_pids()
-    before, after, stats = _flooded(False, streams=1, push_bytes=256 << 20)
+    before, after, stats = flood_victim(False, streams=1, push_bytes=256 << 20)
     grown_open = after["VmHWM"] - before["VmRSS"]
     assert stats.bytes_pushed >= 200 << 20 and grown_open >= 150 << 20, (stats, before, after)
 
-    before, after, stats = _flooded(True, streams=STREAMS_PER_PEER, push_bytes=256 << 20)
+    before, after, stats = flood_victim(True, streams=STREAMS_PER_PEER, push_bytes=256 << 20)
     grown_limited = after["VmHWM"] - before["VmRSS"]
     assert grown_limited < 32 << 20, (stats, before, after)
     assert after["oversized"] == 1 and len(after["dropped"]) == 1, after  # the first stream's header, then dropped
