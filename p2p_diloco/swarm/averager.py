@@ -22,6 +22,7 @@ others' rounds fail over to their next round).
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -122,8 +123,13 @@ class CodecAverager(ButterflyProtocol, AuditProtocol, StateServing, Decentralize
         """Called from the trainer's process (every fragment's averager) once one of them caught `peer` lying."""
         self.banned.add(peer)
 
+    async def _dropped(self, future: MPFuture) -> None:
+        """Called from the trainer's process: the peers this process has dropped for flooding it (`inbound`)."""
+        future.set_result(sorted(p for p in list(inbound.INBOUND.dropped) if inbound.INBOUND.is_dropped(p)))
+
 
 RECORDS_REFRESH_S = 0.5  # the state records (hashes) of every fragment are read this often in the background
+DROPS_REFRESH_S = 2.0  # the trainer asks its averager processes whom they dropped for flooding this often
 RECORDS_MAX_AGE_S = 3.0  # older than this (the reader is behind), `latest_agreed` reads them itself
 
 
@@ -175,6 +181,9 @@ class SwarmAverager(FragmentAverager):
         # peers known to be training (from their progress records); None: unknown, trust every record.
         # A dead peer's state-hash record outlives it: it must not count as the swarm's state, nor as a donor.
         self.live_peers: set[str] | None = None
+        self._flooders: set[str] = set()  # (`flooders`)
+        self._drop_queries: list[MPFuture] = []
+        self._drops_asked = -math.inf
         # live peers in client mode (others cannot connect to them): their hashes count, they serve no state
         self.unreachable_peers: set[str] = set()
         previous = signal.getsignal(signal.SIGINT)
@@ -364,6 +373,21 @@ class SwarmAverager(FragmentAverager):
             digest = RoundReport(key.round, {d: len(p) for d, p in by_hash.items()}, voters=len(records)).agreed()
         donors = [p for p in by_hash.get(digest, []) if p not in self.unreachable_peers]
         return (digest, donors) if donors else None
+
+    def flooders(self) -> set[str]:
+        """The peers that some averager process of this peer dropped for flooding it (`inbound`), as last heard:
+        the trainer leaves them out of the live peers (no waiting on them, no votes, no donors), as the averagers
+        leave them out of groups. Asks again, in the background, at most every DROPS_REFRESH_S."""
+        if self._drop_queries and all(f.done() for f in self._drop_queries):
+            self._flooders = set().union(*(f.result() for f in self._drop_queries if f.exception() is None))
+            self._drop_queries = []
+        if not self._drop_queries and time.monotonic() - self._drops_asked >= DROPS_REFRESH_S:
+            self._drops_asked = time.monotonic()
+            for av in self.averagers:
+                future = MPFuture()
+                av._outer_pipe.send(("_dropped", [], dict(future=future)))
+                self._drop_queries.append(future)
+        return self._flooders
 
     def caught(self, reducer: str, key: RoundKey, what: str) -> None:
         """This peer proved that `reducer` lied in round `key`: an incident, and a ban in every fragment."""

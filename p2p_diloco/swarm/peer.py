@@ -425,6 +425,7 @@ class Peer:
             "refused_contributions": dict(self.averager.refused),
             "incidents": list(self.averager.incidents),  # reducers this peer caught lying, and where
             "banned": sorted(self.averager.banned),
+            "dropped": sorted(self.averager.flooders()),  # peers dropped for flooding this one (`inbound`)
             "audited_parts": self.averager.audited_parts, "audit_bytes": self.averager.audit_bytes,
             # (fragment, round) states that a single peer published and nobody else held: passed over
             "states_passed_over": sorted(self.outer.unbacked),
@@ -461,11 +462,12 @@ def _yield_cpu_to_network() -> None:
 
 
 def _live(records: list[PeerProgress], peer: Peer) -> list[ClockReading]:
-    """The clock readings of the other peers training now (in an admission-only run: the admitted ones); tells
-    the averager and the health watch who they are."""
+    """The clock readings of the other peers training now (in an admission-only run: the admitted ones; never
+    one caught lying or dropped for flooding); tells the averager and the health watch who they are."""
     now, peer_id, averager, health = time.time(), peer.peer_id, peer.averager, peer.health
     live = [p for p in _admitted(records, peer) if p.training and p.peer_id != peer_id
-            and now - p.time <= LIVE_WITHIN_S and p.peer_id not in averager.banned]
+            and now - p.time <= LIVE_WITHIN_S and p.peer_id not in averager.banned
+            and p.peer_id not in averager.flooders()]
     averager.live_peers = {p.peer_id for p in live}
     averager.unreachable_peers = {p.peer_id for p in live if not p.reachable}
     health.observe_swarm(len(live), sum(p.reachable for p in live), max((sum(p.rounds) for p in live), default=0))

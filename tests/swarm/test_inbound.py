@@ -161,6 +161,10 @@ def test_flooded_averagers_drop_the_flooder_and_average_on_with_their_memory_fla
         assert max(grown) < 16 << 20, (grown, stats)
         drops = (tmp_path / "inbound.log").read_text().count(f"dropping peer {c.peer_id} for")
         assert drops == 2, drops  # once in each averager's process
+        deadline = time.monotonic() + 10  # ...and the trainer's side hears of it (it leaves it out of the live)
+        while str(c.peer_id) not in avs[0].flooders() or str(c.peer_id) not in avs[1].flooders():
+            assert time.monotonic() < deadline, (avs[0].flooders(), avs[1].flooders())
+            time.sleep(0.2)
     finally:
         logging.getLogger("p2p_diloco.swarm.inbound").removeHandler(logged)
         flooder.stop()

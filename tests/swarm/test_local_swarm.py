@@ -290,7 +290,7 @@ def test_an_unadmitted_peer_is_never_in_a_group_and_never_served_state_across_10
     assert not [line for line in failures if who in line], failures
 
 
-@pytest.mark.skipif(not os.environ.get("P2P_DILOCO_LONG_TESTS"), reason="70 s; the suite's flood tests are "
+@pytest.mark.skipif(not os.environ.get("P2P_DILOCO_LONG_TESTS"), reason="90 s; the suite's flood tests are "
                     "tests/swarm/test_inbound.py (P2P_DILOCO_LONG_TESTS=1 runs this one)")
 def test_a_flooding_peer_is_dropped_and_its_victims_memory_stays_bounded_their_rounds_going(run):
     """`--attacker flood`: the last peer trains, and floods the others' averagers all run long with streams
@@ -302,10 +302,12 @@ def test_a_flooding_peer_is_dropped_and_its_victims_memory_stays_bounded_their_r
     # groups of two: with the target at three (local-swarm's default, the number of peers) every round waits
     # out the matchmaking time for a third member that never comes, the shunned flooder, and at H = 40 about half
     # the rounds then fail (measured: 9 of 17 applied; 12 and 17 of 17 with --target-group-size 2)
-    r = run(3, "--attacker", "flood", "--target-group-size", "2")
+    # and periods of H = 200 steps (~10 s, over twice the matchmaking time: at H = 40 or 80, 1.5-3 s, one failed
+    # matchmaking early holds a peer up long enough for its clock to jump past several rounds)
+    r = run(3, "--attacker", "flood", "--target-group-size", "2", "-H", "200", "--steps", "600")
     report = r.finish()
     assert r.proc.returncode == 0, r.text()
-    assert_finishers_agree(report, ["peer0", "peer1"])
+    assert_finishers_agree(report, ["peer0", "peer1"], steps=600)
     flooder = report["outsider"]
     flood = flooder["flood"]
     assert flood["streams_opened"] + flood["streams_failed"] >= 100, flood
@@ -316,8 +318,8 @@ def test_a_flooding_peer_is_dropped_and_its_victims_memory_stays_bounded_their_r
         # as much as the flooder's own processes (the same ones, never flooded) hold, give or take
         assert p["peak_memory_mb"] < flooder["peak_memory_mb"] + 256, (p["name"], p["peak_memory_mb"],
                                                                        flooder["peak_memory_mb"])
-        # rounds go on: most apply (measured 17 of 17, 12 of 17: the flooder still costs the victims CPU)
-        assert sum(p["rounds_failed"]) <= sum(p["rounds"]) / 2, (p["rounds"], p["rounds_failed"])
+        # rounds go on: at most the one or two it was in when the victims dropped it fail
+        assert sum(p["rounds_failed"]) <= 3, (p["rounds"], p["rounds_failed"])
     print({p["name"]: (p["peak_memory_mb"], p["rounds"], p["rounds_failed"]) for p in report["peers"]}, flood)
 
 
