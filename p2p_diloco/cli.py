@@ -401,8 +401,9 @@ def _slashed(values: list[int]) -> str:
 @click.option("--attacker", default="", metavar="ATTACK",
               help="The last peer is malicious on purpose, to see what the others withstand: scale:F (its outer "
                    "gradients x F), flip (sign-flipped), weight:W (it claims W tokens), lie (as a reducer it "
-                   "returns negated means; see --audit) or unadmitted (with --admission: it takes part with a token "
-                   "stolen from another peer) (README: Public runs).")
+                   "returns negated means; see --audit), unadmitted (with --admission: it takes part with a token "
+                   "stolen from another peer) or flood (it floods the others' averagers with oversized messages, "
+                   "streams and DHT pings) (README: Public runs).")
 @click.option("--admission", is_flag=True, help="An admission-only run: a run key in the workdir, a key file and a "
               "join token for each trainer (README: Hosting a public run).")
 @click.option("--links", "links_path", default=None,

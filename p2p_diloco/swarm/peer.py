@@ -48,10 +48,10 @@ from ..task.model import build_model, evaluate, lm_loss
 from . import reachability
 from .averager import CodecAverager, SwarmAverager
 from .clock import ClockReading, SwarmClock
-from .flooding import Flooder
-from .lifetime import peak_memory
 from .dht import (CONFIG_TTL, decode_progress, fetch_progress, fetch_signed_run_config, publish_progress,
                   publish_run_config, request_progress, start_dht, visible_maddrs)
+from .flooding import Flooder
+from .lifetime import peak_memory
 from .round_health import RoundHealth
 
 log = logging.getLogger(__name__)
