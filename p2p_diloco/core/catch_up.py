@@ -192,6 +192,7 @@ class CatchUp:
                     report = self._agreed_report(k, report.round - 1)
                 if report is not None:
                     self.fragments[k].assign(self.anchors[k])
+                    self.tokens_since_sync[k] = 0  # the progress of a resumed checkpoint went with its parameters
                     held.append(report.round)
                     break
             else:

@@ -140,12 +140,23 @@ class StreamingDiLoCo(CatchUp):
             self.sync(s)
         self.finish_due_rounds(step)
 
-    def start_final_rounds(self, step: int) -> None:
-        """Start one more round for every fragment with progress since its last round started."""
+    def start_final_rounds(self, step: int) -> list[int]:
+        """Start one more round for every fragment with progress since its last round started. Returns the
+        fragments without any (a peer that joined at or after the end): they sit the swarm's last round out and
+        take its result at the reconcile, rather than start a round that nobody else would search a group for."""
+        sat_out = []
         for k in range(len(self.fragments)):
-            if k in self.in_flight or self.round_at(k, step) is not None:
+            if k in self.in_flight:
                 continue
-            self._start(k, self.schedule.next_round(k, step), step)
+            due = self.round_at(k, step)
+            last = due if due is not None else self.schedule.next_round(k, step)
+            if not self.tokens_since_sync[k]:
+                if last > self.last_round[k]:  # (a round started at this very step has taken the progress)
+                    self.last_round[k] = last
+                    sat_out.append(k)
+            elif due is None:
+                self._start(k, last, step)
+        return sat_out
 
     def finish_in_flight(self) -> None:
         for k in list(self.in_flight):

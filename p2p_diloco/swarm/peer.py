@@ -322,11 +322,12 @@ class Peer:
             # no next round to protect: a peer that reaches the end before the others waits for them
             self.averager.search_timeout = self.run.round_timeout
             self.silent_for = PROGRESS_EVERY_S  # the step loop no longer publishes
-            self.outer.start_final_rounds(self.global_step)
+            sat_out = self.outer.start_final_rounds(self.global_step)
             self.outer.finish_in_flight()
             # the others publish their last rounds (a live peer still training gets there, a round timeout
-            # at most after this one: the clock may have brought this peer to the end first)...
-            self._linger(FINAL_LINGER_S, same_state=False)
+            # at most after this one: the clock may have brought this peer to the end first; a peer that joined
+            # at the end and sits the last rounds out waits for them, a round timeout at most)...
+            self._linger(FINAL_LINGER_S + (self.run.round_timeout if sat_out else 0.0), same_state=False)
             self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
             if not self.client_mode:  # ...while everyone still serves its state (a client-mode peer serves none)
                 self._linger(FINAL_SERVE_S, same_state=True)
@@ -406,7 +407,7 @@ class Peer:
             "rounds_averaged": stats.averaged,
             "client_mode": self.client_mode,
             "reachability": reach.describe() if reach else "not checked (client mode chosen)",
-            "problem": self.health.verdict(stats),
+            "problem": self._problem(),
             "longest_hold_s": round(self.longest_hold, 3),
             "held_s": round(self.held_s, 3),
             "records_lookup_s": round(self.averager.lookup_s, 3),
@@ -443,6 +444,14 @@ class Peer:
                 json.dump(summary, f, indent=1)
             os.replace(tmp, self.opts.summary_path)
         return summary
+
+    def _problem(self) -> str | None:
+        """Why this peer was of no use to the run (`join` then exits non-zero), or None."""
+        end = self.opts.global_steps
+        if end is not None and self.step == 0 and self.first_step >= end:
+            return (f"the run had ended when this peer joined (the swarm's clock at global step {self.first_step}, "
+                    f"the run ends at {end}): it trained nothing")
+        return self.health.verdict(self.outer.stats)
 
     def close(self) -> None:
         if self.averager is not None:

@@ -32,6 +32,7 @@ from processes import p2pd_pids
 
 ROUND_TIMEOUT = 20.0
 STEPS = 200
+RESTART_STEP_DELAY = 0.06  # seconds of sleep after each inner step in the restart test
 
 
 class Swarm:
@@ -203,12 +204,17 @@ def test_the_run_outlives_its_host_and_a_newcomer_outlives_a_donor_crashing_whil
 @pytest.mark.steps(600)
 def test_a_peer_restarts_from_its_checkpoint_and_reconciles_with_the_swarm(swarm, tmp_path):
     ckpt = tmp_path / "ckpt"
-    start_three(swarm, extra={2: ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]})
+    # the restart (a clean leave, a new process, the resume, the join) takes 30-40 s on a loaded 2-core machine,
+    # where the whole run takes 40 s at full speed: the peers sleep a little after each inner step so that the
+    # restarted peer comes back mid-run (measured under load: without it, it came back after the end 6 times in 8;
+    # with it, at global step 290-307 of 600 in 3 of 3)
+    slow = ["--step-delay", str(RESTART_STEP_DELAY)]
+    start_three(swarm, extra={0: slow, 1: slow, 2: [*slow, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "5"]})
     swarm.wait_for_step("peer2", 100)
     swarm.signal("peer2", signal.SIGTERM)
     swarm.finish(["peer2"], timeout=2 * ROUND_TIMEOUT + 30)
     assert (ckpt / "checkpoint.json").exists()
-    swarm.start("peer2b", wait_for=1, extra=["--resume", str(ckpt)])
+    swarm.start("peer2b", wait_for=1, extra=[*slow, "--resume", str(ckpt)])
     peers = swarm.finish(["peer0", "peer1", "peer2b"], timeout=300)
     assert_consensus(peers)
     assert peers[2]["resumed_from_step"] >= 60 and peers[2]["joined_at_step"] < 600
