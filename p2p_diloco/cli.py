@@ -13,6 +13,7 @@ import click
 from .core.config import ConfigError
 from .flag_checks import (check_fragments, check_identity_file, check_join_files, check_links, check_output_file,
                           check_run_id_flag, fail, parse_initial_peers, probe_bootstrap)
+from .node.admission import MAX_SEATS
 from .node.profiles import profile_option
 
 
@@ -465,11 +466,17 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
               "trainer's; it then joins with --identity FILE) [default: anyone who presents the token].")
 @click.option("--valid-for", default=168.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Hours the token admits its holder for.")
-def admit(run_key_path, run_id, peer_id, valid_for):
+@click.option("--seats", default=None, type=click.IntRange(min=1, max=MAX_SEATS),
+              help="A token for anyone, limited to this many identities: each trainer that presents it redeems it "
+                   "at the host (join does that) for a token of its own, while a seat is free.")
+def admit(run_key_path, run_id, peer_id, valid_for, seats):
     """Issue a join token for an admission-only run (printed on stdout; pass it to `join --token`)."""
     from .node.admission import AdmissionError, RunKey, Token
+    from .node.seat_ledger import ledger_path
 
     check_run_id_flag(run_id)
+    if seats is not None and peer_id is not None:
+        raise click.UsageError("--seats limits a token for anyone; a token for one --peer has one seat already")
     if peer_id is not None:
         from .swarm.dht import is_peer_id
 
@@ -477,12 +484,15 @@ def admit(run_key_path, run_id, peer_id, valid_for):
             raise click.UsageError(f"--peer {peer_id!r} is not a peer id (as `p2p-diloco identity FILE` prints "
                                    "it: Qm...)")
     try:
-        token = RunKey.load(run_key_path).issue(run_id, peer_id, valid_for * 3600)
+        token = RunKey.load(run_key_path).issue(run_id, peer_id, valid_for * 3600, seats=seats or 0)
     except AdmissionError as e:
         raise click.UsageError(str(e)) from None
     click.echo(token)
     click.echo(f"admits: {Token.parse(token).describe()}", err=True)
-    if peer_id is None:
+    if seats is not None:
+        click.echo(f"the host running with --run-key {run_key_path} redeems it, and remembers the seats taken in "
+                   f"{ledger_path(run_key_path)}; trainers must name that host in --initial-peers", err=True)
+    elif peer_id is None:
         click.echo("anyone who holds this token joins, as many identities as they like: give it out with care",
                    err=True)
 

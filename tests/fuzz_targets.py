@@ -7,6 +7,7 @@ A target is `(name, function, allowed exception types)`; the function takes one 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from types import SimpleNamespace
@@ -28,7 +29,10 @@ from p2p_diloco.node.admission import (Admission, AdmissionError, RunKey, config
                                        sign_run_config)
 from p2p_diloco.node.checkpoint import CheckpointError, check_checkpoint_dir
 from p2p_diloco.node.records import PeerProgress, RecordError, RunConfig
+from p2p_diloco.node.seat_ledger import SeatLedger
+from p2p_diloco.swarm import seats
 from p2p_diloco.swarm.butterfly import read_group
+from p2p_diloco.swarm.framing import read_message
 from p2p_diloco.swarm.signed_records import SignedRecords
 from p2p_diloco.swarm.state_serving import parse_hash_records
 from p2p_diloco.task.model import model_spec
@@ -108,6 +112,22 @@ def _links(data: bytes) -> None:
     read_links(_file("links.toml", data), 3)
 
 
+def _seat_request(data: bytes) -> None:
+    """A seat request as the host reads it off a stream (`swarm.seats`): the framed message, then the redeem."""
+    async def read() -> object:
+        reader = asyncio.StreamReader()
+        reader.feed_data(len(data).to_bytes(4, "big") + data)
+        reader.feed_eof()
+        return await read_message(reader, seats.MAX_MESSAGE, "seat request")
+    request = asyncio.run(read())
+    token = request.get("token") if isinstance(request, dict) else None
+    SeatLedger(os.path.join(_scratch, "fuzz.seats.json")).redeem(_RUN_KEY, "r", token, "QmPeer", now=1.0)
+
+
+def _seat_ledger(data: bytes) -> None:
+    SeatLedger(_file("ledger.seats.json", data))
+
+
 TARGETS = [
     *[(f"codec_{name}", _codec(name), (CodecError,)) for name in CODECS],
     ("run_config", RunConfig.decode, (RecordError,)),
@@ -120,6 +140,8 @@ TARGETS = [
     ("checkpoint_metadata", _checkpoint_metadata, (CheckpointError,)),
     ("profile", _profile, (click.BadParameter,)),
     ("links", _links, (LinksError,)),
+    ("seat_request", _seat_request, (AdmissionError, ValueError)),
+    ("seat_ledger", _seat_ledger, (AdmissionError,)),
 ]
 
 # inputs each target starts from (atheris mutates them; hypothesis mixes them with random bytes)
@@ -136,6 +158,8 @@ SEEDS = {
     "signed_run_config": [sign_run_config(RunConfig("r", DiLoCoConfig(fragments=2), model_spec("tiny"), 2, "stdlib",
                                                     run_key=_RUN_KEY.public.hex()).encode(), _RUN_KEY)],
     "links": [b"[default]\nup_mbit = 10\ndown_mbit = 10\ndelay_ms = 5\n[[peer]]\nup_mbit = 1\n"],
+    "seat_request": [msgpack.packb({"token": _RUN_KEY.issue("r", None, 3600, now=0.0, seats=3)})],
+    "seat_ledger": [b'{"format": 1, "tokens": {"0a0b": ["QmA", "QmB"]}}'],
 }
 
 

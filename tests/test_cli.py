@@ -125,6 +125,9 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
                            ["--peer 'nobody' is not a peer id"]),
         "admit-no-key": (["admit", "--run-key", "/nonexistent/run.key"], 2, ["--run-key", "/nonexistent/run.key"]),
         "admit-valid-for-0": (["admit", "--run-key", f["run.key"], "--valid-for", "0"], 2, ["--valid-for"]),
+        "admit-seats-0": (["admit", "--run-key", f["run.key"], "--seats", "0"], 2, ["--seats", "0 is not in the range"]),
+        "admit-seats-and-peer": (["admit", "--run-key", f["run.key"], "--seats", "3", "--peer", "QmYWjqLkAHMFUeoLHG"
+                                  "c9F3J7mmMQAk5PiTP97racYQdjxb"], 2, ["--seats limits a token for anyone"]),
         "status-token-garbage": (["status", *peers, "--token", "x"], 2, ["--token", "not a join token"]),
         # numbers and names
         "join-steps-0": (["join", *peers, "--steps", "0"], 2, ["--steps", "0 is not in the range"]),
@@ -343,3 +346,6 @@ def test_admit_prints_a_token_for_a_peer_that_identity_prints(tmp_path):
     anyone = runner.invoke(main, ["admit", "--run-key", run_key, "--run-id", "pub"])
     assert "give it out with care" in anyone.stderr
     assert admission.problem(anyone.stdout.strip().splitlines()[-1], "QmOther") is None
+    limited = runner.invoke(main, ["admit", "--run-key", run_key, "--run-id", "pub", "--seats", "5"])
+    assert limited.exit_code == 0 and "up to 5 identities" in limited.stderr and "run.key.seats.json" in limited.stderr
+    assert "redeemed at the host" in admission.problem(limited.stdout.strip().splitlines()[-1], "QmOther")

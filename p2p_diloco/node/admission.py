@@ -12,7 +12,9 @@ and every peer checks every other peer's (`Admission.problem`) before it lets th
 state, downloads state from it, or counts its state hash as a vote. A token for one peer id holds only for that
 identity (`join --identity FILE` keeps one across restarts; `p2p-diloco identity FILE` prints it); a token for
 anyone admits every identity that presents it until it expires (one operator can then start many identities:
-give such tokens out with care, and short expiries).
+give such tokens out with care, and short expiries), unless it is limited to N seats (`admit --seats N`): such a
+token admits nobody by itself; each trainer redeems it at the host for a token of its own peer id while a seat is
+free (`node.seat_ledger`, `swarm.seats`).
 
 This module needs no network: it is used by the CLI (keys, tokens), by the records (config signatures) and by
 the swarm (checks), in whichever process.
@@ -38,6 +40,7 @@ TOKEN_TAG = b"p2p-diloco-token/1"
 MAX_TOKEN_CHARS = 1024  # a token is ~250 characters; anything longer is refused before it is decoded
 MAX_PEER_ID_CHARS = 128
 CACHE_SIZE = 4096  # checked (token, peer) pairs an `Admission` remembers
+MAX_SEATS = 100_000  # identities one limited open token may admit
 
 
 class AdmissionError(ValueError):
@@ -86,12 +89,19 @@ class RunKey:
     def sign(self, data: bytes) -> bytes:
         return self._private.sign(data)
 
-    def issue(self, run_id: str, peer: str | None, valid_for_s: float, now: float | None = None) -> str:
-        """A join token for `peer` (None: anyone who presents it) valid `valid_for_s` seconds from `now`."""
+    def issue(self, run_id: str, peer: str | None, valid_for_s: float, now: float | None = None,
+              seats: int = 0) -> str:
+        """A join token for `peer` (None: anyone who presents it) valid `valid_for_s` seconds from `now`.
+        `seats` > 0: an open token for at most that many identities, each redeemed at the host for a token of
+        its own (`swarm.seats`); such a token admits nobody by itself."""
         if not math.isfinite(valid_for_s) or valid_for_s <= 0:
             raise AdmissionError(f"a token must be valid for a positive, finite time, not {valid_for_s!r} s")
+        if not isinstance(seats, int) or not 0 <= seats <= MAX_SEATS:
+            raise AdmissionError(f"a token's seats must be a whole number from 1 to {MAX_SEATS}, not {seats!r}")
+        if seats and peer:
+            raise AdmissionError("a token for one peer id has one seat: limit only tokens for anyone")
         body = [run_id, self.public, peer or "", float((time.time() if now is None else now) + valid_for_s),
-                secrets.token_bytes(8)]
+                secrets.token_bytes(8)] + ([seats] if seats else [])
         packed = msgpack.packb(body, use_bin_type=True)
         signature = self.sign(TOKEN_TAG + packed)
         return TOKEN_PREFIX + base64.urlsafe_b64encode(msgpack.packb([packed, signature])).decode().rstrip("=")
@@ -106,6 +116,7 @@ class Token:
     peer: str  # "" : anyone who presents it
     expires: float  # seconds since the epoch
     token_id: bytes
+    seats: int = 0  # > 0: for anyone, at most this many identities, each redeemed at the host (`swarm.seats`)
 
     @classmethod
     def parse(cls, text: str) -> "Token":
@@ -121,23 +132,28 @@ class Token:
             body = text[len(TOKEN_PREFIX):]
             raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
             packed, signature = msgpack.unpackb(raw, raw=True, max_bin_len=MAX_TOKEN_CHARS, max_array_len=2)
-            run_id, run_key, peer, expires, token_id = msgpack.unpackb(
-                packed, raw=False, max_bin_len=MAX_TOKEN_CHARS, max_str_len=MAX_TOKEN_CHARS, max_array_len=5)
+            fields = msgpack.unpackb(packed, raw=False, max_bin_len=MAX_TOKEN_CHARS, max_str_len=MAX_TOKEN_CHARS,
+                                     max_array_len=6)
+            run_id, run_key, peer, expires, token_id, *rest = fields
         except Exception:
             raise AdmissionError("a damaged token (it does not decode: copy it whole)") from None
+        seats = rest[0] if len(rest) == 1 else None if rest else 0
         if not (isinstance(run_id, str) and isinstance(run_key, bytes) and len(run_key) == 32
                 and isinstance(peer, str) and len(peer) <= MAX_PEER_ID_CHARS
                 and isinstance(expires, float) and math.isfinite(expires)
-                and isinstance(token_id, bytes) and isinstance(signature, bytes)):
+                and isinstance(token_id, bytes) and isinstance(signature, bytes)
+                and type(seats) is int and 0 <= seats <= MAX_SEATS and not (seats and peer)):
             raise AdmissionError("a damaged token (its fields have the wrong types)")
         try:
             Ed25519PublicKey.from_public_bytes(run_key).verify(signature, TOKEN_TAG + packed)
         except (InvalidSignature, ValueError):
             raise AdmissionError("a token whose signature does not match its run key (forged or altered)") from None
-        return cls(run_id, run_key, peer, expires, token_id)
+        return cls(run_id, run_key, peer, expires, token_id, seats)
 
-    def problem(self, run_id: str, run_key: bytes, peer_id: str, now: float | None = None) -> str | None:
-        """Why this token does not admit `peer_id` to run `run_id` of `run_key`, in words; None: it does."""
+    def problem(self, run_id: str, run_key: bytes, peer_id: str, now: float | None = None,
+                redeeming: bool = False) -> str | None:
+        """Why this token does not admit `peer_id` to run `run_id` of `run_key`, in words; None: it does.
+        `redeeming`: whether it could be redeemed for a seat instead (the host's question)."""
         if self.run_id != run_id:
             return f"a token for run {self.run_id!r}, not {run_id!r}"
         if self.run_key != run_key:
@@ -146,10 +162,17 @@ class Token:
             return f"a token for peer {self.peer}, not {peer_id}"
         if (time.time() if now is None else now) > self.expires:
             return f"a token that expired at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.expires))}"
+        if self.seats and not redeeming:
+            return (f"a token for {self.seats} seats, which admits only after it is redeemed at the host for a "
+                    "token of the peer's own")
+        if redeeming and not self.seats:
+            return "a token without seats (it admits its holder as it is: nothing to redeem)"
         return None
 
     def describe(self) -> str:
         who = f"peer {self.peer}" if self.peer else "anyone who presents it"
+        if self.seats:
+            who = f"up to {self.seats} identities (seats, each redeemed at the host)"
         return (f"run {self.run_id!r}, {who}, valid until "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.expires))}")
 

@@ -9,6 +9,8 @@ import sys
 import threading
 
 from ..node.records import RunConfig
+from ..node.seat_ledger import ledger_path
+from . import seats
 from .addresses import port_of, rank_of
 from .dht import CONFIG_TTL, publish_run_config, start_dht, visible_maddrs
 
@@ -23,6 +25,8 @@ def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[
                     run_id=run.run_id, admission_only=run.admission_only)
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if run.admission_only and run_key_path:
+            seats.serve(dht, run_key_path, run.run_id, ledger_path(run_key_path))
         maddrs = visible_maddrs(dht)
         if not publish_run_config(dht, run, signed=signed):
             print("warning: the DHT did not accept the run config yet; retrying", file=sys.stderr)
@@ -44,7 +48,9 @@ def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[
         if run.admission_only:
             print(f"  p2p-diloco join --initial-peers {maddrs[0]} --run-id {run.run_id} --token TOKEN", flush=True)
             print(f"the run admits only peers with a token: issue one with\n  p2p-diloco admit --run-key "
-                  f"{run_key_path} --run-id {run.run_id} [--peer PEER_ID]", flush=True)
+                  f"{run_key_path} --run-id {run.run_id} [--peer PEER_ID | --seats N]\n(a token with --seats is "
+                  f"redeemed here for each trainer's own; seats taken are kept in {ledger_path(run_key_path)})",
+                  flush=True)
         else:
             print(f"  p2p-diloco join --initial-peers {maddrs[0]} --run-id {run.run_id}", flush=True)
             print("the run admits anyone who reaches this DHT (no --run-key): fine on a private network; host a "

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,7 +45,7 @@ from ..node.records import PeerProgress, RunConfig
 from ..task.data import BatchStream, Corpus
 from ..task.device import pick_device
 from ..task.model import build_model, evaluate, lm_loss
-from . import reachability
+from . import reachability, seats
 from .averager import CodecAverager, SwarmAverager
 from .clock import ClockReading, SwarmClock
 from .dht import (CONFIG_TTL, decode_progress, fetch_progress, fetch_signed_run_config, publish_progress,
@@ -103,6 +103,8 @@ def run_peer(opts: JoinOptions) -> dict:
     peer = None
     try:
         run, signed = fetch_signed_run_config(dht, opts.run_id, opts.config_timeout, run_key)
+        if run_key is not None and Token.parse(opts.token).seats:
+            opts = replace(opts, token=_take_seat(dht, opts))
         _check_admitted(run, opts.token, str(dht.peer_id))
         peer = Peer(dht, run, opts, reach, client_mode, signed)
         peer.start()
@@ -497,6 +499,16 @@ def _admitted(records: list[PeerProgress], peer: Peer) -> list[PeerProgress]:
             peer.unadmitted.add(p.peer_id)
             log.warning("ignoring peer %s: it is not admitted to this run (%s); logged once", p.peer_id, problem)
     return admitted
+
+
+def _take_seat(dht, opts: JoinOptions) -> str:
+    """Redeem the limited open token at the host for one of this peer's own (`swarm.seats`)."""
+    mine = seats.redeem(dht, opts.initial_peers, opts.token)
+    log.warning("took a seat of the token: this peer's own token (it needs this identity: keep it with --identity "
+                "FILE and pass it as --token next time, or redeem the same seat again with that identity): %s", mine)
+    if opts.identity_path is None:
+        log.warning("no --identity: a restart of this peer is a new identity and takes another seat")
+    return mine
 
 
 def _check_admitted(run: RunConfig, token: str, peer_id: str) -> None:

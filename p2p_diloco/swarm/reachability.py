@@ -21,10 +21,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 
-import msgpack
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.multiaddr import Multiaddr
+
+from .framing import read_message, write_message
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,6 @@ class Reachability:
             return f"peer {self.prober} reached this peer at {', '.join(self.accepted)}"
         return (f"peer {self.prober} could not open a connection to this peer at {', '.join(self.refused) or '-'} "
                 f"(it sees this peer's traffic come from {self.observed_ip})")
-
-
-async def _read(reader: asyncio.StreamReader) -> object:
-    size = int.from_bytes(await reader.readexactly(4), "big")
-    if size > MAX_MESSAGE:
-        raise ValueError(f"a {size}-byte dial-back message (at most {MAX_MESSAGE})")
-    return msgpack.unpackb(await reader.readexactly(size))
-
-
-async def _write(writer: asyncio.StreamWriter, obj: object) -> None:
-    data = msgpack.packb(obj)
-    writer.write(len(data).to_bytes(4, "big") + data)
-    await writer.drain()
 
 
 def _targets(observed: Multiaddr, maddrs: object) -> tuple[str, list[tuple[str, int]]]:
@@ -100,12 +88,12 @@ async def _connects(ip: str, port: int) -> bool:
 
 async def _handle(info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
-        request = await asyncio.wait_for(_read(reader), CONNECT_TIMEOUT_S)
+        request = await asyncio.wait_for(read_message(reader, MAX_MESSAGE, "dial-back"), CONNECT_TIMEOUT_S)
         ip, targets = _targets(info.addr, request.get("maddrs") if isinstance(request, dict) else None)
         results = await asyncio.gather(*(_connects(h, p) for h, p in targets))
-        await _write(writer, {"observed_ip": ip,
-                              "accepted": [f"{h}:{p}" for (h, p), ok in zip(targets, results) if ok],
-                              "refused": [f"{h}:{p}" for (h, p), ok in zip(targets, results) if not ok]})
+        await write_message(writer, {"observed_ip": ip,
+                                     "accepted": [f"{h}:{p}" for (h, p), ok in zip(targets, results) if ok],
+                                     "refused": [f"{h}:{p}" for (h, p), ok in zip(targets, results) if not ok]})
     except Exception as e:  # a malformed request from a stranger: answer nothing
         log.debug("dial-back request from %s refused: %r", info.peer_id, e)
     finally:
@@ -125,8 +113,8 @@ async def _ask(p2p, prober: str, maddrs: list[str], timeout: float) -> object:
     async def exchange() -> object:
         _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(prober), PROTOCOL)
         try:
-            await _write(writer, {"maddrs": maddrs})
-            return await _read(reader)
+            await write_message(writer, {"maddrs": maddrs})
+            return await read_message(reader, MAX_MESSAGE, "dial-back")
         finally:
             writer.close()
     return await asyncio.wait_for(exchange(), timeout)
