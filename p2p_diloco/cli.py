@@ -11,8 +11,8 @@ import sys
 import click
 
 from .core.config import ConfigError
-from .flag_checks import (check_fragments, check_identity_file, check_join_files, check_links, check_output_file,
-                          check_run_id_flag, fail, parse_initial_peers, probe_bootstrap)
+from .flag_checks import (check_fragments, check_identity_file, check_join_files, check_links, check_output_dir,
+                          check_output_file, check_run_id_flag, fail, parse_initial_peers, probe_bootstrap)
 from .node.admission import MAX_SEATS
 from .node.profiles import profile_option
 
@@ -317,10 +317,16 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
 @click.option("--identity", "identity_path", default=None, help="Key file: trains under its peer id (the one a "
               "token for one peer admits; `p2p-diloco identity FILE` prints it); created if missing "
               "[default: a new identity each start].")
+@click.option("--run-dir", default=None, help="Write this peer's metrics here, one JSON line per progress report "
+              "(metrics-PEER_ID.jsonl; `p2p-diloco plot DIR` draws them).")
+@click.option("--tensorboard", "tensorboard_dir", default=None,
+              help="Also log the metrics to TensorBoard under this directory (needs `pip install tensorboard`).")
+@click.option("--wandb", "wandb_project", default=None,
+              help="Also log the metrics to this Weights & Biases project (needs `pip install wandb`).")
 def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs, announce_maddrs, data, summary_path,
          threads,
          step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, global_steps,
-         wait_for_peers, token, identity_path):
+         wait_for_peers, token, identity_path, run_dir, tensorboard_dir, wandb_project):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
     from .node import attacks, failpoints
 
@@ -351,6 +357,14 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
     initial_peers = parse_initial_peers(initial_peers)
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
     check_join_files(run_id, data, summary_path, checkpoint_dir, resume)
+    from .node.metrics import MetricsError, check_loggers
+
+    try:
+        check_loggers(tensorboard_dir, wandb_project)
+    except MetricsError as e:
+        raise click.UsageError(str(e)) from None
+    if run_dir is not None:
+        check_output_dir("--run-dir", run_dir)
     probe_bootstrap(initial_peers)
 
     from .core.averaging import AveragingFailed
@@ -363,11 +377,12 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
                        summary_path, progress_json, global_steps is not None, threads, global_steps=global_steps,
                        wait_for_peers=wait_for_peers,
                        step_delay=step_delay, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                       resume=resume, token=(token or "").strip(), identity_path=identity_path)
+                       resume=resume, token=(token or "").strip(), identity_path=identity_path, run_dir=run_dir,
+                       tensorboard_dir=tensorboard_dir, wandb_project=wandb_project)
     try:
         summary = run_peer(opts)
     except (RecordError, TimeoutError, ConfigError, AveragingFailed, CheckpointError, BootstrapError,
-            DHTStartError, AdmissionError) as e:
+            DHTStartError, AdmissionError, MetricsError) as e:
         raise fail(e) from None
     click.echo(f"done: {summary['inner_steps']} inner steps to global step {summary['global_step']}, "
                f"eval loss {summary['eval_loss']:.4f}, sent {summary['wire_bytes_sent'] / 1e6:.2f} MB"
@@ -495,6 +510,24 @@ def admit(run_key_path, run_id, peer_id, valid_for, seats):
     elif peer_id is None:
         click.echo("anyone who holds this token joins, as many identities as they like: give it out with care",
                    err=True)
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--out", "out_dir", default=None, help="Where the PNGs go [default: RUN_DIR/plots].")
+def plot(run_dir, out_dir):
+    """Draw PNGs (loss, throughput, bytes, rounds per fragment, one line per peer) from the metrics-*.jsonl files
+    in RUN_DIR (a local swarm's workdir, or the --run-dir of `join`)."""
+    from .node.plots import PlotError, plot_run
+
+    try:
+        written, skipped = plot_run(run_dir, out_dir)
+    except PlotError as e:
+        raise click.UsageError(str(e)) from None
+    for path in written:
+        click.echo(path)
+    if skipped:
+        click.echo(f"skipped {skipped} line(s) that did not parse (a file cut short by a crash?)", err=True)
 
 
 @main.command()

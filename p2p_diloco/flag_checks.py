@@ -56,6 +56,22 @@ def check_output_file(path: str | None, option: str) -> None:
         raise click.UsageError(f"{option} {path}: the folder {folder} is not writable by this user")
 
 
+def check_output_dir(option: str, path: str) -> None:
+    """A directory written to during a run: an existing writable one, or one that can be made (its nearest
+    existing parent is a writable directory)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise click.UsageError(f"{option} {path}: not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise click.UsageError(f"{option} {path}: not writable by this user")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise click.UsageError(f"{option} {path}: cannot be created ({parent} is not a writable directory)")
+
+
 def check_fragments(fragments: int, given: bool, model: str, layers: int) -> None:
     """Block fragments are whole transformer blocks: P <= the model's blocks (`core.fragments`)."""
     if fragments > layers:

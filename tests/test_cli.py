@@ -132,6 +132,10 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
         # numbers and names
         "join-steps-0": (["join", *peers, "--steps", "0"], 2, ["--steps", "0 is not in the range"]),
         "join-threads-0": (["join", *peers, "--threads", "0"], 2, ["--threads"]),
+        "join-run-dir-a-file": (["join", *peers, "--run-dir", f["a-file"]], 2, ["--run-dir", "not a directory"]),
+        "join-run-dir-under-a-file": (["join", *peers, "--run-dir", f["a-file"] + "/run"], 2,
+                                      ["--run-dir", "cannot be created"]),
+        "plot-nowhere": (["plot", "/nonexistent/run"], 2, ["/nonexistent/run: not a directory"]),
         "join-bandwidth-negative": (["join", *peers, "--bandwidth", "-5"], 2, ["--bandwidth"]),
         "status-bad-run-id": (["status", *peers, "--run-id", "a.b"], 2, ["--run-id", "'a.b'"]),
         "simulate-bad-method": (["simulate", "--methods", "diloco,bogus"], 2, ["--methods", "'bogus'", "diloco"]),

@@ -16,6 +16,7 @@ says whether the run as a whole failed: consensus is computed over the finishers
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -113,6 +114,8 @@ class LocalSwarm:
             f.write(self.run.encode())
         maddrs_path = os.path.join(self.workdir, "host.json")
         _remove_stale(maddrs_path)  # a --workdir of an earlier run: its files must not pass for this run's
+        for stale in glob.glob(os.path.join(self.workdir, "metrics-*.jsonl")):
+            _remove_stale(stale)
         extra = []
         if self.admission:
             from ..node.admission import RunKey
@@ -145,7 +148,7 @@ class LocalSwarm:
         summary = os.path.join(self.workdir, f"{name}.json")
         _remove_stale(summary)
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
-                "--summary", summary, "--progress-json", "--threads", "1",
+                "--summary", summary, "--run-dir", self.workdir, "--progress-json", "--threads", "1",
                 "--wait-for-peers", str(wait_for), *self._listen(name), *(extra or [])]
         if self.links is not None:
             args += ["--bandwidth", str(self._link(name).up_mbit)]
@@ -382,6 +385,7 @@ def summary_table(report: dict) -> str:
     over = f"over the {len(finished)} of {report['trainers']} trainers that finished"
     rows.append(f"consensus: {report['consensus']} ({over})   wall: {report['wall_s']:.0f}s   "
                 f"logs: {report['workdir']}")
+    rows.append(f"metrics: {report['workdir']}/metrics-*.jsonl (draw them: p2p-diloco plot {report['workdir']})")
     if links:
         rows.append("sent/recv MB: averaging payloads (parts and means); link tx/rx MB: everything the emulated "
                     "interface carried (headers, DHT, state downloads, retransmissions); up Mbit/s: the uplink "

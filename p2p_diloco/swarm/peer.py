@@ -41,6 +41,7 @@ from ..core.streaming import StreamingDiLoCo
 from ..node import attacks
 from ..node.admission import Admission, AdmissionError, Token
 from ..node.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from ..node.metrics import Metrics
 from ..node.records import PeerProgress, RunConfig
 from ..task.data import BatchStream, Corpus
 from ..task.device import pick_device
@@ -91,6 +92,9 @@ class JoinOptions:
     checkpoint_every: int = 10
     resume: str | None = None  # a checkpoint directory to start from
     token: str = ""  # this peer's join token (`node.admission`); "": for a run that admits anyone
+    run_dir: str | None = None  # metrics-PEER_ID.jsonl goes here (`node.metrics`); None: no metrics file
+    tensorboard_dir: str | None = None
+    wandb_project: str | None = None
     identity_path: str | None = None  # this peer's key file (keeps its peer id); None: a new identity
 
 
@@ -170,6 +174,7 @@ class Peer:
         self.saved_at_rounds = 0
         self.unadmitted: set[str] = set()  # peers whose records were ignored (logged once each)
         self.flooder: Flooder | None = None  # P2P_DILOCO_ATTACK=flood (a test's attacker)
+        self.metrics = Metrics(self.peer_id, run.run_id, opts.run_dir, opts.tensorboard_dir, opts.wandb_project)
 
     # -- joining -------------------------------------------------------------------
     def start(self) -> None:
@@ -298,6 +303,14 @@ class Peer:
         if problem and self.opts.progress_json:
             print(json.dumps({"peer_id": self.peer_id, "problem": problem}), flush=True)
         _print_progress(self.opts, record, self.outer.stats.failed)
+        self._log_metrics(record)
+
+    def _log_metrics(self, record: PeerProgress, eval_loss: float | None = None) -> None:
+        stats = self.outer.stats
+        self.metrics.log({"step": record.step, "global_step": self.global_step, "loss": record.loss,
+                          "tokens_per_s": record.tokens_per_s, "bytes_sent": record.bytes_sent,
+                          "bytes_received": record.bytes_received, "rounds": list(stats.applied),
+                          "failed": list(stats.failed), "recovered": list(stats.recovered), "eval_loss": eval_loss})
 
     def _progress(self, now: float) -> PeerProgress:
         tokens_per_s = self.step * self.tokens_per_step / max(now - self.started, 1e-9)
@@ -440,6 +453,7 @@ class Peer:
         }
         if self.flooder is not None:
             summary["flood"] = self.flooder.stop()
+        self._log_metrics(self._progress(time.time()), summary["eval_loss"])
         if self.opts.summary_path:
             tmp = self.opts.summary_path + ".tmp"
             with open(tmp, "w") as f:
@@ -456,6 +470,7 @@ class Peer:
         return self.health.verdict(self.outer.stats)
 
     def close(self) -> None:
+        self.metrics.close()
         if self.averager is not None:
             self.averager.shutdown()
 

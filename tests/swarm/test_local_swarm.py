@@ -214,6 +214,19 @@ def test_peers_of_different_speeds_outlive_their_host(run):
         assert p["inner_steps"] >= 0.8 * p["global_step"], r.text()
     assert re.search(rb"^host died \(SIGKILL\); the trainers go on", r.err, re.M), r.text()
     assert_plain_output(r, 3)
+    # every trainer's metrics, a line per progress report, the last with the summary's eval loss; `plot` draws them
+    for p in report["peers"]:
+        lines = [json.loads(t) for t in (r.workdir / f"metrics-{p['peer_id']}.jsonl").read_text().splitlines()]
+        assert len(lines) >= 3 and lines[-1]["eval_loss"] == pytest.approx(p["eval_loss"]), lines[-1]
+        assert lines[-1]["rounds"] == p["rounds"] and lines[-1]["global_step"] == p["global_step"]
+    drawn = subprocess.run([sys.executable, "-m", "p2p_diloco.cli", "plot", str(r.workdir)], capture_output=True,
+                           text=True, timeout=120)
+    assert drawn.returncode == 0, drawn.stderr
+    assert [os.path.basename(p) for p in drawn.stdout.split()] == ["loss.png", "throughput.png", "bytes.png",
+                                                                   "rounds.png"]
+    for png in drawn.stdout.split():
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_peer_sending_its_outer_gradients_x1000_is_refused_by_the_reducers_and_the_run_ends_in_consensus(run):
