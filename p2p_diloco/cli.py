@@ -197,8 +197,11 @@ def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, r
         raise click.UsageError("--batch-size must be >= 1, --round-timeout > 0, --target-group-size >= 2")
     if not 2.0 <= matchmaking_time < round_timeout:
         raise click.UsageError(f"--matchmaking-time must be >= 2 s and below --round-timeout ({round_timeout})")
+    from .task.model import built_with, init_sha256
+
     return RunConfig(run_id, config, spec, batch_size, data or "Python standard library sources", float(round_timeout),
-                     target_group_size, float(matchmaking_time))
+                     target_group_size, float(matchmaking_time), init_sha256=init_sha256(spec, config.seed),
+                     built_with=built_with())
 
 
 def run_options(f):

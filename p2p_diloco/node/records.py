@@ -85,6 +85,10 @@ class RunConfig:
     # at most 1 s, and a new connection cut shorter under load puts that peer in libp2p's dial backoff
     matchmaking_time: float = 3.0
     run_key: str = ""  # hex of the run's Ed25519 public key (`node.admission`); "": the run admits anyone
+    # the host's sha256 of the model's initial parameters (`task.model.init_sha256`) and the libraries it used;
+    # "": not recorded (a run config of an older host, or built in a test), nothing to check
+    init_sha256: str = ""
+    built_with: str = ""
 
     @property
     def admission_only(self) -> bool:
@@ -95,7 +99,8 @@ class RunConfig:
                                     "model": self.model.to_dict(), "batch_size": self.batch_size,
                                     "data": self.data, "round_timeout": self.round_timeout,
                                     "target_group_size": self.target_group_size,
-                                    "matchmaking_time": self.matchmaking_time, "run_key": self.run_key})
+                                    "matchmaking_time": self.matchmaking_time, "run_key": self.run_key,
+                                    "init_sha256": self.init_sha256, "built_with": self.built_with})
 
     @classmethod
     def decode(cls, data: Any) -> "RunConfig":
@@ -133,8 +138,14 @@ class RunConfig:
         run_key = obj.get("run_key", "")
         if not isinstance(run_key, str) or run_key and (len(run_key) != 64 or not _is_hex(run_key)):
             raise RecordError(f"{kind} record: run_key must be 64 hex digits (an Ed25519 public key) or empty")
+        init = obj.get("init_sha256", "")
+        if not isinstance(init, str) or init and (len(init) != 64 or not _is_hex(init)):
+            raise RecordError(f"{kind} record: init_sha256 must be 64 hex digits (a sha256) or empty")
+        built = obj.get("built_with", "")
+        if not isinstance(built, str) or len(built) > 200:
+            raise RecordError(f"{kind} record: built_with must be a string of at most 200 characters")
         return cls(run_id, diloco, model, batch_size, _get(obj, kind, "data", str), float(round_timeout), target,
-                   float(matchmaking), run_key)
+                   float(matchmaking), run_key, init, built)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..core.config import ConfigError
 from ..core.fragments import split_fragments
 from ..core.inner import InnerTrainer
 from ..core.streaming import StreamingDiLoCo
@@ -45,7 +46,7 @@ from ..node.metrics import Metrics
 from ..node.records import PeerProgress, RunConfig
 from ..task.data import BatchStream, Corpus
 from ..task.device import pick_device
-from ..task.model import build_model, evaluate, lm_loss
+from ..task.model import build_model, built_with, evaluate, init_sha256, lm_loss
 from . import reachability, seats
 from .averager import CodecAverager, SwarmAverager
 from .clock import ClockReading, SwarmClock
@@ -143,6 +144,7 @@ class Peer:
         self.peer_id = str(dht.peer_id)
         self.maddrs = visible_maddrs(dht)
         self.device = pick_device()
+        _check_reproducible(run)
         self.model = build_model(run.model, run.diloco.seed).to(self.device)
         corpus = Corpus.load(opts.data or None)
         self.eval_batches = corpus.eval_batches(run.model.seq_len, 16, 32)
@@ -514,6 +516,16 @@ def _admitted(records: list[PeerProgress], peer: Peer) -> list[PeerProgress]:
             peer.unadmitted.add(p.peer_id)
             log.warning("ignoring peer %s: it is not admitted to this run (%s); logged once", p.peer_id, problem)
     return admitted
+
+
+def _check_reproducible(run: RunConfig) -> None:
+    """Refuse a run whose model this peer would start from other weights than the host (another library version
+    initialises differently): its outer gradients would be against parameters nobody else has."""
+    if run.init_sha256 and (mine := init_sha256(run.model, run.diloco.seed)) != run.init_sha256:
+        raise ConfigError(f"this peer cannot reproduce run {run.run_id!r}: its model starts from other weights here "
+                          f"(sha256 {mine[:12]}…) than at the host ({run.init_sha256[:12]}…). The host built it with "
+                          f"{run.built_with or 'unrecorded versions'}; this peer has {built_with()}: install the "
+                          "host's versions")
 
 
 def _take_seat(dht, opts: JoinOptions) -> str:

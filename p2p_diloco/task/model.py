@@ -68,6 +68,26 @@ def build_model(spec: ModelSpec, seed: int) -> nn.Module:
     return model
 
 
+def init_sha256(spec: ModelSpec, seed: int) -> str:
+    """The sha256 of the parameters `build_model(spec, seed)` starts from (names, shapes and fp32 bytes, in name
+    order): the run config carries the host's, and a peer whose libraries initialise differently refuses to train
+    a run it cannot reproduce."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(build_model(spec, seed).state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def built_with() -> str:
+    """The libraries that decide a model's initial weights, as `init_sha256` saw them."""
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
 def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-byte cross-entropy (nats) of `tokens` [batch, seq_len]."""
     logits = model(input_ids=tokens[:, :-1]).logits
