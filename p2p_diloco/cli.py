@@ -110,7 +110,8 @@ def main(verbose: bool) -> None:
 @click.option("--methods", default=None, help="Comma-separated methods [default: data_parallel,diloco,"
               "streaming_diloco,streaming_diloco_ef]; also streaming_diloco_fp32.")
 @click.option("--model", default="small", show_default=True,
-              help="Model preset: tiny, small (0.2M), base (0.8M), large (4.8M).")
+              help="Model preset: tiny, small (0.2M), base (0.8M), large (4.8M), llama-20m, llama-150m, llama-1b; "
+                   "or a transformers Llama config .json (byte-level vocabulary).")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1),
               help="Sequences per worker per inner step.")
 @diloco_options
@@ -208,7 +209,9 @@ def run_options(f):
     """What a run is: published by the host, built by local-swarm."""
     for decorator in reversed([
         click.option("--run-id", default="default", show_default=True, help="Names the run; namespaces DHT keys."),
-        click.option("--model", default="small", show_default=True, help="Model preset: tiny, small, base, large."),
+        click.option("--model", default="small", show_default=True,
+                     help="Model preset (tiny, small, base, large, llama-20m, llama-150m, llama-1b) or a "
+                          "transformers Llama config .json file (byte-level vocabulary)."),
         click.option("--batch-size", default=4, show_default=True, help="Sequences per peer per inner step."),
         click.option("--inner-lr", default=None, type=float, help="Inner AdamW lr [default: the README sweep's best]."),
         click.option("--codec", default="fp4", show_default=True,

@@ -60,8 +60,10 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "bad-hash").mkdir()
     _fake_checkpoint(root / "bad-hash", state_sha256="0" * 64)
     (root / "profile.toml").write_text('role = "join"\nstepz = 5\n')
+    (root / "gpt2.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
     key = RunKey.load_or_create(str(root / "run.key"))[0]
-    return {**{name: str(root / name) for name in ("a-file", "bad-json", "bad-hash", "profile.toml", "run.key")},
+    return {**{name: str(root / name) for name in ("a-file", "bad-json", "bad-hash", "profile.toml", "run.key",
+                                                   "gpt2.json")},
             "token-run-r": key.issue("r", None, 3600)}
 
 
@@ -93,6 +95,9 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
         # fragments against the model's blocks
         "local-swarm-fragments": (["local-swarm", "--fragments", "9"], 2,
                                   ["--fragments 9", "4 transformer blocks", "--model small", "0 to 4"]),
+        "host-model-missing-json": (["host", "--model", "/nonexistent/model.json"], 2,
+                                    ["--model /nonexistent/model.json: cannot read it"]),
+        "host-model-not-llama": (["host", "--model", f["gpt2.json"]], 2, ["model_type 'gpt2'", "Llama-family"]),
         "host-tiny-default-fragments": (["host", "--model", "tiny"], 2,
                                         ["--fragments 4 (the default)", "--model tiny", "0 to 2"]),
         "simulate-tiny-default-fragments": (["simulate", "--model", "tiny", "--methods", "streaming_diloco"], 2,
@@ -148,7 +153,7 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
 IN_A_PROCESS = ["join-unreachable", "status-unreachable", "join-garbage", "local-swarm-fragments", "resume-missing",
                 "resume-bad-hash", "join-steps-0", "simulate-bad-method"]
 IN_THIS_PROCESS = [name for name in _cases(0, dict.fromkeys(["a-file", "bad-json", "bad-hash", "profile.toml",
-                                                              "run.key", "token-run-r"], ""))
+                                                              "run.key", "token-run-r", "gpt2.json"], ""))
                    if name not in IN_A_PROCESS]
 
 

@@ -140,18 +140,20 @@ class StreamingDiLoCo(CatchUp):
             self.sync(s)
         self.finish_due_rounds(step)
 
-    def start_final_rounds(self, step: int) -> list[int]:
-        """Start one more round for every fragment with progress since its last round started. Returns the
-        fragments without any (a peer that joined at or after the end): they sit the swarm's last round out and
-        take its result at the reconcile, rather than start a round that nobody else would search a group for."""
+    def start_final_rounds(self, step: int, trained: bool = True) -> list[int]:
+        """Start one more round for every fragment with progress since its last round started. A worker that
+        has not `trained` at all (it joined at or after the end) starts none: it returns the fragments whose last
+        round it sits out, to take their result at the reconcile, rather than start rounds that nobody else would
+        search a group for. (A worker that trained but whose clock jumped to the end with no step since a round
+        started still takes part, with a round of no progress: the others expect it in their groups.)"""
         sat_out = []
         for k in range(len(self.fragments)):
             if k in self.in_flight:
                 continue
             due = self.round_at(k, step)
             last = due if due is not None else self.schedule.next_round(k, step)
-            if not self.tokens_since_sync[k]:
-                if last > self.last_round[k]:  # (a round started at this very step has taken the progress)
+            if not trained:
+                if last > self.last_round[k]:
                     self.last_round[k] = last
                     sat_out.append(k)
             elif due is None:

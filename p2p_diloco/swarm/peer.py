@@ -339,7 +339,7 @@ class Peer:
             # no next round to protect: a peer that reaches the end before the others waits for them
             self.averager.search_timeout = self.run.round_timeout
             self.silent_for = PROGRESS_EVERY_S  # the step loop no longer publishes
-            sat_out = self.outer.start_final_rounds(self.global_step)
+            sat_out = self.outer.start_final_rounds(self.global_step, trained=self.step > 0)
             self.outer.finish_in_flight()
             # the others publish their last rounds (a live peer still training gets there, a round timeout
             # at most after this one: the clock may have brought this peer to the end first; a peer that joined

@@ -240,18 +240,17 @@ def test_final_rounds_bring_all_progress_into_the_anchors():
         assert torch.equal(a, b)
 
 
-def test_a_worker_without_progress_sits_the_final_rounds_out():
-    """A peer that joined at the run's end (or resumed there: the swarm's state replaced its checkpoint's) starts
-    no final round that nobody else would search a group for; it marks the rounds as sat out, to take their
-    result at the reconcile."""
+def test_a_worker_that_has_not_trained_sits_the_final_rounds_out():
+    """A peer that joined at the run's end (or resumed there) starts no final round that nobody else would search a
+    group for; it marks the rounds as sat out, to take their result at the reconcile. One that trained takes part,
+    progress since its last round or not."""
     config = DiLoCoConfig(outer_period=6, fragments=2, tau=1, alpha=0.5, codec="fp32", warmup_steps=1)
     model = build_model(SPEC, 0)
     o = StreamingDiLoCo(model, config, LocalGroup(1, get_codec("fp32")).member(0))
     end = next(s for s in range(10, 40) if all(o.round_at(k, s) is None for k in range(3)))  # no round due there
-    assert o.start_final_rounds(end) == [0, 1, 2] and not o.in_flight and o.stats.started == [0, 0, 0]
-    assert o.last_round == [o.schedule.next_round(k, end) for k in range(3)]
-    assert o.start_final_rounds(end) == []  # already sat out
-    o.record_tokens(5)
+    assert o.start_final_rounds(end, trained=False) == [0, 1, 2] and not o.in_flight
+    assert o.stats.started == [0, 0, 0] and o.last_round == [o.schedule.next_round(k, end) for k in range(3)]
+    assert o.start_final_rounds(end, trained=False) == []  # already sat out
     assert o.start_final_rounds(end) == [] and sorted(o.in_flight) == [0, 1, 2]
 
 

@@ -1,8 +1,9 @@
-"""The model's identity in the run config: the hash of its initial weights, and a peer that cannot reproduce them
-refusing to train."""
+"""The model (`task.model`): presets and config files, and its identity in the run config: the hash of its initial
+weights, and a peer that cannot reproduce them refusing to train."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,7 +13,39 @@ import pytest
 from p2p_diloco.core.config import DiLoCoConfig
 from p2p_diloco.node.records import RecordError, RunConfig
 from p2p_diloco.swarm.dht import publish_run_config, start_dht, visible_maddrs
-from p2p_diloco.task.model import built_with, init_sha256, model_spec
+from p2p_diloco.core.config import ConfigError
+from p2p_diloco.task.model import PRESETS, built_with, init_sha256, llama_config, model_spec, parameter_count
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def test_the_llama_presets_have_the_sizes_their_names_say():
+    for name, size in (("llama-20m", 20e6), ("llama-150m", 150e6), ("llama-1b", 1e9)):
+        assert abs(parameter_count(PRESETS[name]) / size - 1) < 0.05, name
+
+
+def test_a_transformers_llama_config_file_is_a_model_and_what_it_cannot_carry_is_refused(tmp_path):
+    assert model_spec(f"{ROOT}/peers/model-llama-20m.json") == PRESETS["llama-20m"]
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({"hidden_size": 48, "layers": 3, "heads": 4, "intermediate_size": 96, "seq_len": 64}))
+    assert model_spec(str(ours)).layers == 3
+    saved = llama_config(PRESETS["tiny"]).to_dict()
+    cases = {"model_type": ("gpt2", "only Llama-family"), "vocab_size": (32000, "byte-level"),
+             "num_key_value_heads": (1, "grouped-query"), "rms_norm_eps": (1e-5, "rms_norm_eps = 1e-05"),
+             "num_hidden_layers": (0, "num_hidden_layers must be a positive integer"),
+             "hidden_size": (33, "not a multiple of the 2 attention heads")}
+    for key, (value, message) in cases.items():
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps({**saved, key: value}))
+        with pytest.raises(ConfigError, match=message):
+            model_spec(str(path))
+    (tmp_path / "junk.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="junk.json: not a model config"):
+        model_spec(str(tmp_path / "junk.json"))
+    with pytest.raises(ConfigError, match="cannot read it"):
+        model_spec(str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigError, match="unknown preset.*llama-1b"):
+        model_spec("huge")
 
 
 def test_the_initial_weights_hash_is_the_same_every_time_and_differs_by_seed_and_model():
