@@ -11,8 +11,9 @@ import sys
 import click
 
 from .core.config import ConfigError
-from .flag_checks import (check_fragments, check_identity_file, check_join_files, check_links, check_output_dir,
-                          check_output_file, check_run_id_flag, fail, parse_initial_peers, probe_bootstrap)
+from .flag_checks import (check_dataset_flags, check_fragments, check_identity_file, check_join_files, check_links,
+                          check_output_dir, check_output_file, check_run_id_flag, fail, parse_initial_peers,
+                          probe_bootstrap)
 from .node.admission import MAX_SEATS
 from .node.profiles import profile_option
 
@@ -301,6 +302,12 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
 @network_options(0, "0: any free one. Others must be able to connect to it, or this peer runs in client mode.")
 @click.option("--data", multiple=True, type=click.Path(exists=True),
               help="Text file or folder to train on instead of the stdlib sources.")
+@click.option("--dataset", default=None, metavar="SOURCE",
+              help="Train on a dataset read through HF `datasets`: a local JSONL / Parquet / text file or folder, or "
+                   "a hub dataset name (streamed; needs the network). Each peer reads its own stretch of it; the "
+                   "position goes into checkpoints (README: Data).")
+@click.option("--text-field", default=None, help="The dataset's column of text [default: text, else content].")
+@click.option("--streaming", is_flag=True, help="Read a local --dataset as a stream too (a hub one always is).")
 @click.option("--summary", "summary_path", default=None, help="Write a JSON summary here at the end.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads [default: torch's choice].")
 @click.option("--step-delay", default=0.0, type=click.FloatRange(min=0), show_default=True,
@@ -329,8 +336,8 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
               help="Also log the metrics to TensorBoard under this directory (needs `pip install tensorboard`).")
 @click.option("--wandb", "wandb_project", default=None,
               help="Also log the metrics to this Weights & Biases project (needs `pip install wandb`).")
-def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs, announce_maddrs, data, summary_path,
-         threads,
+def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs, announce_maddrs, data, dataset,
+         text_field, streaming, summary_path, threads,
          step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, global_steps,
          wait_for_peers, token, identity_path, run_dir, tensorboard_dir, wandb_project):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
@@ -362,6 +369,7 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
         check_identity_file(identity_path)
     initial_peers = parse_initial_peers(initial_peers)
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
+    check_dataset_flags(data, dataset, text_field, streaming)
     check_join_files(run_id, data, summary_path, checkpoint_dir, resume)
     from .node.metrics import MetricsError, check_loggers
 
@@ -384,7 +392,8 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
                        wait_for_peers=wait_for_peers,
                        step_delay=step_delay, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        resume=resume, token=(token or "").strip(), identity_path=identity_path, run_dir=run_dir,
-                       tensorboard_dir=tensorboard_dir, wandb_project=wandb_project)
+                       tensorboard_dir=tensorboard_dir, wandb_project=wandb_project, dataset=dataset,
+                       text_field=text_field, streaming=streaming)
     try:
         summary = run_peer(opts)
     except (RecordError, TimeoutError, ConfigError, AveragingFailed, CheckpointError, BootstrapError,
@@ -411,6 +420,8 @@ def _slashed(values: list[int]) -> str:
 @run_options
 @click.option("--data", multiple=True, type=click.Path(exists=True),
               help="Text file or folder to train on instead of the stdlib sources.")
+@click.option("--dataset", default=None, metavar="SOURCE",
+              help="Every trainer reads this dataset through HF `datasets` (see `join --dataset`).")
 @click.option("--timeout", default=1800.0, show_default=True, help="Give up after this many seconds.")
 @click.option("--json", "json_path", default=None, help="Write the summary as JSON here.")
 @click.option("--workdir", default=None, help="Where the peers' logs and summaries go [default: a new temp dir].")
@@ -432,7 +443,7 @@ def _slashed(values: list[int]) -> str:
               help="TOML file of emulated WAN links (e.g. peers/links-mixed.toml): each member on a machine of its "
                    "own (a network namespace) behind its upload/download rate, delay and loss. Root only.")
 def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size,
-                matchmaking_time, data, timeout, json_path, workdir, progress_every, slow_peer_delay,
+                matchmaking_time, data, dataset, timeout, json_path, workdir, progress_every, slow_peer_delay,
                 late_peer_after, attacker, admission, links_path, **diloco):
     """A host and N trainers as separate processes on 127.0.0.1 (or behind emulated WAN links, --links), all
     stopping at global step --steps.
@@ -458,10 +469,12 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
     if attacker == "unadmitted" and not admission:
         raise click.UsageError("--attacker unadmitted needs --admission (a run that admits anyone admits it)")
     links = check_links(links_path, peers)
+    check_dataset_flags(data, dataset, None, False)
     run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
                       target_group_size or (peers if peers >= 2 else None), matchmaking_time, None,
                       _pop_diloco(diloco))
-    swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), slow_peer_delay=slow_peer_delay,
+    swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), dataset=dataset,
+                       slow_peer_delay=slow_peer_delay,
                        late_peer_after=late_peer_after, links=links, attacker=attacker, admission=admission)
     # SIGTERM must unwind like Ctrl-C, through the cleanup that stops every child (the host included)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

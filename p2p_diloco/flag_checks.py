@@ -161,3 +161,21 @@ def check_links(path: str | None, peers: int):
     if reason:
         raise fail(RuntimeError(f"--links {path}: emulated links cannot be made here: {reason}"))
     return links
+
+
+def check_dataset_flags(data: tuple, dataset: str | None, text_field: str | None, streaming: bool) -> None:
+    """--dataset with its companions, and the dataset itself (loaded once: a missing field or a malformed file is
+    a usage error before the network is touched)."""
+    if dataset is None:
+        for flag, given in (("--text-field", text_field), ("--streaming", streaming)):
+            if given:
+                raise click.UsageError(f"{flag} goes with --dataset")
+        return
+    if data:
+        raise click.UsageError("--data and --dataset: give one of them (files of text, or a dataset)")
+    from .task.dataset import TextDataset
+
+    try:
+        TextDataset.load(dataset, text_field, streaming or None)
+    except ConfigError as e:
+        raise fail(e, usage=True) from None

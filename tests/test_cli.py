@@ -102,6 +102,14 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
                                         ["--fragments 4 (the default)", "--model tiny", "0 to 2"]),
         "simulate-tiny-default-fragments": (["simulate", "--model", "tiny", "--methods", "streaming_diloco"], 2,
                                             ["--fragments 4 (the default)", "--model tiny"]),
+        # --dataset
+        "dataset-with-data": (["join", *peers, "--dataset", f["a-file"], "--data", f["a-file"]], 2,
+                              ["--data and --dataset: give one of them"]),
+        "text-field-alone": (["join", *peers, "--text-field", "body"], 2, ["--text-field goes with --dataset"]),
+        "dataset-wrong-format": (["join", *peers, "--dataset", f["a-file"]], 2,
+                                 [f"--dataset {f['a-file']}: no", "files in it"]),
+        "dataset-missing": (["local-swarm", "--dataset", "/nonexistent/rows"], 2,
+                            ["--dataset /nonexistent/rows: no such file or folder"]),
         # checkpoints and files
         "resume-missing": (["join", *peers, "--resume", "/nonexistent/ckpt"], 1,
                            ["--resume /nonexistent/ckpt", "no such directory"]),

@@ -58,11 +58,13 @@ class CheckpointInfo:
     global_step: float
     inner_step: int
     rounds: list[int]  # the round each fragment's anchor comes from (-1: the run's seed)
+    data_position: dict | None = None  # where this peer's `--dataset` reading stood (`task.dataset`); None: none
 
 
 def save_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: StreamingDiLoCo, trainer: InnerTrainer,
-                    global_step: float) -> str:
-    """Write a checkpoint of this peer into `directory` (created if missing); returns the state file's path."""
+                    global_step: float, data_position: dict | None = None) -> str:
+    """Write a checkpoint of this peer into `directory` (created if missing); returns the state file's path.
+    `data_position`: where its dataset reading stands (`DatasetStream.position`), kept in the metadata."""
     os.makedirs(directory, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, p in trainer.model.named_parameters():
@@ -91,6 +93,8 @@ def save_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: Streami
         "adam_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in adam["param_groups"]],
         "state_file": name, "state_sha256": _sha256(final),
     }
+    if data_position is not None:
+        meta["data_position"] = data_position
     meta_tmp = os.path.join(directory, META_NAME + f".tmp{os.getpid()}")
     with open(meta_tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -174,7 +178,9 @@ def load_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: Streami
         "state": adam_state,
         "param_groups": [{**g, "params": cg["params"]} for g, cg in zip(groups, current["param_groups"])]})
     trainer.step_count = int(meta["inner_step"])
-    return CheckpointInfo(where, run_id, float(meta["global_step"]), int(meta["inner_step"]), list(outer.base_round))
+    position = meta.get("data_position")
+    return CheckpointInfo(where, run_id, float(meta["global_step"]), int(meta["inner_step"]), list(outer.base_round),
+                          position if isinstance(position, dict) else None)
 
 
 @dataclass(frozen=True)

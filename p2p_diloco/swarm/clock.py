@@ -22,6 +22,13 @@ optimizer counts the swarm's samples towards its target batch size:
   peer ahead of it slows down in proportion to its lead and stops when it leads
   by CATCH_UP_S seconds of progress (it goes on training; only its global step
   waits). The global step never goes back, so a round is never started twice.
+* while averaging holds a peer's training up (a round's result late), its global
+  step waits: the others' readings move it on afterwards if the swarm went on
+  without it, and a swarm held up all alike by one round loses no steps. (Before,
+  each peer's global step ran on through the hold at the pace it had: after a round
+  timeout held up by a crashed member, survivors would jump most of a short run
+  ahead and train next to nothing; the likeliest cause of one CI failure, eval loss
+  5.48 against 2.5, not reproduced.)
 
 With peers of equal speed the global step follows each peer's own step count,
 so a local swarm follows the simulator's schedule. Readings older than
@@ -60,6 +67,7 @@ class SwarmClock:
         self._base, self._base_time, self._pace = float(global_step), 0.0, 0.0
         self._steps: deque[float] = deque()  # times of this peer's recent inner steps
         self._last = float(global_step)
+        self._held_since: float | None = None  # averaging holds training up since then (`hold`)
 
     def speed(self, now: float) -> float:
         """This peer's inner steps per second over about the last `window` seconds up to `now`. The time since
@@ -76,9 +84,22 @@ class SwarmClock:
         if self.swarm_rate is None:
             g = self._base
         else:
+            if self._held_since is not None:
+                now = min(now, self._held_since)
             g = self._base + self._pace * max(now - self._base_time, 0.0)
         self._last = max(self._last, g)
         return self._last
+
+    def hold(self, now: float) -> None:
+        """Averaging holds this peer's training up from `now` until `release`: the global step waits."""
+        if self._held_since is None:
+            self._held_since = now
+
+    def release(self, now: float) -> None:
+        """The hold is over: the global step goes on from where it waited."""
+        if self._held_since is not None:
+            self._base_time += max(now - max(self._held_since, self._base_time), 0.0)
+            self._held_since = None
 
     def start(self, now: float) -> None:
         """Training starts: the first inner step's time counts from here."""
@@ -116,6 +137,8 @@ class SwarmClock:
         target = statistics.median(estimates)
         self.swarm_rate = rate
         self._base, self._base_time = max(target, current), now
+        if self._held_since is not None:  # (observed while held: the wait counts from here)
+            self._held_since = now
         lead = current - target  # ahead of the swarm: slow down, stop at CATCH_UP_S seconds ahead
         self._pace = rate * min(max(1.0 - lead / (rate * CATCH_UP_S), 0.0), 1.0)
         return int(self.global_step(now))

@@ -71,7 +71,7 @@ class TrainerProcess:
 
 class LocalSwarm:
     def __init__(self, run: RunConfig, peers: int, steps: int, workdir: str | None = None,
-                 data: list[str] | None = None, slow_peer_delay: float = 0.0, late_peer_after: float = 0.0,
+                 data: list[str] | None = None, dataset: str | None = None, slow_peer_delay: float = 0.0, late_peer_after: float = 0.0,
                  links: tuple | None = None, attacker: str = "", admission: bool = False):
         """`steps`: the global step every trainer stops at; the last trainer may be slowed
         (`slow_peer_delay` seconds of sleep per inner step), join late (`late_peer_after` seconds) or be
@@ -81,6 +81,7 @@ class LocalSwarm:
         `links`: (the host's `Link`, [each trainer's `Link`]) from `emulation.links.read_links`: every member
         then runs in a network namespace of its own behind that link, and declares its uplink rate."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
+        self.dataset = dataset
         self.links, self.net = links, None
         self.machine_of: dict[str, int] = {}  # trainers placed on a machine by `start_trainer(machine=...)`
         self.slow_peer_delay, self.late_peer_after, self.attacker = slow_peer_delay, late_peer_after, attacker
@@ -156,6 +157,8 @@ class LocalSwarm:
             args += self._admission_args(name, env)
         for d in self.data:
             args += ["--data", d]
+        if self.dataset:
+            args += ["--dataset", self.dataset]
         return self.spawn(name, args, stdout=subprocess.PIPE, env=env), summary
 
     def _admission_args(self, name: str, env: dict[str, str] | None) -> list[str]:

@@ -45,6 +45,7 @@ from ..node.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from ..node.metrics import Metrics
 from ..node.records import PeerProgress, RunConfig
 from ..task.data import BatchStream, Corpus
+from ..task.dataset import DatasetStream, TextDataset
 from ..task.device import pick_device
 from ..task.model import build_model, built_with, evaluate, init_sha256, lm_loss
 from . import reachability, seats
@@ -97,6 +98,9 @@ class JoinOptions:
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
     identity_path: str | None = None  # this peer's key file (keeps its peer id); None: a new identity
+    dataset: str | None = None  # a local file/folder or hub name read through HF `datasets` (`task.dataset`)
+    text_field: str | None = None  # the dataset's column of text; None: "text" or "content"
+    streaming: bool = False  # read a local dataset as a stream too (a hub one always is)
 
 
 def run_peer(opts: JoinOptions) -> dict:
@@ -146,10 +150,17 @@ class Peer:
         self.device = pick_device()
         _check_reproducible(run)
         self.model = build_model(run.model, run.diloco.seed).to(self.device)
-        corpus = Corpus.load(opts.data or None)
-        self.eval_batches = corpus.eval_batches(run.model.seq_len, 16, 32)
         seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
-        self.stream = BatchStream(corpus.train, run.model.seq_len, run.batch_size, seed=seed)
+        if opts.dataset:  # HF `datasets`: this peer's own stretch of the rows (`task.dataset`)
+            dataset = TextDataset.load(opts.dataset, opts.text_field, opts.streaming or None)
+            self.data_description = dataset.describe()
+            self.eval_batches = dataset.eval_batches(run.model.seq_len, 16, 32)
+            self.stream = dataset.stream(run.model.seq_len, run.batch_size, run.diloco.seed, seed)
+        else:
+            corpus = Corpus.load(opts.data or None)
+            self.data_description = corpus.description
+            self.eval_batches = corpus.eval_batches(run.model.seq_len, 16, 32)
+            self.stream = BatchStream(corpus.train, run.model.seq_len, run.batch_size, seed=seed)
         self.trainer = InnerTrainer(self.model, run.diloco, lm_loss)
         self.tokens_per_step = run.batch_size * run.model.seq_len
         self.fragment_sizes = [f.numel for f in split_fragments(self.model, run.diloco.fragments)]
@@ -232,6 +243,15 @@ class Peer:
             log.warning("resumed from %s: global step %d, fragments at rounds %s", self.resumed.path,
                         self.resumed.global_step, self.resumed.rounds)
             self.clock = SwarmClock(self.resumed.global_step)
+            where = self.resumed.data_position
+            if isinstance(self.stream, DatasetStream) and where is not None:
+                if where.get("dataset") == self.opts.dataset:
+                    self.stream.seek(where)
+                    log.warning("the dataset goes on from pass %s, row %s of this peer's order", where.get("pass"),
+                                where.get("row"))
+                else:
+                    log.warning("the checkpoint read dataset %r, this peer reads %r: reading starts afresh",
+                                where.get("dataset"), self.opts.dataset)
         join_started = time.time()
         swarm = _wait_for_swarm(self)
         self.joined = _join(self.outer, self.clock, swarm, self.resumed is not None)
@@ -284,7 +304,9 @@ class Peer:
         rate = self.clock.swarm_rate or self.clock.speed(now)  # global steps per second
         if rate > 0:  # what `--codec auto` fits a fragment's all-reduce into
             self.averager.round_interval_s = self.run.diloco.outer_period / rate
+        self.clock.hold(now)  # (a round's result late: this peer's global step waits while it is held up)
         self.outer.advance(self.global_step, target, max_lag=math.ceil(self.run.matchmaking_time * rate))
+        self.clock.release(time.time())
         self.longest_hold = max(self.longest_hold, time.monotonic() - held)
         self.held_s += time.monotonic() - held
         self.global_step = max(self.global_step, target)
@@ -323,9 +345,12 @@ class Peer:
 
     def _save(self) -> None:
         path = save_checkpoint(self.checkpoint_dir, self.run.run_id, self.run.model, self.outer, self.trainer,
-                               self.clock.global_step(time.time()))
+                               self.clock.global_step(time.time()), data_position=self._data_position())
         self.saved_at_rounds = sum(self.outer.stats.applied)
         log.info("checkpoint: %s", path)
+
+    def _data_position(self) -> dict | None:
+        return self.stream.position() if isinstance(self.stream, DatasetStream) else None
 
     # -- the end of a run ----------------------------------------------------------------
     def finish(self) -> None:
@@ -430,6 +455,7 @@ class Peer:
             "records_lookup_s": round(self.averager.lookup_s, 3),
             "train_s": round(self.trained_s, 3),
             "eval_loss": evaluate(eval_model, self.eval_batches),
+            "data": self.data_description,  # what this peer trained on (and evaluated on: its held-out part)
             "train_loss": self.loss,
             "wire_bytes_sent": self.averager.bytes_sent,
             "wire_bytes_received": self.averager.bytes_received,

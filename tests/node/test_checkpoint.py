@@ -56,8 +56,11 @@ def test_a_resumed_peer_continues_exactly_like_the_one_that_saved(tmp_path):
 def test_saving_again_replaces_the_state_file(tmp_path):
     _, trainer, outer = make_peer()
     save_checkpoint(str(tmp_path), "r", SPEC, outer, trainer, global_step=1)
-    save_checkpoint(str(tmp_path), "r", SPEC, outer, trainer, global_step=2)
+    assert load_checkpoint(str(tmp_path), "r", SPEC, outer, trainer).data_position is None  # (no --dataset)
+    where = {"dataset": "/data/rows", "pass": 1, "row": 17, "offset": 300}  # (`task.dataset` position)
+    save_checkpoint(str(tmp_path), "r", SPEC, outer, trainer, global_step=2, data_position=where)
     assert sorted(os.listdir(tmp_path)) == [META_NAME, "state-2.safetensors"]
+    assert load_checkpoint(str(tmp_path), "r", SPEC, outer, trainer).data_position == where
 
 
 def corrupt_truncate(d):

@@ -92,7 +92,38 @@ def test_a_blocked_peer_finds_the_swarm_moved_on():
     for t in range(1, 11):
         clock.step_done(t * 0.1)
     clock.observe([ClockReading(10.0, 10.0, 1.0)], 1.0)
-    assert clock.step_done(4.0) == 40  # three seconds inside one step (a round): the clock went on
+    assert clock.step_done(4.0) == 40  # three seconds inside one step (a slow step, not a round): the clock went on
+
+
+def test_a_peer_held_up_by_a_round_waits_and_the_others_move_it_on():
+    clock = SwarmClock()
+    clock.start(0.0)
+    for t in range(1, 11):
+        clock.step_done(t * 0.1)
+    clock.observe([ClockReading(10.0, 10.0, 1.0)], 1.0)
+    clock.hold(1.0)  # a round's result late: training held up for 20 s
+    assert clock.global_step(11.0) == clock.global_step(21.0) == 10  # the global step waits
+    clock.release(21.0)
+    assert clock.step_done(21.1) == 11  # and goes on from there at its pace
+    # the other peer trained on meanwhile: its reading moves this one on (half way with two voices)
+    assert clock.observe([ClockReading(210.0, 10.0, 21.1)], 21.1) == 110
+
+
+def test_a_swarm_held_up_alike_loses_no_steps():
+    a, b = SwarmClock(), SwarmClock()
+    for c in (a, b):
+        c.start(0.0)
+        for t in range(1, 11):
+            c.step_done(t * 0.1)
+    a.observe([b.reading(1.0)], 1.0)
+    b.observe([a.reading(1.0)], 1.0)
+    for c in (a, b):  # one round holds both up for a round timeout (a member crashed mid-round)
+        c.hold(1.0)
+    readings = [a.reading(21.0), b.reading(21.0)]
+    for c in (a, b):
+        c.release(21.0)
+    assert a.observe([readings[1]], 21.0) == 10 and b.observe([readings[0]], 21.0) == 10
+    assert a.step_done(21.1) == b.step_done(21.1) == 10  # (the pace follows the speed they had: it fell)
 
 
 def test_a_held_up_peer_counts_the_wait_so_the_schedule_slows_down_with_the_swarm():
