@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import click
 
@@ -232,6 +233,35 @@ def run_options(f):
     return f
 
 
+def _reader_dht(initial_peers: tuple, run_id: str, token: str | None):
+    """(a client-mode DHT node of the run, the run key its --token names or None), for commands that only read
+    the run's records (`status`, `monitor`); a bad flag or an unreachable peer is a clear error."""
+    from .node.admission import AdmissionError, Token
+    from .swarm.dht import BootstrapError, DHTStartError, start_dht
+
+    check_run_id_flag(run_id)
+    try:
+        run_key = Token.parse(token.strip()).run_key if token else None
+    except AdmissionError as e:
+        raise click.UsageError(f"--token: {e}") from None
+    peers = parse_initial_peers(initial_peers)
+    probe_bootstrap(peers)
+    try:
+        return start_dht(peers, client_mode=True), run_key
+    except (BootstrapError, DHTStartError) as e:
+        raise fail(e) from None
+
+
+def dashboard_options(default: int | None, help_text: str):
+    def wrap(f):
+        f = click.option("--dashboard-host", default="127.0.0.1", show_default=True,
+                         help="The address the dashboard listens on (0.0.0.0: every interface, for a public page; "
+                              "it shows what the DHT records tell anyone who reads them).")(f)
+        return click.option("--dashboard", default=default, show_default=default is not None, metavar="PORT",
+                            type=click.IntRange(0, 65535), help=help_text)(f)
+    return wrap
+
+
 @main.command()
 @profile_option
 @run_options
@@ -245,10 +275,11 @@ def run_options(f):
               "issues [default: no key; the run admits anyone who reaches its DHT].")
 @click.option("--run-config", "run_config_path", default=None, hidden=True, help="A msgpack RunConfig (local-swarm).")
 @click.option("--maddrs-file", default=None, hidden=True, help="Write the visible addresses here (local-swarm).")
+@dashboard_options(None, "Serve the run's live dashboard (a web page of its DHT records) on this port.")
 def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size, matchmaking_time,
          total_steps,
          initial_peers, port, host_maddrs, announce_maddrs, identity_path, run_key_path, run_config_path, maddrs_file,
-         **diloco):
+         dashboard, dashboard_host, **diloco):
     """Bootstrap DHT node for a run: publishes the run config and stays up until Ctrl-C."""
     from .node.records import RecordError, RunConfig
     from .swarm.dht import BootstrapError, DHTStartError
@@ -281,10 +312,12 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
     if peers:
         probe_bootstrap(peers)
+    from .node.dashboard import DashboardError
+
     try:
         run_host(run, peers, listen, announce, identity_path, maddrs_file, signed=signed,
-                 run_key_path=run_key_path)
-    except (BootstrapError, DHTStartError) as e:
+                 run_key_path=run_key_path, dashboard=None if dashboard is None else (dashboard_host, dashboard))
+    except (BootstrapError, DHTStartError, DashboardError) as e:
         raise fail(e) from None
 
 
@@ -422,6 +455,8 @@ def _slashed(values: list[int]) -> str:
               help="Text file or folder to train on instead of the stdlib sources.")
 @click.option("--dataset", default=None, metavar="SOURCE",
               help="Every trainer reads this dataset through HF `datasets` (see `join --dataset`).")
+@click.option("--dashboard", default=None, metavar="PORT", type=click.IntRange(1, 65535),
+              help="The host serves the run's live dashboard at http://127.0.0.1:PORT/.")
 @click.option("--timeout", default=1800.0, show_default=True, help="Give up after this many seconds.")
 @click.option("--json", "json_path", default=None, help="Write the summary as JSON here.")
 @click.option("--workdir", default=None, help="Where the peers' logs and summaries go [default: a new temp dir].")
@@ -443,7 +478,8 @@ def _slashed(values: list[int]) -> str:
               help="TOML file of emulated WAN links (e.g. peers/links-mixed.toml): each member on a machine of its "
                    "own (a network namespace) behind its upload/download rate, delay and loss. Root only.")
 def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size,
-                matchmaking_time, data, dataset, timeout, json_path, workdir, progress_every, slow_peer_delay,
+                matchmaking_time, data, dataset, dashboard, timeout, json_path, workdir, progress_every,
+                slow_peer_delay,
                 late_peer_after, attacker, admission, links_path, **diloco):
     """A host and N trainers as separate processes on 127.0.0.1 (or behind emulated WAN links, --links), all
     stopping at global step --steps.
@@ -469,15 +505,20 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
     if attacker == "unadmitted" and not admission:
         raise click.UsageError("--attacker unadmitted needs --admission (a run that admits anyone admits it)")
     links = check_links(links_path, peers)
+    if dashboard is not None and links is not None:
+        raise click.UsageError("--dashboard with --links: the host runs on an emulated machine of its own; watch the "
+                               "run with `p2p-diloco monitor --initial-peers ...` instead")
     check_dataset_flags(data, dataset, None, False)
     run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
                       target_group_size or (peers if peers >= 2 else None), matchmaking_time, None,
                       _pop_diloco(diloco))
-    swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), dataset=dataset,
+    swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), dataset=dataset, dashboard=dashboard,
                        slow_peer_delay=slow_peer_delay,
                        late_peer_after=late_peer_after, links=links, attacker=attacker, admission=admission)
     # SIGTERM must unwind like Ctrl-C, through the cleanup that stops every child (the host included)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if dashboard is not None:
+        click.echo(f"dashboard: http://127.0.0.1:{dashboard}/ (served by the host while it lives)", err=True)
     try:
         report = swarm.run_all(timeout, progress_every=progress_every)
     except (RuntimeError, TimeoutError) as e:
@@ -567,24 +608,42 @@ def identity(key_file):
 @click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any live peer of the run.")
 @click.option("--run-id", default="default", show_default=True)
 @click.option("--token", default=None, envvar="P2P_DILOCO_TOKEN", help="A join token of the run (an admission-only "
+              "run's records are read with the run key it names).")
+@dashboard_options(8080, "Serve the live dashboard on this port (0: any free one).")
+def monitor(initial_peers, run_id, token, dashboard, dashboard_host):
+    """Watch a run from any machine: a live web page of its peers, clock, schedule and bytes, from the DHT."""
+    from .node.dashboard import DashboardError
+    from .swarm.monitor import watch
+
+    dht, run_key = _reader_dht(initial_peers, run_id, token)
+    stop = threading.Event()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda *_: stop.set())
+    try:
+        try:
+            watching, page = watch(dht, run_id, dashboard, dashboard_host, run_key=run_key)
+        except DashboardError as e:
+            raise fail(e) from None
+        click.echo(f"dashboard of run {run_id!r}: http://{dashboard_host}:{page.port}/ (Ctrl-C stops it)")
+        stop.wait()
+        page.close()
+        watching.stop()
+    finally:
+        dht.shutdown()
+
+
+@main.command()
+@click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any live peer of the run.")
+@click.option("--run-id", default="default", show_default=True)
+@click.option("--token", default=None, envvar="P2P_DILOCO_TOKEN", help="A join token of the run (an admission-only "
               "run's config is read with the run key it names).")
 def status(initial_peers, run_id, token):
     """Who is in the run: step, rounds, throughput and bytes, read from the DHT."""
-    from .node.admission import AdmissionError, Token
+    from .node.admission import AdmissionError
     from .node.records import RecordError
-    from .swarm.dht import BootstrapError, DHTStartError, fetch_progress, fetch_run_config, start_dht
+    from .swarm.dht import fetch_progress, fetch_run_config
 
-    check_run_id_flag(run_id)
-    try:
-        run_key = Token.parse(token).run_key if token else None
-    except AdmissionError as e:
-        raise click.UsageError(f"--token: {e}") from None
-    peers = parse_initial_peers(initial_peers)
-    probe_bootstrap(peers)
-    try:
-        dht = start_dht(peers, client_mode=True)
-    except (BootstrapError, DHTStartError) as e:
-        raise fail(e) from None
+    dht, run_key = _reader_dht(initial_peers, run_id, token)
     try:
         try:
             run = fetch_run_config(dht, run_id, timeout=10, run_key=run_key)

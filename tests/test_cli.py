@@ -91,6 +91,10 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
         "join-garbage": (["join", "--initial-peers", "garbage"], 2, ["--initial-peers 'garbage' is not a multiaddr"]),
         "status-garbage": (["status", "--initial-peers", "garbage"], 2,
                            ["--initial-peers 'garbage' is not a multiaddr"]),
+        "monitor-garbage": (["monitor", "--initial-peers", "garbage"], 2,
+                            ["--initial-peers 'garbage' is not a multiaddr"]),
+        "monitor-unreachable": (["monitor", *peers, "--dashboard", "0"], 1,
+                                ["cannot reach the bootstrap peer", unreachable]),
         "join-no-peer-id": (["join", "--initial-peers", f"/ip4/127.0.0.1/tcp/{port}"], 2, ["no /p2p/<peer id>"]),
         # fragments against the model's blocks
         "local-swarm-fragments": (["local-swarm", "--fragments", "9"], 2,

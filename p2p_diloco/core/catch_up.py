@@ -178,27 +178,37 @@ class CatchUp:
             for attempt in range(JOIN_ATTEMPTS):  # the donors may move on to the next round meanwhile
                 latest = self.schedule.latest_round(k, step)
                 report = self._backed_report(k, latest + attempt, backing_wait_s) if latest is not None else None
-                if report is None and attempt == 0 and latest is not None:
-                    report = self._oldest_held(k, latest)
-                if report is None and attempt == 0:
+                # no round held by enough peers: the rounds some peer holds, oldest first (`_held_reports`)
+                candidates = [report] if report is not None else \
+                    self._held_reports(k, latest + attempt) if latest is not None else []
+                if not candidates and attempt == 0:
                     held.append(None)
                     break
-                while report is not None:
-                    key = RoundKey(self.run_id, k, report.round)
-                    digest = report.agreed(None, self._quorum(report)) or report.majority()
-                    if self._adopt_agreed_state(k, key, digest, count=False):
+                taken = None
+                for candidate in candidates:
+                    taken = self._take(k, candidate)
+                    if taken is not None:
                         break
-                    # nobody could serve that round (its holders died): an older agreed state, if one is held
-                    report = self._agreed_report(k, report.round - 1)
-                if report is not None:
+                if taken is not None:
                     self.fragments[k].assign(self.anchors[k])
                     self.tokens_since_sync[k] = 0  # the progress of a resumed checkpoint went with its parameters
-                    held.append(report.round)
+                    held.append(taken)
                     break
             else:
                 raise AveragingFailed(f"could not download the swarm's state of fragment {k} "
                                       f"in {JOIN_ATTEMPTS} attempts")
         return held
+
+    def _take(self, k: int, report: RoundReport) -> int | None:
+        """Adopt the state of `report`'s round, or (nobody could serve it: its holders died) of an older agreed
+        round; returns the round taken, or None."""
+        while report is not None:
+            key = RoundKey(self.run_id, k, report.round)
+            digest = report.agreed(None, self._quorum(report)) or report.majority()
+            if self._adopt_agreed_state(k, key, digest, count=False):
+                return report.round
+            report = self._agreed_report(k, report.round - 1)
+        return None
 
     def _backed_report(self, k: int, upto: int, wait_s: float) -> RoundReport | None:
         """`_agreed_report`, waiting up to `wait_s` seconds while a newer round than the one it returns is held
@@ -215,21 +225,24 @@ class CatchUp:
                 return report
             time.sleep(min(JOIN_BACKING_POLL_S, max(0.0, deadline - time.monotonic())))
 
-    def _oldest_held(self, k: int, upto: int) -> RoundReport | None:
+    def _held_reports(self, k: int, upto: int) -> list[RoundReport]:
         """When no round of fragment `k` is held by enough peers (each live peer holds a round of its own: one
-        failed the last round, another died with a newer one), the OLDEST round some peer holds: a joiner starts
-        from it rather than from the seed, and the catch-up brings it forward once a newer round is agreed. The
-        oldest, not the newest: one peer publishing a round of its own making ahead of the others would otherwise
-        be adopted, and no older agreed round could replace it later."""
-        oldest = None
+        failed the last round, another died with a newer one), the rounds some peer holds, OLDEST first: a joiner
+        starts from the oldest it can download rather than from the seed, and the catch-up brings it forward once
+        a newer round is agreed. The oldest, not the newest: one peer publishing a round of its own making ahead
+        of the others would otherwise be adopted, and no older agreed round could replace it later; a newer one
+        only when the older one's holders cannot serve it (in CI: the only holder of the oldest had just died,
+        its record not yet stale, and the joiner gave up on the fragment instead of taking the live peer's)."""
+        reports = []
         report = self.averager.latest_agreed(k, upto)
         while report is not None:
-            oldest = report
+            reports.append(report)
             report = self.averager.latest_agreed(k, report.round - 1)
-        if oldest is not None:
-            log.warning("fragment %d: no round's state is held by enough peers; starting from the oldest held, "
-                        "round %d, until one is agreed", k, oldest.round)
-        return oldest
+        if reports:
+            log.warning("fragment %d: no round's state is held by enough peers; starting from the oldest held "
+                        "(of rounds %s) that can be downloaded, until one is agreed", k,
+                        sorted(r.round for r in reports))
+        return reports[::-1]
 
     def _adopt_agreed_state(self, k: int, key: RoundKey, digest: str | None = None, count: bool = True) -> bool:
         """Download `key`'s state (hashing to `digest`) and adopt it, waiting for it (a joiner's start)."""

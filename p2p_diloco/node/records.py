@@ -20,6 +20,7 @@ from ..task.model import ModelSpec
 
 PROTOCOL_VERSION = 1
 MAX_RECORD_BYTES = 16 * 1024  # DHT values must stay far below hivemind's 64 KiB limit
+MAX_DEVICE_CHARS = 80  # a progress record's device description
 
 
 class RecordError(ValueError):
@@ -165,6 +166,10 @@ class PeerProgress:
     training: bool = True  # False while the peer waits for the swarm to start
     reachable: bool = True  # False: other machines cannot connect to it (client mode): never a donor of state
     token: str = ""  # its join token (`node.admission`), in a run that admits only token holders
+    # for people watching the run (`p2p-diloco monitor`, `host --dashboard`); absent in older peers' records
+    device: str = ""  # what it trains on: "cpu", "cuda (NVIDIA H100 80GB HBM3)", ...
+    rounds_failed: int = 0  # rounds that failed on this peer, all fragments together
+    uplink_mbit: float = 0.0  # its uplink as its transfers measured it (0: nothing measured yet)
 
     def encode(self) -> bytes:
         return _pack("peer_progress", asdict(self))
@@ -188,7 +193,16 @@ class PeerProgress:
         token = obj.get("token", "")
         if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
             raise RecordError(f"{kind} record: token must be a string of at most {MAX_TOKEN_CHARS} characters")
+        device = obj.get("device", "")
+        if not isinstance(device, str) or len(device) > MAX_DEVICE_CHARS:
+            raise RecordError(f"{kind} record: device must be a string of at most {MAX_DEVICE_CHARS} characters")
         numbers = {}
+        for name in ("uplink_mbit",):
+            value = obj.get(name, 0.0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value < 0:
+                raise RecordError(f"{kind} record: {name} must be a finite number >= 0")
+            numbers[name] = float(value)
         for name in ("global_step", "steps_per_s", "time"):
             value = _get(obj, kind, name, (int, float))
             if not math.isfinite(value) or value < 0:
@@ -197,7 +211,8 @@ class PeerProgress:
         return cls(_get(obj, kind, "peer_id", str), _count(obj, kind, "step"), list(rounds), float(tps),
                    _count(obj, kind, "bytes_sent"), _count(obj, kind, "bytes_received"),
                    None if loss is None else float(loss), training=_get(obj, kind, "training", bool),
-                   reachable=reachable, token=token, **numbers)
+                   reachable=reachable, token=token, device=device,
+                   rounds_failed=_count(obj, kind, "rounds_failed") if "rounds_failed" in obj else 0, **numbers)
 
 
 def _is_hex(text: str) -> bool:

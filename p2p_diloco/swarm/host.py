@@ -10,21 +10,27 @@ import threading
 
 from ..node.records import RunConfig
 from ..node.seat_ledger import ledger_path
-from . import seats
+from . import monitor, seats
 from .addresses import port_of, rank_of
 from .dht import CONFIG_TTL, publish_run_config, start_dht, visible_maddrs
 
 
 def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[str] | None,
              announce_maddrs: list[str] | None, identity_path: str | None, maddrs_file: str | None = None,
-             signed: bytes | None = None, run_key_path: str | None = None) -> None:
+             signed: bytes | None = None, run_key_path: str | None = None,
+             dashboard: tuple[str, int] | None = None) -> None:
     """Serve until SIGINT/SIGTERM; re-publishes the config well before it expires. `signed`: the config signed
-    by the run key (`node.admission`: an admission-only run), whose file is `run_key_path`."""
+    by the run key (`node.admission`: an admission-only run), whose file is `run_key_path`. `dashboard`: (address,
+    port) to serve the run's live dashboard at (`swarm.monitor`)."""
     stop = threading.Event()
     dht = start_dht(initial_peers, host_maddrs, identity_path=identity_path, announce_maddrs=announce_maddrs,
                     run_id=run.run_id, admission_only=run.admission_only)
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    watching = None
     try:
+        if dashboard is not None:
+            watching = monitor.watch(dht, run.run_id, dashboard[1], dashboard[0], run=run)
+            print(f"dashboard: http://{dashboard[0]}:{watching[1].port}/", flush=True)
         if run.admission_only and run_key_path:
             seats.serve(dht, run_key_path, run.run_id, ledger_path(run_key_path))
         maddrs = visible_maddrs(dht)
@@ -58,6 +64,9 @@ def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[
         while not stop.wait(CONFIG_TTL / 4):
             publish_run_config(dht, run, signed=signed)
     finally:
+        if watching is not None:
+            watching[1].close()
+            watching[0].stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
         dht.shutdown()

@@ -71,7 +71,8 @@ class TrainerProcess:
 
 class LocalSwarm:
     def __init__(self, run: RunConfig, peers: int, steps: int, workdir: str | None = None,
-                 data: list[str] | None = None, dataset: str | None = None, slow_peer_delay: float = 0.0, late_peer_after: float = 0.0,
+                 data: list[str] | None = None, dataset: str | None = None, dashboard: int | None = None,
+                 slow_peer_delay: float = 0.0, late_peer_after: float = 0.0,
                  links: tuple | None = None, attacker: str = "", admission: bool = False):
         """`steps`: the global step every trainer stops at; the last trainer may be slowed
         (`slow_peer_delay` seconds of sleep per inner step), join late (`late_peer_after` seconds) or be
@@ -82,6 +83,7 @@ class LocalSwarm:
         then runs in a network namespace of its own behind that link, and declares its uplink rate."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
         self.dataset = dataset
+        self.dashboard = dashboard
         self.links, self.net = links, None
         self.machine_of: dict[str, int] = {}  # trainers placed on a machine by `start_trainer(machine=...)`
         self.slow_peer_delay, self.late_peer_after, self.attacker = slow_peer_delay, late_peer_after, attacker
@@ -108,8 +110,9 @@ class LocalSwarm:
         self.children.append(child)
         return child
 
-    def start_host(self) -> str:
-        """Start the host; returns its first multiaddr once it is up."""
+    def start_host(self, extra: list[str] | None = None) -> str:
+        """Start the host (`extra`: more of its flags, e.g. --dashboard PORT); returns its first multiaddr once
+        it is up."""
         config_path = os.path.join(self.workdir, "run_config.msgpack")
         with open(config_path, "wb") as f:
             f.write(self.run.encode())
@@ -117,13 +120,15 @@ class LocalSwarm:
         _remove_stale(maddrs_path)  # a --workdir of an earlier run: its files must not pass for this run's
         for stale in glob.glob(os.path.join(self.workdir, "metrics-*.jsonl")):
             _remove_stale(stale)
-        extra = []
+        extra = list(extra or [])
+        if self.dashboard is not None:
+            extra += ["--dashboard", str(self.dashboard)]
         if self.admission:
             from ..node.admission import RunKey
 
             key_path = os.path.join(self.workdir, "run.key")
             self.run_key = RunKey.load_or_create(key_path)[0]
-            extra = ["--run-key", key_path]
+            extra += ["--run-key", key_path]
         host = self.host = self.spawn("host", ["host", "--run-config", config_path, "--maddrs-file", maddrs_path,
                                                *self._listen("host"), *extra])
         deadline = time.monotonic() + HOST_START_TIMEOUT

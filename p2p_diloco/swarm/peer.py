@@ -46,7 +46,7 @@ from ..node.metrics import Metrics
 from ..node.records import PeerProgress, RunConfig
 from ..task.data import BatchStream, Corpus
 from ..task.dataset import DatasetStream, TextDataset
-from ..task.device import pick_device
+from ..task.device import describe_device, pick_device
 from ..task.model import build_model, built_with, evaluate, init_sha256, lm_loss
 from . import reachability, seats
 from .averager import CodecAverager, SwarmAverager
@@ -148,6 +148,7 @@ class Peer:
         self.peer_id = str(dht.peer_id)
         self.maddrs = visible_maddrs(dht)
         self.device = pick_device()
+        self.device_description = describe_device(self.device)
         _check_reproducible(run)
         self.model = build_model(run.model, run.diloco.seed).to(self.device)
         seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
@@ -203,6 +204,7 @@ class Peer:
             # only now: an averager process forked after set_num_threads trips torch's "Invalid thread pool"
             # assert the first time one of its threads runs a parallel op
             torch.set_num_threads(self.opts.threads)
+        self.device_description = describe_device(self.device)
         _yield_cpu_to_network()
         if attacks.armed() is not None and attacks.armed().kind == "flood":
             self.flooder = Flooder(self.dht, self._flood_targets)
@@ -341,7 +343,9 @@ class Peer:
         return PeerProgress(self.peer_id, self.step, list(self.outer.stats.applied), tokens_per_s,
                             self.averager.bytes_sent, self.averager.bytes_received, self.loss,
                             self.clock.global_step(now), self.clock.speed(now), now, reachable=not self.client_mode,
-                            training=not self.leaving, token=self.opts.token)
+                            training=not self.leaving, token=self.opts.token, device=self.device_description,
+                            rounds_failed=sum(self.outer.stats.failed),
+                            uplink_mbit=round(self.averager.meter.up / 125_000, 2))
 
     def _save(self) -> None:
         path = save_checkpoint(self.checkpoint_dir, self.run.run_id, self.run.model, self.outer, self.trainer,
@@ -620,7 +624,8 @@ def _wait_for_swarm(peer: Peer) -> list[ClockReading]:
     announced = time.time()
     deadline = time.monotonic() + opts.config_timeout
     while True:
-        publish_progress(dht, run_id, PeerProgress(peer_id, 0, time=announced, training=False, token=opts.token))
+        publish_progress(dht, run_id, PeerProgress(peer_id, 0, time=announced, training=False, token=opts.token,
+                                                   device=peer.device_description))
         records = _admitted(fetch_progress(dht, run_id), peer)  # (an unadmitted peer is not waited for)
         training = _live(records, peer)
         waiting = {p.peer_id: p.time for p in records if not p.training} | {peer_id: announced}

@@ -91,8 +91,8 @@ class TextDataset:
             raise ConfigError(f"--dataset {source}: cannot load it as a {where}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
         columns = list(rows.column_names or []) if rows.column_names is not None else []
-        if field is None:
-            field = next((f for f in TEXT_FIELDS if f in columns), None)
+        if field is None:  # (a stream may not know its columns before it is read: "text" then)
+            field = next((f for f in TEXT_FIELDS if f in columns), None if columns else "text")
             if field is None:
                 raise ConfigError(f"--dataset {source}: no text field among its columns {columns}; name one with "
                                   "--text-field")
@@ -103,6 +103,20 @@ class TextDataset:
     def describe(self) -> str:
         how = "streamed" if self.streaming else f"{len(self.rows)} rows"
         return f"dataset {self.source} ({how}, field {self.field!r})"
+
+    def guarded(self, rows):
+        """`rows`, with whatever `datasets` raises while reading them (a malformed line met in a stream, a lost
+        connection) turned into a ConfigError naming the dataset."""
+        iterator = iter(rows)
+        while True:
+            try:
+                row = next(iterator)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise ConfigError(f"--dataset {self.source}: reading it failed: {type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            yield row
 
     def _text(self, row: dict, where: str) -> str:
         value = row.get(self.field)
@@ -116,7 +130,7 @@ class TextDataset:
         window = seq_len + 1
         want = window * batch_size * num_batches
         held = bytearray()
-        for i, row in enumerate(self.rows):
+        for i, row in enumerate(self.guarded(self.rows)):
             text = self._text(row, f"row {i}")
             if _held_out(text):
                 held += text.encode() + SEPARATOR
@@ -179,7 +193,7 @@ class DatasetStream:
         while True:
             if ds.streaming:  # an order of this peer's own, another each pass
                 rows = ds.rows.shuffle(seed=(self.peer_seed + self.passes) % 2**32, buffer_size=SHUFFLE_BUFFER)
-                rows = iter(rows.skip(self.rows_read) if self.rows_read else rows)
+                rows = ds.guarded(rows.skip(self.rows_read) if self.rows_read else rows)
                 texts = (ds._text(row, f"row {self.rows_read} of pass {self.passes}") for row in rows)
             else:  # the run's permutation, from this peer's place in it
                 n = len(ds.rows)

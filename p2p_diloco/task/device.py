@@ -11,3 +11,10 @@ def pick_device(preferred: str | None = None) -> torch.device:
             raise ValueError(f"device {preferred!r} requested but CUDA is not available")
         return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """For people watching the run: "cpu (N threads)", or the GPU's name."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"

@@ -462,6 +462,12 @@ def test_a_joiner_waits_a_moment_for_the_newest_round_s_second_holder():
     began = time.monotonic()
     assert joiner.adopt_swarm_state(joiner.offsets[0] + 5 * 6, backing_wait_s=0.5) == [3]
     assert 0.5 <= time.monotonic() - began < 2 and torch.equal(joiner.anchors[0], older.anchor)
+    # the oldest held round's only holder just died (its record not stale yet): the newer round, from a live peer
+    # (CI: a newcomer gave up on the fragment after 5 attempts at the dead donor)
+    swarm.reports[0] = [RoundReport(3, {"e" * 64: 1}, voters=2), RoundReport(4, {digest: 1}, voters=2)]
+    joiner, _ = one_fragment_worker(swarm)
+    assert joiner.adopt_swarm_state(joiner.offsets[0] + 5 * 6, backing_wait_s=0.1) == [4]
+    assert torch.equal(joiner.anchors[0], newest.anchor)
 
 
 def test_a_round_not_done_yet_lets_training_go_on_until_the_next_one_is_due():

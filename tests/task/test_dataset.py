@@ -129,3 +129,13 @@ def test_bad_datasets_are_refused_by_name(tmp_path, rows):
     small = write_jsonl(tmp_path / "small" / "a.jsonl", [r for r in rows if not _held_out(r)][:10])
     with pytest.raises(ConfigError, match="held-out rows .* hold 0 bytes"):
         TextDataset.load(str(small)).eval_batches(32, 2, 2)
+
+
+def test_a_malformed_line_met_in_a_stream_is_an_error_naming_the_dataset(tmp_path, rows):
+    folder = tmp_path / "late"
+    write_jsonl(folder / "a.jsonl", rows[:50])
+    with open(folder / "a.jsonl", "a") as f:
+        f.write('{"text": unquoted}\n')
+    ds = TextDataset.load(str(folder), streaming=True)  # (a stream is read lazily: the load passes)
+    with pytest.raises(ConfigError, match=f"--dataset {folder}: reading it failed"):
+        batches(ds.stream(1023, 4, 0, 0), 30)
