@@ -78,15 +78,16 @@ class Monitor:
         if now - self._history_at >= 5.0:
             snap = self.snapshot(now)
             self._history_at = now
-            self.history.append({"time": now, "clock": snap["clock"], "peers": len(snap["peers"]),
-                                 "tokens_per_s": snap["tokens_per_s"], "bytes_sent": snap["bytes_sent"],
-                                 "loss": snap["mean_loss"]})
+            point = {"time": now, "clock": snap["clock"], "peers": len(snap["peers"]),
+                     "tokens_per_s": snap["tokens_per_s"], "bytes_sent": snap["bytes_sent"], "loss": snap["mean_loss"]}
+            with self._lock:  # (the server's threads copy the history while this one appends)
+                self.history.append(point)
 
     def snapshot(self, now: float | None = None) -> dict:
         """What the dashboard shows, as plain JSON-able values."""
         now = time.time() if now is None else now
         with self._lock:
-            records, read_at, error = list(self.records), self.read_at, self.error
+            records, read_at, error, history = list(self.records), self.read_at, self.error, list(self.history)
         # on the page: a record at most LIVE_WITHIN_S old, of a peer not gone (one that trained and stopped, a
         # clean leave, says so in its last record)
         live = [p for p in records if now - p.time <= LIVE_WITHIN_S and (p.training or p.step == 0)]
@@ -124,7 +125,7 @@ class Monitor:
             "tokens_per_s": round(sum(p.tokens_per_s for p in training), 1),
             "bytes_sent": sum(p.bytes_sent for p in live),
             "mean_loss": statistics.fmean(losses) if losses else None,
-            "history": list(self.history),
+            "history": history,
         }
 
 
