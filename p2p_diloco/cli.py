@@ -12,9 +12,9 @@ import threading
 import click
 
 from .core.config import ConfigError
-from .flag_checks import (check_dataset_flags, check_fragments, check_identity_file, check_join_files, check_links,
-                          check_output_dir, check_output_file, check_run_id_flag, fail, parse_initial_peers,
-                          probe_bootstrap)
+from .flag_checks import (check_dataset_flags, check_device_flags, check_fragments, check_identity_file,
+                          check_join_files, check_links, check_output_dir, check_output_file, check_run_id_flag, fail,
+                          parse_initial_peers, probe_bootstrap)
 from .node.admission import MAX_SEATS
 from .node.profiles import profile_option
 
@@ -181,9 +181,10 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
 
 
 def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout, target_group_size,
-                matchmaking_time, data, diloco_values):
+                matchmaking_time, data, diloco_values, batch_tokens=None, tokenizer_dir=None):
     from .core.config import DiLoCoConfig
     from .task.model import model_spec
+    from .task.tokenizer import has_tokenizer
     from .node.records import RecordError, RunConfig, check_run_id
 
     try:
@@ -193,18 +194,40 @@ def _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, r
             values["inner_lr"] = inner_lr
         config = DiLoCoConfig(**values)
         spec = model_spec(model)
+        spec = _with_tokenizer(spec, tokenizer_dir or (model if has_tokenizer(model) else None))
     except (ConfigError, RecordError) as e:
         raise click.UsageError(str(e)) from None
     check_fragments(config.fragments, "fragments" in diloco_values, model, spec.layers)
+    if batch_tokens is not None:
+        context = click.get_current_context(silent=True)
+        if context is not None and context.get_parameter_source("batch_size") not in (
+                None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
+            raise click.UsageError("--batch-tokens and --batch-size both set the batch: give one")
+        batch_size = -(-batch_tokens // spec.seq_len)
     if batch_size < 1 or round_timeout <= 0 or (target_group_size is not None and target_group_size < 2):
         raise click.UsageError("--batch-size must be >= 1, --round-timeout > 0, --target-group-size >= 2")
     if not 2.0 <= matchmaking_time < round_timeout:
         raise click.UsageError(f"--matchmaking-time must be >= 2 s and below --round-timeout ({round_timeout})")
     from .task.model import built_with, init_sha256
 
+    try:
+        initial = init_sha256(spec, config.seed, model if spec.weights else None)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
     return RunConfig(run_id, config, spec, batch_size, data or "Python standard library sources", float(round_timeout),
-                     target_group_size, float(matchmaking_time), init_sha256=init_sha256(spec, config.seed),
-                     built_with=built_with())
+                     target_group_size, float(matchmaking_time), init_sha256=initial, built_with=built_with())
+
+
+def _with_tokenizer(spec, directory):
+    """`spec` naming the tokenizer of `directory` (None: byte-level); ConfigError when its ids do not fit the
+    model's vocabulary."""
+    from dataclasses import replace
+
+    from .task.tokenizer import check_fits, load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    check_fits(tokenizer, spec.vocab_size, f"--model ({spec.describe()})")
+    return replace(spec, tokenizer=tokenizer.sha256)
 
 
 def run_options(f):
@@ -212,9 +235,16 @@ def run_options(f):
     for decorator in reversed([
         click.option("--run-id", default="default", show_default=True, help="Names the run; namespaces DHT keys."),
         click.option("--model", default="small", show_default=True,
-                     help="Model preset (tiny, small, base, large, llama-20m, llama-150m, llama-1b) or a "
-                          "transformers Llama config .json file (byte-level vocabulary)."),
+                     help="Model preset (tiny, small, base, large, llama-20m, llama-150m, llama-1b), a transformers "
+                          "config .json file of any causal LM, or a local model directory (config.json, and weights "
+                          "to start from: every trainer then needs its own copy, join --model DIR)."),
+        click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(exists=True, file_okay=False),
+                     help="A local HF tokenizer directory (trainers need a copy and a --dataset) [default: the "
+                          "--model directory's tokenizer, if it has one, else byte-level]."),
         click.option("--batch-size", default=4, show_default=True, help="Sequences per peer per inner step."),
+        click.option("--batch-tokens", default=None, type=click.IntRange(min=1),
+                     help="Tokens per peer per inner step, instead of --batch-size: the batch is this many tokens "
+                          "rounded up to whole sequences (trainers reach it with --micro-batch accumulation)."),
         click.option("--inner-lr", default=None, type=float, help="Inner AdamW lr [default: the README sweep's best]."),
         click.option("--codec", default="fp4", show_default=True,
                      type=click.Choice(["fp32", "fp16", "int8", "fp4", "auto"]),
@@ -252,6 +282,27 @@ def _reader_dht(initial_peers: tuple, run_id: str, token: str | None):
         raise fail(e) from None
 
 
+def compute_options(f):
+    """How a trainer computes its steps (its own choice; the run's batch and hyperparameters stay the run's)."""
+    from .task.device import PRECISIONS
+
+    for decorator in reversed([
+        click.option("--device", default=None, help="Train on this device (cpu, cuda, cuda:1, ...) [default: CUDA "
+                     "when present, else the CPU]."),
+        click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS),
+                     help="The forward pass's arithmetic: bf16 autocast, or fp32; auto: bf16 on a GPU that supports "
+                          "it, else fp32. Parameters, optimizer state and what goes to the swarm stay fp32."),
+        click.option("--micro-batch", default=None, type=click.IntRange(min=1),
+                     help="Sequences per forward/backward pass; their gradients add up to the run's batch (gradient "
+                          "accumulation: a small GPU follows a run whose batch does not fit) [default: the whole "
+                          "batch at once]."),
+        click.option("--compile", "compile_model", is_flag=True,
+                     help="torch.compile the model (faster steps on a GPU after a compile of a minute or so)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
 def dashboard_options(default: int | None, help_text: str):
     def wrap(f):
         f = click.option("--dashboard-host", default="127.0.0.1", show_default=True,
@@ -276,8 +327,8 @@ def dashboard_options(default: int | None, help_text: str):
 @click.option("--run-config", "run_config_path", default=None, hidden=True, help="A msgpack RunConfig (local-swarm).")
 @click.option("--maddrs-file", default=None, hidden=True, help="Write the visible addresses here (local-swarm).")
 @dashboard_options(None, "Serve the run's live dashboard (a web page of its DHT records) on this port.")
-def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size, matchmaking_time,
-         total_steps,
+def host(run_id, model, tokenizer_dir, batch_size, batch_tokens, inner_lr, codec, seed, round_timeout,
+         target_group_size, matchmaking_time, total_steps,
          initial_peers, port, host_maddrs, announce_maddrs, identity_path, run_key_path, run_config_path, maddrs_file,
          dashboard, dashboard_host, **diloco):
     """Bootstrap DHT node for a run: publishes the run config and stays up until Ctrl-C."""
@@ -293,7 +344,7 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
             raise click.UsageError(f"--run-config {run_config_path}: {e}") from None
     else:
         run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, total_steps, round_timeout,
-                          target_group_size, matchmaking_time, None, _pop_diloco(diloco))
+                          target_group_size, matchmaking_time, None, _pop_diloco(diloco), batch_tokens, tokenizer_dir)
     signed = None
     if run_key_path is not None:
         from .node.admission import AdmissionError, RunKey, sign_run_config
@@ -369,10 +420,17 @@ def host(run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target
               help="Also log the metrics to TensorBoard under this directory (needs `pip install tensorboard`).")
 @click.option("--wandb", "wandb_project", default=None,
               help="Also log the metrics to this Weights & Biases project (needs `pip install wandb`).")
+@compute_options
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="This machine's copy of the run's model directory, for a run that starts from pretrained weights "
+                   "(and its tokenizer, if it holds one); checked against the run's hash of them.")
+@click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="This machine's copy of the run's tokenizer directory (a run that names one).")
 def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs, announce_maddrs, data, dataset,
          text_field, streaming, summary_path, threads,
          step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, global_steps,
-         wait_for_peers, token, identity_path, run_dir, tensorboard_dir, wandb_project):
+         wait_for_peers, token, identity_path, run_dir, tensorboard_dir, wandb_project, device, precision,
+         micro_batch, compile_model, model_dir, tokenizer_dir):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
     from .node import attacks, failpoints
 
@@ -404,6 +462,7 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
     check_dataset_flags(data, dataset, text_field, streaming)
     check_join_files(run_id, data, summary_path, checkpoint_dir, resume)
+    check_device_flags(device, precision)
     from .node.metrics import MetricsError, check_loggers
 
     try:
@@ -426,7 +485,9 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
                        step_delay=step_delay, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        resume=resume, token=(token or "").strip(), identity_path=identity_path, run_dir=run_dir,
                        tensorboard_dir=tensorboard_dir, wandb_project=wandb_project, dataset=dataset,
-                       text_field=text_field, streaming=streaming)
+                       text_field=text_field, streaming=streaming, device=device, precision=precision,
+                       micro_batch=micro_batch, compile=compile_model, model_dir=model_dir,
+                       tokenizer_dir=tokenizer_dir)
     try:
         summary = run_peer(opts)
     except (RecordError, TimeoutError, ConfigError, AveragingFailed, CheckpointError, BootstrapError,
@@ -477,10 +538,11 @@ def _slashed(values: list[int]) -> str:
 @click.option("--links", "links_path", default=None,
               help="TOML file of emulated WAN links (e.g. peers/links-mixed.toml): each member on a machine of its "
                    "own (a network namespace) behind its upload/download rate, delay and loss. Root only.")
-def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, round_timeout, target_group_size,
-                matchmaking_time, data, dataset, dashboard, timeout, json_path, workdir, progress_every,
-                slow_peer_delay,
-                late_peer_after, attacker, admission, links_path, **diloco):
+@compute_options
+def local_swarm(peers, steps, run_id, model, tokenizer_dir, batch_size, batch_tokens, inner_lr, codec, seed,
+                round_timeout, target_group_size, matchmaking_time, data, dataset, dashboard, timeout, json_path,
+                workdir, progress_every, slow_peer_delay, late_peer_after, attacker, admission, links_path, device,
+                precision, micro_batch, compile_model, **diloco):
     """A host and N trainers as separate processes on 127.0.0.1 (or behind emulated WAN links, --links), all
     stopping at global step --steps.
 
@@ -509,10 +571,19 @@ def local_swarm(peers, steps, run_id, model, batch_size, inner_lr, codec, seed, 
         raise click.UsageError("--dashboard with --links: the host runs on an emulated machine of its own; watch the "
                                "run with `p2p-diloco monitor --initial-peers ...` instead")
     check_dataset_flags(data, dataset, None, False)
+    check_device_flags(device, precision)
     run = _run_config(run_id, model, batch_size, inner_lr, codec, seed, steps, round_timeout,
                       target_group_size or (peers if peers >= 2 else None), matchmaking_time, None,
-                      _pop_diloco(diloco))
+                      _pop_diloco(diloco), batch_tokens, tokenizer_dir)
+    if run.model.tokenizer and not dataset:
+        raise click.UsageError("a tokenizer goes with --dataset (the stdlib sources and --data files are read as "
+                               "bytes)")
+    trainer_args = ["--precision", precision] + (["--device", device] if device else []) \
+        + (["--micro-batch", str(micro_batch)] if micro_batch else []) + (["--compile"] if compile_model else []) \
+        + (["--model", model] if os.path.isdir(model) else []) \
+        + (["--tokenizer", tokenizer_dir] if tokenizer_dir else [])
     swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), dataset=dataset, dashboard=dashboard,
+                       trainer_args=trainer_args,
                        slow_peer_delay=slow_peer_delay,
                        late_peer_after=late_peer_after, links=links, attacker=attacker, admission=admission)
     # SIGTERM must unwind like Ctrl-C, through the cleanup that stops every child (the host included)

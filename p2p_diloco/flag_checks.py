@@ -163,6 +163,20 @@ def check_links(path: str | None, peers: int):
     return links
 
 
+def check_device_flags(device: str | None, precision: str) -> None:
+    """--device names one this machine has, and --precision is one it can run there."""
+    from .task.device import pick_device, resolve_precision
+
+    try:
+        resolved = pick_device(device)
+    except ValueError as e:
+        raise click.UsageError(f"--device: {e}") from None
+    try:
+        resolve_precision(precision, resolved)
+    except ValueError as e:
+        raise click.UsageError(f"--precision: {e}") from None
+
+
 def check_dataset_flags(data: tuple, dataset: str | None, text_field: str | None, streaming: bool) -> None:
     """--dataset with its companions, and the dataset itself (loaded once: a missing field or a malformed file is
     a usage error before the network is touched)."""

@@ -35,6 +35,7 @@ from p2p_diloco.node.records import RecordError, RunConfig
 from p2p_diloco.swarm import reachability
 from p2p_diloco.swarm.dht import BootstrapError, check_initial_peers, probe_initial_peers, start_dht
 from p2p_diloco.task.model import model_spec
+from pretrained import write_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_ID = "12D3KooWJ3fu48MsUqonehgdQgKgWi96Dz94fPgo183WP2Ay8phj"
@@ -60,10 +61,11 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "bad-hash").mkdir()
     _fake_checkpoint(root / "bad-hash", state_sha256="0" * 64)
     (root / "profile.toml").write_text('role = "join"\nstepz = 5\n')
-    (root / "gpt2.json").write_text('{"model_type": "gpt2", "n_layer": 2}')
+    (root / "t5.json").write_text('{"model_type": "t5"}')
+    write_pretrained(root / "gpt", Path(__file__).read_text())
     key = RunKey.load_or_create(str(root / "run.key"))[0]
     return {**{name: str(root / name) for name in ("a-file", "bad-json", "bad-hash", "profile.toml", "run.key",
-                                                   "gpt2.json")},
+                                                   "t5.json", "gpt")},
             "token-run-r": key.issue("r", None, 3600)}
 
 
@@ -101,7 +103,19 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
                                   ["--fragments 9", "4 transformer blocks", "--model small", "0 to 4"]),
         "host-model-missing-json": (["host", "--model", "/nonexistent/model.json"], 2,
                                     ["--model /nonexistent/model.json: cannot read it"]),
-        "host-model-not-llama": (["host", "--model", f["gpt2.json"]], 2, ["model_type 'gpt2'", "Llama-family"]),
+        "host-model-not-causal": (["host", "--model", f["t5.json"]], 2, ["model_type 't5'", "not a causal language"]),
+        "host-model-dir-empty": (["host", "--model", f["bad-json"]], 2, ["no config.json in it"]),
+        "host-tokenizer-none-there": (["host", "--tokenizer", f["bad-json"]], 2, ["--tokenizer", "no tokenizer in it"]),
+        "host-tokenizer-too-big": (["host", "--model", "tiny", "--fragments", "2", "--tokenizer", f["gpt"]], 2,
+                                   ["has 400 tokens, more than the model's vocabulary of 256"]),
+        "local-swarm-tokenizer-no-dataset": (["local-swarm", "--model", f["gpt"], "--fragments", "2"], 2,
+                                             ["a tokenizer goes with --dataset"]),
+        "host-batch-tokens-and-size": (["host", "--batch-tokens", "512", "--batch-size", "8"], 2,
+                                       ["--batch-tokens and --batch-size both set the batch"]),
+        # how a trainer computes
+        "join-precision-fp8": (["join", *peers, "--precision", "fp8"], 2, ["--precision", "'fp8'"]),
+        "join-micro-batch-0": (["join", *peers, "--micro-batch", "0"], 2, ["--micro-batch"]),
+        "join-device-nonsense": (["join", *peers, "--device", "abacus"], 2, ["--device", "'abacus' is not a device"]),
         "host-tiny-default-fragments": (["host", "--model", "tiny"], 2,
                                         ["--fragments 4 (the default)", "--model tiny", "0 to 2"]),
         "simulate-tiny-default-fragments": (["simulate", "--model", "tiny", "--methods", "streaming_diloco"], 2,
@@ -165,7 +179,7 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
 IN_A_PROCESS = ["join-unreachable", "status-unreachable", "join-garbage", "local-swarm-fragments", "resume-missing",
                 "resume-bad-hash", "join-steps-0", "simulate-bad-method"]
 IN_THIS_PROCESS = [name for name in _cases(0, dict.fromkeys(["a-file", "bad-json", "bad-hash", "profile.toml",
-                                                              "run.key", "token-run-r", "gpt2.json"], ""))
+                                                              "run.key", "token-run-r", "t5.json", "gpt"], ""))
                    if name not in IN_A_PROCESS]
 
 

@@ -28,13 +28,24 @@ class Fragment:
         return sum(p.numel() for p in self.params)
 
     def flat(self) -> torch.Tensor:
-        """The fragment's current values as one new fp32 CPU vector."""
-        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+        """The fragment's current values as one new fp32 CPU vector. From a GPU: concatenated there, then one
+        non-blocking copy into pinned memory (one transfer at full bus speed, not one per parameter)."""
+        device = self.params[0].device if self.params else torch.device("cpu")
+        if device.type != "cuda":
+            return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+        on_gpu = torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+        out = torch.empty(on_gpu.numel(), dtype=torch.float32, pin_memory=True)
+        out.copy_(on_gpu, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+        return out
 
     def assign(self, flat: torch.Tensor) -> None:
         """Copy a flat fp32 vector into the fragment's parameters (on their device and dtype)."""
         if flat.numel() != self.numel:
             raise ValueError(f"fragment {self.index}: got {flat.numel()} values, expected {self.numel}")
+        device = self.params[0].device if self.params else torch.device("cpu")
+        if device.type == "cuda":  # one pinned, non-blocking transfer, then the copies on the GPU
+            flat = flat.to(torch.float32).pin_memory().to(device, non_blocking=True)
         offset = 0
         with torch.no_grad():
             for p in self.params:

@@ -8,6 +8,7 @@ raises `RecordError` naming the field, and callers log it and ignore the record
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ import msgpack
 
 from ..core.config import ConfigError, DiLoCoConfig
 from .admission import MAX_TOKEN_CHARS
-from ..task.model import ModelSpec
+from ..task.model import MAX_CONFIG_CHARS as MAX_MODEL_CONFIG_CHARS, ModelSpec
 
 PROTOCOL_VERSION = 1
 MAX_RECORD_BYTES = 16 * 1024  # DHT values must stay far below hivemind's 64 KiB limit
@@ -71,6 +72,30 @@ def _count(obj: dict, kind: str, name: str) -> int:
     return value
 
 
+def _model_spec(spec: dict, kind: str) -> ModelSpec:
+    try:
+        model = ModelSpec(**spec)
+    except TypeError as e:
+        raise RecordError(f"{kind} record: bad model spec: {e}") from None
+    for name, value in asdict(model).items():
+        if name in ("config", "weights", "tokenizer"):
+            if not isinstance(value, str):
+                raise RecordError(f"{kind} record: model {name} must be a string, got {type(value).__name__}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RecordError(f"{kind} record: model {name} must be a positive integer, got {value!r}")
+    if len(model.config) > MAX_MODEL_CONFIG_CHARS or len(model.weights) > 200:
+        raise RecordError(f"{kind} record: model config or weights name too long")
+    if model.config:
+        try:
+            if not isinstance(json.loads(model.config), dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            raise RecordError(f"{kind} record: model config is not a JSON object ({e})") from None
+    if model.tokenizer and (len(model.tokenizer) != 64 or not _is_hex(model.tokenizer)):
+        raise RecordError(f"{kind} record: model tokenizer must be 64 hex digits (a sha256) or empty")
+    return model
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What every peer of a run must agree on; published by the host under the run id."""
@@ -113,14 +138,7 @@ class RunConfig:
             diloco = DiLoCoConfig.from_dict(_get(obj, kind, "diloco", dict))
         except ConfigError as e:
             raise RecordError(f"{kind} record: bad diloco config: {e}") from None
-        spec = _get(obj, kind, "model", dict)
-        try:
-            model = ModelSpec(**spec)
-        except TypeError as e:
-            raise RecordError(f"{kind} record: bad model spec: {e}") from None
-        for name, value in asdict(model).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RecordError(f"{kind} record: model {name} must be a positive integer, got {value!r}")
+        model = _model_spec(_get(obj, kind, "model", dict), kind)
         if diloco.fragments > model.layers:
             raise RecordError(f"{kind} record: fragments={diloco.fragments}, but the model has only {model.layers} "
                               "transformer blocks, so at most that many block fragments")

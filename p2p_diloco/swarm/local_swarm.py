@@ -73,16 +73,19 @@ class LocalSwarm:
     def __init__(self, run: RunConfig, peers: int, steps: int, workdir: str | None = None,
                  data: list[str] | None = None, dataset: str | None = None, dashboard: int | None = None,
                  slow_peer_delay: float = 0.0, late_peer_after: float = 0.0,
-                 links: tuple | None = None, attacker: str = "", admission: bool = False):
+                 links: tuple | None = None, attacker: str = "", admission: bool = False,
+                 trainer_args: list[str] | None = None):
         """`steps`: the global step every trainer stops at; the last trainer may be slowed
         (`slow_peer_delay` seconds of sleep per inner step), join late (`late_peer_after` seconds) or be
         malicious (`attacker`: a `node.attacks` spec). `admission`: the run is admission-only (a run key in the
         workdir; each trainer gets a key file and a token for its peer id; an "unadmitted" attacker a token
         stolen from peer0, which does not admit its own identity).
         `links`: (the host's `Link`, [each trainer's `Link`]) from `emulation.links.read_links`: every member
-        then runs in a network namespace of its own behind that link, and declares its uplink rate."""
+        then runs in a network namespace of its own behind that link, and declares its uplink rate.
+        `trainer_args`: more `join` flags for every trainer (how they compute: --precision, --micro-batch, ...)."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
         self.dataset = dataset
+        self.trainer_args = list(trainer_args or [])
         self.dashboard = dashboard
         self.links, self.net = links, None
         self.machine_of: dict[str, int] = {}  # trainers placed on a machine by `start_trainer(machine=...)`
@@ -155,7 +158,7 @@ class LocalSwarm:
         _remove_stale(summary)
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
                 "--summary", summary, "--run-dir", self.workdir, "--progress-json", "--threads", "1",
-                "--wait-for-peers", str(wait_for), *self._listen(name), *(extra or [])]
+                "--wait-for-peers", str(wait_for), *self._listen(name), *self.trainer_args, *(extra or [])]
         if self.links is not None:
             args += ["--bandwidth", str(self._link(name).up_mbit)]
         if self.run_key is not None:

@@ -46,8 +46,9 @@ from ..node.metrics import Metrics
 from ..node.records import PeerProgress, RunConfig
 from ..task.data import BatchStream, Corpus
 from ..task.dataset import DatasetStream, TextDataset
-from ..task.device import describe_device, pick_device
-from ..task.model import build_model, built_with, evaluate, init_sha256, lm_loss
+from ..task.tokenizer import HFTokenizer, has_tokenizer
+from ..task.device import autocast_for, describe_device, memory_used, peak_flops, pick_device, resolve_precision
+from ..task.model import build_model, built_with, evaluate, flops_per_token, init_sha256, lm_loss
 from . import reachability, seats
 from .averager import CodecAverager, SwarmAverager
 from .clock import ClockReading, SwarmClock
@@ -101,6 +102,13 @@ class JoinOptions:
     dataset: str | None = None  # a local file/folder or hub name read through HF `datasets` (`task.dataset`)
     text_field: str | None = None  # the dataset's column of text; None: "text" or "content"
     streaming: bool = False  # read a local dataset as a stream too (a hub one always is)
+    # how this peer computes a step (its own business: the run's batch and hyperparameters stay the run's)
+    device: str | None = None  # "cuda:1", "cpu", ...; None: CUDA when present
+    precision: str = "auto"  # `task.device.PRECISIONS`: bf16 autocast on a GPU that supports it, else fp32
+    micro_batch: int | None = None  # sequences per forward/backward, accumulated to the run's batch; None: whole
+    compile: bool = False  # torch.compile the forward and backward passes
+    model_dir: str | None = None  # this peer's copy of the run's model directory (pretrained weights, tokenizer)
+    tokenizer_dir: str | None = None  # this peer's copy of the run's tokenizer; None: the model directory's
 
 
 def run_peer(opts: JoinOptions) -> dict:
@@ -147,13 +155,21 @@ class Peer:
         self.reach, self.client_mode = reach, client_mode
         self.peer_id = str(dht.peer_id)
         self.maddrs = visible_maddrs(dht)
-        self.device = pick_device()
+        try:
+            self.device = pick_device(opts.device)
+            self.precision = resolve_precision(opts.precision, self.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.device_description = describe_device(self.device)
-        _check_reproducible(run)
-        self.model = build_model(run.model, run.diloco.seed).to(self.device)
+        weights_dir = opts.model_dir if run.model.weights else None
+        _check_reproducible(run, weights_dir)
+        self.model = build_model(run.model, run.diloco.seed, weights_dir).to(self.device)
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        self.peak_flops = peak_flops(self.device)
         seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
+        tokenizer = _run_tokenizer(run, opts)
         if opts.dataset:  # HF `datasets`: this peer's own stretch of the rows (`task.dataset`)
-            dataset = TextDataset.load(opts.dataset, opts.text_field, opts.streaming or None)
+            dataset = TextDataset.load(opts.dataset, opts.text_field, opts.streaming or None, tokenizer)
             self.data_description = dataset.describe()
             self.eval_batches = dataset.eval_batches(run.model.seq_len, 16, 32)
             self.stream = dataset.stream(run.model.seq_len, run.batch_size, run.diloco.seed, seed)
@@ -162,7 +178,9 @@ class Peer:
             self.data_description = corpus.description
             self.eval_batches = corpus.eval_batches(run.model.seq_len, 16, 32)
             self.stream = BatchStream(corpus.train, run.model.seq_len, run.batch_size, seed=seed)
-        self.trainer = InnerTrainer(self.model, run.diloco, lm_loss)
+        forward = torch.compile(self.model) if opts.compile else self.model  # (shares the model's parameters)
+        self.trainer = InnerTrainer(self.model, run.diloco, lambda model, tokens: lm_loss(forward, tokens),
+                                    micro_batch=opts.micro_batch, autocast=autocast_for(self.precision, self.device))
         self.tokens_per_step = run.batch_size * run.model.seq_len
         self.fragment_sizes = [f.numel for f in split_fragments(self.model, run.diloco.fragments)]
         self.health = RoundHealth(len(self.fragment_sizes), reach, client_mode)
@@ -328,15 +346,29 @@ class Peer:
         problem = self.health.check(self.outer.stats)
         if problem and self.opts.progress_json:
             print(json.dumps({"peer_id": self.peer_id, "problem": problem}), flush=True)
-        _print_progress(self.opts, record, self.outer.stats.failed)
-        self._log_metrics(record)
+        figures = self._figures(now)
+        _print_progress(self.opts, record, self.outer.stats.failed, figures)
+        self._log_metrics(record, figures=figures)
 
-    def _log_metrics(self, record: PeerProgress, eval_loss: float | None = None) -> None:
+    def _log_metrics(self, record: PeerProgress, eval_loss: float | None = None, figures: dict | None = None) -> None:
         stats = self.outer.stats
+        figures = figures or self._figures(time.time())
         self.metrics.log({"step": record.step, "global_step": self.global_step, "loss": record.loss,
                           "tokens_per_s": record.tokens_per_s, "bytes_sent": record.bytes_sent,
                           "bytes_received": record.bytes_received, "rounds": list(stats.applied),
-                          "failed": list(stats.failed), "recovered": list(stats.recovered), "eval_loss": eval_loss})
+                          "failed": list(stats.failed), "recovered": list(stats.recovered), "eval_loss": eval_loss,
+                          **{k: figures[k] for k in ("mfu", "gpu_memory_mb") if figures[k] is not None}})
+
+    def _figures(self, now: float) -> dict:
+        """Tokens/s since training started, MFU (on a GPU whose peak is known, else None) and the GPU memory
+        torch's allocator has held at most (None on the CPU)."""
+        tokens_per_s = self.step * self.tokens_per_step / max(now - self.started, 1e-9) if self.started else 0.0
+        mfu = None
+        if self.peak_flops:
+            mfu = round(tokens_per_s * flops_per_token(self.run.model, self.parameters) / self.peak_flops, 4)
+        used = memory_used(self.device)
+        return {"tokens_per_s": round(tokens_per_s, 1), "mfu": mfu,
+                "gpu_memory_mb": None if used is None else round(used / 2**20, 1)}
 
     def _progress(self, now: float) -> PeerProgress:
         tokens_per_s = self.step * self.tokens_per_step / max(now - self.started, 1e-9)
@@ -434,7 +466,7 @@ class Peer:
 
     def summarize(self) -> dict:
         """The run as this peer saw it; written to `opts.summary_path` (atomically) when given."""
-        eval_model = build_model(self.run.model, self.run.diloco.seed)
+        eval_model = build_model(replace(self.run.model, weights=""), self.run.diloco.seed)  # (anchors next)
         self.outer.load_anchors_into(eval_model)
         stats, reach = self.outer.stats, self.reach
         summary = {
@@ -482,6 +514,10 @@ class Peer:
             # the highest resident memory of this peer's processes (trainer, averagers, DHT, p2pd), each's own
             # peak, summed: an upper bound on what it ever held at once
             "peak_memory_mb": round(peak_memory(os.getpid()) / 2**20, 1),
+            # how this peer computed its steps, and how fast
+            "device": self.device_description, "precision": self.precision, "micro_batch": self.opts.micro_batch,
+            "compiled": self.opts.compile, "parameters": self.parameters,
+            **self._figures(time.time()),
         }
         if self.flooder is not None:
             summary["flood"] = self.flooder.stop()
@@ -548,14 +584,41 @@ def _admitted(records: list[PeerProgress], peer: Peer) -> list[PeerProgress]:
     return admitted
 
 
-def _check_reproducible(run: RunConfig) -> None:
+def _check_reproducible(run: RunConfig, weights_dir: str | None) -> None:
     """Refuse a run whose model this peer would start from other weights than the host (another library version
-    initialises differently): its outer gradients would be against parameters nobody else has."""
-    if run.init_sha256 and (mine := init_sha256(run.model, run.diloco.seed)) != run.init_sha256:
+    initialises differently, another copy of the pretrained weights): its outer gradients would be against
+    parameters nobody else has."""
+    if run.init_sha256 and (mine := init_sha256(run.model, run.diloco.seed, weights_dir)) != run.init_sha256:
+        if weights_dir:
+            raise ConfigError(f"this peer cannot reproduce run {run.run_id!r}: the weights of --model {weights_dir} "
+                              f"(sha256 {mine[:12]}…) are not the host's ({run.init_sha256[:12]}…): copy the "
+                              f"run's {run.model.weights!r} directory as it is")
         raise ConfigError(f"this peer cannot reproduce run {run.run_id!r}: its model starts from other weights here "
                           f"(sha256 {mine[:12]}…) than at the host ({run.init_sha256[:12]}…). The host built it with "
                           f"{run.built_with or 'unrecorded versions'}; this peer has {built_with()}: install the "
                           "host's versions")
+
+
+def _run_tokenizer(run: RunConfig, opts: JoinOptions):
+    """The run's tokenizer from this peer's copy (checked against the run's hash of it), or None for bytes;
+    ConfigError naming what is missing or different."""
+    directory = opts.tokenizer_dir or (opts.model_dir if opts.model_dir and has_tokenizer(opts.model_dir) else None)
+    if not run.model.tokenizer:
+        if opts.tokenizer_dir:
+            raise ConfigError(f"--tokenizer {opts.tokenizer_dir}: run {run.run_id!r} is byte-level (it names no "
+                              "tokenizer)")
+        return None
+    if directory is None:
+        raise ConfigError(f"run {run.run_id!r} uses a tokenizer (sha256 {run.model.tokenizer[:12]}…): give this "
+                          "peer its copy with --tokenizer DIR (or a --model DIR that holds it)")
+    if not opts.dataset:
+        raise ConfigError(f"run {run.run_id!r} uses a tokenizer: train on a --dataset (the stdlib sources and "
+                          "--data files are read as bytes)")
+    tokenizer = HFTokenizer.load(directory)
+    if tokenizer.sha256 != run.model.tokenizer:
+        raise ConfigError(f"--tokenizer {directory}: it encodes differently from the run's tokenizer (sha256 "
+                          f"{tokenizer.sha256[:12]}… here, {run.model.tokenizer[:12]}… in the run)")
+    return tokenizer
 
 
 def _take_seat(dht, opts: JoinOptions) -> str:
@@ -653,13 +716,19 @@ def _join(outer: StreamingDiLoCo, clock: SwarmClock, swarm: list[ClockReading], 
     return {"rounds_held": held, "step": step}
 
 
-def _print_progress(opts: JoinOptions, p: PeerProgress, failed: list[int]) -> None:
+def _print_progress(opts: JoinOptions, p: PeerProgress, failed: list[int], figures: dict) -> None:
     if opts.progress_json:
         print(json.dumps({"peer_id": p.peer_id, "step": p.step, "global_step": int(p.global_step),
                           "rounds": p.rounds, "failed": sum(failed), "loss": p.loss, "tokens_per_s": p.tokens_per_s,
-                          "bytes_sent": p.bytes_sent}), flush=True)
+                          "bytes_sent": p.bytes_sent, "mfu": figures["mfu"],
+                          "gpu_memory_mb": figures["gpu_memory_mb"]}), flush=True)
     else:
         rounds = "/".join(map(str, p.rounds))
+        gpu = ""
+        if figures["gpu_memory_mb"] is not None:
+            gpu = f"  GPU {figures['gpu_memory_mb'] / 1024:.1f} GiB"
+        if figures["mfu"] is not None:
+            gpu += f"  MFU {100 * figures['mfu']:.1f} %"
         print(f"step {p.step:6d}  global {int(p.global_step):6d}  rounds {rounds} (failed {sum(failed)})  "
               f"loss {p.loss:.4f}  "
-              f"{p.tokens_per_s:8.0f} tok/s  sent {p.bytes_sent / 1e6:8.2f} MB", file=sys.stderr, flush=True)
+              f"{p.tokens_per_s:8.0f} tok/s{gpu}  sent {p.bytes_sent / 1e6:8.2f} MB", file=sys.stderr, flush=True)

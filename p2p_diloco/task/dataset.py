@@ -1,7 +1,8 @@
 """Text datasets through HF `datasets`: a local JSONL / Parquet / text file or folder, or a hub dataset streamed.
 
 Byte-level like the rest of the task (each row's text as UTF-8, rows joined by a
-newline), so no tokenizer is downloaded. No coordinator decides who reads what:
+newline) unless the run names a tokenizer (`task.tokenizer`: each row's ids and an
+end-of-text token). No coordinator decides who reads what:
 
 * **held out** are the rows whose text hashes into HELD_OUT_PERCENT % (sha256 of
   the text): the same rows on every peer, never trained on, whichever order a
@@ -13,7 +14,7 @@ newline), so no tokenizer is downloaded. No coordinator decides who reads what:
 * **a stream** (a hub dataset, or a local one with `streaming=True`) is read in
   an order of its own per peer (`datasets`' shuffle buffer seeded by the peer id).
 
-A stream's *position* (rows read, bytes of the current buffer used) goes into
+A stream's *position* (rows read, bytes of the current row's encoding used) goes into
 checkpoints; `seek` puts a resumed peer back where it was.
 """
 
@@ -28,11 +29,11 @@ import torch
 
 from ..core.config import ConfigError
 from .data import HELD_OUT_PERCENT
+from .tokenizer import ByteTokenizer
 
 # file suffix -> the `datasets` builder that reads it
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 TEXT_FIELDS = ("text", "content")  # looked for in this order when no field is named
-SEPARATOR = b"\n"
 SHUFFLE_BUFFER = 10_000  # rows: a stream's per-peer shuffle
 
 
@@ -63,11 +64,16 @@ class TextDataset:
     rows: object  # a `datasets.Dataset` (read whole) or `datasets.IterableDataset` (streamed)
     field: str
     streaming: bool
+    tokenizer: object = None  # `task.tokenizer`'s ByteTokenizer (None) or HFTokenizer
+
+    def __post_init__(self):
+        self.tokenizer = self.tokenizer or ByteTokenizer()
 
     @classmethod
-    def load(cls, source: str, field: str | None = None, streaming: bool | None = None) -> "TextDataset":
+    def load(cls, source: str, field: str | None = None, streaming: bool | None = None,
+             tokenizer=None) -> "TextDataset":
         """`source`: a local file or folder, else a hub dataset name (streamed; needs the network). `streaming`:
-        None reads a local dataset whole and streams a hub one."""
+        None reads a local dataset whole and streams a hub one. `tokenizer`: None for bytes."""
         try:
             import datasets
         except ImportError:
@@ -98,11 +104,11 @@ class TextDataset:
                                   "--text-field")
         elif columns and field not in columns:
             raise ConfigError(f"--dataset {source}: no field {field!r}; its columns are {columns}")
-        return cls(source, rows, field, streaming)
+        return cls(source, rows, field, streaming, tokenizer)
 
     def describe(self) -> str:
         how = "streamed" if self.streaming else f"{len(self.rows)} rows"
-        return f"dataset {self.source} ({how}, field {self.field!r})"
+        return f"dataset {self.source} ({how}, field {self.field!r}, {self.tokenizer.describe()})"
 
     def guarded(self, rows):
         """`rows`, with whatever `datasets` raises while reading them (a malformed line met in a stream, a lost
@@ -127,21 +133,21 @@ class TextDataset:
 
     def eval_batches(self, seq_len: int, batch_size: int, num_batches: int) -> list[torch.Tensor]:
         """Fixed windows of the held-out rows, in the dataset's own order (the same on every peer)."""
-        window = seq_len + 1
-        want = window * batch_size * num_batches
+        window, item = seq_len + 1, self.tokenizer.itemsize
+        want = window * batch_size * num_batches * item
         held = bytearray()
         for i, row in enumerate(self.guarded(self.rows)):
             text = self._text(row, f"row {i}")
             if _held_out(text):
-                held += text.encode() + SEPARATOR
+                held += self.tokenizer.encode(text)
                 if len(held) >= want:
                     break
-        if len(held) < window:
+        if len(held) < window * item:
             raise ConfigError(f"--dataset {self.source}: its held-out rows (the {HELD_OUT_PERCENT} % whose text "
-                              f"hashes there) hold {len(held)} bytes, fewer than one window of {window}: "
+                              f"hashes there) hold {len(held) // item} tokens, fewer than one window of {window}: "
                               "give a larger dataset")
-        data = torch.frombuffer(held, dtype=torch.uint8)
-        total = min(batch_size * num_batches, len(held) // window)
+        data = torch.frombuffer(held, dtype=self.tokenizer.dtype)
+        total = min(batch_size * num_batches, data.numel() // window)
         windows = data[:total * window].view(total, window).long()
         return [windows[i:i + batch_size] for i in range(0, total, batch_size)]
 
@@ -154,6 +160,7 @@ class DatasetStream:
 
     def __init__(self, dataset: TextDataset, seq_len: int, batch_size: int, run_seed: int, peer_seed: int):
         self.dataset, self.window, self.batch_size = dataset, seq_len + 1, batch_size
+        self.tokenizer = dataset.tokenizer
         self.peer_seed = peer_seed
         if not dataset.streaming:
             n = len(dataset.rows)
@@ -214,14 +221,14 @@ class DatasetStream:
             self._iterator = self._rows()
         while len(self.buffer) - self.used < need:
             text, passes, row = next(self._iterator)
-            data = b"" if _held_out(text) else text.encode() + SEPARATOR
+            data = b"" if _held_out(text) else self.tokenizer.encode(text)
             self.buffer += data
             self.buffered.append((len(data), passes, row))
 
     def next(self) -> torch.Tensor:
-        need = self.window * self.batch_size
+        need = self.window * self.batch_size * self.tokenizer.itemsize
         self._fill(need)
-        chunk = torch.frombuffer(self.buffer[self.used:self.used + need], dtype=torch.uint8)  # (a copy)
+        chunk = torch.frombuffer(self.buffer[self.used:self.used + need], dtype=self.tokenizer.dtype)  # (a copy)
         self.used += need
         # drop the rows wholly used: the position counts from the first row still in the buffer
         while self.buffered and self.buffered[0][0] <= self.used:

@@ -90,18 +90,22 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
     torch.set_num_threads(1)
     config = settings.config_for(method)
     spec = model_spec(settings.model)
+    if spec.vocab_size < 256:
+        raise ConfigError(f"--model {settings.model}: a vocabulary of {spec.vocab_size}; simulate reads its data as "
+                          "bytes (256 ids)")
+    weights = settings.model if spec.weights else None  # (a model directory's pretrained weights)
     corpus = Corpus.load(settings.data or None)
     eval_batches = corpus.eval_batches(spec.seq_len, 16, settings.final_eval_batches)
     streams = [BatchStream(corpus.shard(w, settings.workers), spec.seq_len, settings.batch_size,
                            seed=config.seed * 1000 + w) for w in range(settings.workers)]
-    eval_model = build_model(spec, config.seed)
+    eval_model = build_model(spec, config.seed, weights)
     tokens_per_step = settings.workers * settings.batch_size * spec.seq_len
     curve: list[tuple[int, float]] = []
     start = time.time()
     result: dict[str, Any] = {"config": config.to_dict()}
 
     if METHODS[method] is None:
-        model = build_model(spec, config.seed)
+        model = build_model(spec, config.seed, weights)
         trainer = InnerTrainer(model, config, lm_loss)
         numel = sum(p.numel() for p in model.parameters())
 
@@ -120,7 +124,7 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
         aggregation = Aggregation(config.aggregation) if settings.protected \
             else Aggregation.unprotected(config.aggregation)
         group = LocalGroup(settings.workers, get_codec(config.codec), aggregation=aggregation)
-        models = [build_model(spec, config.seed) for _ in range(settings.workers)]
+        models = [build_model(spec, config.seed, weights) for _ in range(settings.workers)]
         trainers = [InnerTrainer(m, config, lm_loss) for m in models]
         members = [group.member(w) for w in range(settings.workers)]
         attack = parse_attack(settings.attack)

@@ -253,6 +253,31 @@ def test_peers_of_different_speeds_on_a_dataset_outlive_their_host(run, tmp_path
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_pretrained_model_of_another_architecture_goes_on_training_with_its_tokenizer_in_bf16(run, tmp_path):
+    """`--model DIR` of a saved GPT-2 with its own BPE tokenizer (both written by the test): both trainers load its
+    weights (checked against the run's hash), read the dataset as its token ids, and step in bf16 autocast with
+    micro-batches of 2 (the GPU path's options, on the CPU); they end in consensus with a model that learnt."""
+    pytest.importorskip("datasets")
+    from pretrained import write_pretrained
+
+    from p2p_diloco.task.model import model_spec, parameter_count
+
+    data = write_dataset(tmp_path / "corpus")
+    model = write_pretrained(tmp_path / "gpt", "".join(json.loads(line)["text"] for line in
+                                                       (data / "part0.jsonl").read_text().splitlines()[:60]))
+    r = run(2, "--model", str(model), "--dataset", str(data), "--steps", "80", "--precision", "bf16",
+            "--micro-batch", "2")
+    report = r.finish()
+    assert r.proc.returncode == 0, r.text()
+    assert report["finished"] == ["peer0", "peer1"] and report["consensus"] is True, r.text()
+    parameters = parameter_count(model_spec(str(model)))
+    losses = {p["eval_loss"] for p in report["peers"]}
+    assert len(losses) == 1 and losses.pop() < 5.5, r.text()  # the untrained GPT-2 is at ln(400) = 6.0
+    for p in report["peers"]:
+        assert p["precision"] == "bf16" and p["micro_batch"] == 2 and min(p["rounds"]) >= 1, p
+        assert p["data"].endswith("tokenizer gpt (400 tokens))") and p["parameters"] == parameters, p
+
+
 def test_a_peer_sending_its_outer_gradients_x1000_is_refused_by_the_reducers_and_the_run_ends_in_consensus(run):
     """A malicious peer built on our code (`--attacker scale:1000`): every honest reducer leaves its contribution
     out and names it; all three end holding the same model, which trained (the attacker applies the same means)."""

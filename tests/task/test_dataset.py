@@ -13,7 +13,11 @@ import torch
 pytest.importorskip("datasets")
 
 from p2p_diloco.core.config import ConfigError  # noqa: E402
-from p2p_diloco.task.dataset import SEPARATOR, TextDataset, _held_out  # noqa: E402
+from p2p_diloco.task.dataset import TextDataset, _held_out  # noqa: E402
+from p2p_diloco.task.tokenizer import HFTokenizer  # noqa: E402
+from pretrained import write_pretrained  # noqa: E402
+
+SEPARATOR = b"\n"  # byte-level rows are joined by it
 
 
 def stdlib_rows(count: int, size: int = 1500) -> list[str]:
@@ -127,7 +131,7 @@ def test_bad_datasets_are_refused_by_name(tmp_path, rows):
     with pytest.raises(ConfigError, match="cannot load it as a local dataset"):
         TextDataset.load(str(broken))
     small = write_jsonl(tmp_path / "small" / "a.jsonl", [r for r in rows if not _held_out(r)][:10])
-    with pytest.raises(ConfigError, match="held-out rows .* hold 0 bytes"):
+    with pytest.raises(ConfigError, match="held-out rows .* hold 0 tokens"):
         TextDataset.load(str(small)).eval_batches(32, 2, 2)
 
 
@@ -139,3 +143,40 @@ def test_a_malformed_line_met_in_a_stream_is_an_error_naming_the_dataset(tmp_pat
     ds = TextDataset.load(str(folder), streaming=True)  # (a stream is read lazily: the load passes)
     with pytest.raises(ConfigError, match=f"--dataset {folder}: reading it failed"):
         batches(ds.stream(1023, 4, 0, 0), 30)
+
+
+def test_a_tokenizer_s_ids_stream_come_back_to_their_position_and_identify_it(tmp_path, folder, rows):
+    model = write_pretrained(tmp_path / "model", "".join(rows[:60]))
+    tokenizer = HFTokenizer.load(str(model))
+    assert tokenizer.vocab_size == 400 and tokenizer.describe() == "tokenizer model (400 tokens)"
+    assert HFTokenizer.load(str(model)).sha256 == tokenizer.sha256  # the same tokenizer, the same name
+    other = write_pretrained(tmp_path / "other", "".join(rows[60:120]))
+    assert HFTokenizer.load(str(other)).sha256 != tokenizer.sha256  # other merges learnt: another name
+    ds = TextDataset.load(str(folder), tokenizer=tokenizer)
+    assert ds.describe().endswith("tokenizer model (400 tokens))")
+    evals = ds.eval_batches(seq_len=32, batch_size=4, num_batches=2)
+    assert [tuple(b.shape) for b in evals] == [(4, 33), (4, 33)] and evals[0].dtype == torch.long
+    first = ds.stream(63, 4, run_seed=5, peer_seed=7)
+    start = batches(first, 5)
+    assert all(b.dtype == torch.long and b.max() < 400 and b.min() >= 0 for b in start)
+    eos = tokenizer.end
+    assert any((b == eos).any() for b in start)  # rows end with the end-of-text token
+    ids = torch.cat([b.reshape(-1) for b in start]).tolist()  # the peer's first rows, as the tokenizer encodes them
+    first_row = rows[int(first.order[first.start])] if not _held_out(rows[int(first.order[first.start])]) else None
+    if first_row is not None:
+        expected = tokenizer._ids(first_row) + [eos]
+        assert ids[:len(expected)] == expected[:len(ids)]
+    where = json.loads(json.dumps(first.position()))
+    assert where["offset"] % 4 == 0  # (a byte offset into the current row's int32 ids)
+    expected = batches(first, 30)
+    again = ds.stream(63, 4, run_seed=5, peer_seed=7)
+    again.seek(where)
+    assert all(torch.equal(x, y) for x, y in zip(expected, batches(again, 30)))
+    for bad, message in ((tmp_path / "nowhere", "no such directory"), (folder, "no tokenizer in it")):
+        with pytest.raises(ConfigError, match=message):
+            HFTokenizer.load(str(bad))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot load it"):
+        HFTokenizer.load(str(broken))
