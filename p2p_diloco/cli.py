@@ -282,6 +282,20 @@ def _reader_dht(initial_peers: tuple, run_id: str, token: str | None):
         raise fail(e) from None
 
 
+def _eval_data(dataset, text_field, tokenizer_dir):
+    """What the dashboard evaluates the agreed parameters on: the run -> held-out batches (`agreed_eval`);
+    a --eval-dataset that cannot be read is a usage error now."""
+    import functools
+
+    if dataset is None and (text_field or tokenizer_dir):
+        raise click.UsageError("--eval-text-field and --eval-tokenizer go with --eval-dataset")
+    if dataset is not None:
+        check_dataset_flags((), dataset, text_field, False)
+    from .swarm.agreed_eval import held_out_batches
+
+    return functools.partial(held_out_batches, dataset=dataset, text_field=text_field, tokenizer_dir=tokenizer_dir)
+
+
 def compute_options(f):
     """How a trainer computes its steps (its own choice; the run's batch and hyperparameters stay the run's)."""
     from .task.device import PRECISIONS
@@ -305,6 +319,16 @@ def compute_options(f):
 
 def dashboard_options(default: int | None, help_text: str):
     def wrap(f):
+        f = click.option("--eval-tokenizer", default=None, type=click.Path(exists=True, file_okay=False),
+                         help="The run's tokenizer, for --eval-dataset (a run that names one).")(f)
+        f = click.option("--eval-text-field", default=None, help="The --eval-dataset's column of text.")(f)
+        f = click.option("--eval-dataset", default=None, metavar="SOURCE",
+                         help="The dataset the run trains on (as join --dataset): the dashboard evaluates on its "
+                              "held-out rows [default: the stdlib sources' held-out files, byte-level].")(f)
+        f = click.option("--eval-every", default=60.0, show_default=True, type=click.FloatRange(min=0),
+                         help="Seconds between two evals of the swarm's agreed parameters on the dashboard (each "
+                              "fragment's agreed state downloaded, checked against its hash, evaluated on held-out "
+                              "data on this machine's CPU); 0: none.")(f)
         f = click.option("--dashboard-host", default="127.0.0.1", show_default=True,
                          help="The address the dashboard listens on (0.0.0.0: every interface, for a public page; "
                               "it shows what the DHT records tell anyone who reads them).")(f)
@@ -330,7 +354,7 @@ def dashboard_options(default: int | None, help_text: str):
 def host(run_id, model, tokenizer_dir, batch_size, batch_tokens, inner_lr, codec, seed, round_timeout,
          target_group_size, matchmaking_time, total_steps,
          initial_peers, port, host_maddrs, announce_maddrs, identity_path, run_key_path, run_config_path, maddrs_file,
-         dashboard, dashboard_host, **diloco):
+         dashboard, dashboard_host, eval_every, eval_dataset, eval_text_field, eval_tokenizer, **diloco):
     """Bootstrap DHT node for a run: publishes the run config and stays up until Ctrl-C."""
     from .node.records import RecordError, RunConfig
     from .swarm.dht import BootstrapError, DHTStartError
@@ -364,10 +388,15 @@ def host(run_id, model, tokenizer_dir, batch_size, batch_tokens, inner_lr, codec
     if peers:
         probe_bootstrap(peers)
     from .node.dashboard import DashboardError
+    from .task.tokenizer import has_tokenizer
 
+    if eval_dataset and eval_tokenizer is None and run.model.tokenizer:  # the host has the run's tokenizer at hand
+        eval_tokenizer = tokenizer_dir or (model if has_tokenizer(model) else None)
+    eval_data = _eval_data(eval_dataset, eval_text_field, eval_tokenizer)
     try:
         run_host(run, peers, listen, announce, identity_path, maddrs_file, signed=signed,
-                 run_key_path=run_key_path, dashboard=None if dashboard is None else (dashboard_host, dashboard))
+                 run_key_path=run_key_path, dashboard=None if dashboard is None else (dashboard_host, dashboard),
+                 eval_every=eval_every, eval_data=eval_data)
     except (BootstrapError, DHTStartError, DashboardError) as e:
         raise fail(e) from None
 
@@ -578,12 +607,16 @@ def local_swarm(peers, steps, run_id, model, tokenizer_dir, batch_size, batch_to
     if run.model.tokenizer and not dataset:
         raise click.UsageError("a tokenizer goes with --dataset (the stdlib sources and --data files are read as "
                                "bytes)")
+    host_args = []
+    if dataset and dashboard is not None:  # the host's dashboard evaluates on the same held-out rows
+        eval_tokenizer = tokenizer_dir or (model if run.model.tokenizer and os.path.isdir(model) else None)
+        host_args = ["--eval-dataset", dataset] + (["--eval-tokenizer", eval_tokenizer] if eval_tokenizer else [])
     trainer_args = ["--precision", precision] + (["--device", device] if device else []) \
         + (["--micro-batch", str(micro_batch)] if micro_batch else []) + (["--compile"] if compile_model else []) \
         + (["--model", model] if os.path.isdir(model) else []) \
         + (["--tokenizer", tokenizer_dir] if tokenizer_dir else [])
     swarm = LocalSwarm(run, peers, steps, workdir=workdir, data=list(data), dataset=dataset, dashboard=dashboard,
-                       trainer_args=trainer_args,
+                       trainer_args=trainer_args, host_args=host_args,
                        slow_peer_delay=slow_peer_delay,
                        late_peer_after=late_peer_after, links=links, attacker=attacker, admission=admission)
     # SIGTERM must unwind like Ctrl-C, through the cleanup that stops every child (the host included)
@@ -681,22 +714,26 @@ def identity(key_file):
 @click.option("--token", default=None, envvar="P2P_DILOCO_TOKEN", help="A join token of the run (an admission-only "
               "run's records are read with the run key it names).")
 @dashboard_options(8080, "Serve the live dashboard on this port (0: any free one).")
-def monitor(initial_peers, run_id, token, dashboard, dashboard_host):
+def monitor(initial_peers, run_id, token, dashboard, dashboard_host, eval_every, eval_dataset, eval_text_field,
+            eval_tokenizer):
     """Watch a run from any machine: a live web page of its peers, clock, schedule and bytes, from the DHT."""
     from .node.dashboard import DashboardError
     from .swarm.monitor import watch
 
+    eval_data = _eval_data(eval_dataset, eval_text_field, eval_tokenizer)
     dht, run_key = _reader_dht(initial_peers, run_id, token)
     stop = threading.Event()
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda *_: stop.set())
     try:
         try:
-            watching, page = watch(dht, run_id, dashboard, dashboard_host, run_key=run_key)
+            watching, page = watch(dht, run_id, dashboard, dashboard_host, run_key=run_key, eval_every=eval_every,
+                                   eval_data=eval_data)
         except DashboardError as e:
             raise fail(e) from None
         click.echo(f"dashboard of run {run_id!r}: http://{dashboard_host}:{page.port}/ (Ctrl-C stops it)")
-        stop.wait()
+        while not stop.wait(1.0):
+            watching.prepare_eval()  # (in this, the main thread: it starts the evaluator's averager processes)
         page.close()
         watching.stop()
     finally:

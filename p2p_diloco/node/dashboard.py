@@ -89,7 +89,7 @@ PAGE = """<!doctype html>
 <div class="facts">
  <span>swarm clock <b id="clock">–</b></span><span>peers <b id="peer-count">0</b></span>
  <span>throughput <b id="throughput">–</b></span><span>bytes sent <b id="bytes">–</b></span>
- <span>mean train loss <b id="loss">–</b></span>
+ <span>mean train loss <b id="loss">–</b></span><span>eval loss (agreed) <b id="eval-loss">–</b></span>
 </div>
 <div id="model" class="muted"></div><div id="status" class="muted"></div>
 <h2>Peers</h2>
@@ -102,6 +102,9 @@ PAGE = """<!doctype html>
 <h2>Over time</h2>
 <svg id="chart" width="640" height="160" role="img" aria-label="tokens per second over time"></svg>
 <div class="muted">tokens/s of the whole swarm (line) and live peers (dots), one point every 5 s</div>
+<svg id="eval-chart" width="640" height="160" role="img" aria-label="eval loss of the agreed parameters"></svg>
+<div class="muted" id="eval-note">eval loss of the agreed parameters (every fragment's agreed state, downloaded and
+checked against its hash) against the global step</div>
 <script>
 "use strict";
 const fmtBytes = b => b >= 1e9 ? (b / 1e9).toFixed(2) + " GB" : b >= 1e6 ? (b / 1e6).toFixed(2) + " MB"
@@ -121,6 +124,29 @@ function draw(history) {
     const dot = document.createElementNS("http://www.w3.org/2000/svg", "circle");
     dot.setAttribute("cx", x(p.time)); dot.setAttribute("cy", h - 5 - (h - 10) * p.peers / most);
     dot.setAttribute("r", 2); dot.setAttribute("fill", "#8a6d00"); svg.appendChild(dot);
+  }
+}
+function drawEval(evals) {
+  const svg = document.getElementById("eval-chart"); svg.replaceChildren();
+  const pts = evals.filter(p => p.clock !== null);
+  if (!pts.length) return;
+  const w = 640, h = 160, c0 = Math.min(...pts.map(p => p.clock)), c1 = Math.max(...pts.map(p => p.clock));
+  const lo = Math.min(...pts.map(p => p.eval_loss)), hi = Math.max(...pts.map(p => p.eval_loss));
+  const x = c => 30 + (w - 40) * (c - c0) / Math.max(c1 - c0, 1e-9);
+  const y = v => 10 + (h - 25) * (hi - v) / Math.max(hi - lo, 1e-9);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", pts.map(p => x(p.clock) + "," + y(p.eval_loss)).join(" "));
+  line.setAttribute("fill", "none"); line.setAttribute("stroke", "#00897b"); line.setAttribute("stroke-width", "2");
+  svg.appendChild(line);
+  for (const p of pts) {
+    const dot = document.createElementNS("http://www.w3.org/2000/svg", "circle");
+    dot.setAttribute("cx", x(p.clock)); dot.setAttribute("cy", y(p.eval_loss)); dot.setAttribute("r", 3);
+    dot.setAttribute("fill", "#00897b"); svg.appendChild(dot);
+  }
+  for (const [v, at] of [[hi, 14], [lo, h - 12]]) {
+    const t = document.createElementNS("http://www.w3.org/2000/svg", "text");
+    t.setAttribute("x", 2); t.setAttribute("y", at); t.setAttribute("font-size", "10"); t.textContent = v.toFixed(2);
+    svg.appendChild(t);
   }
 }
 async function refresh() {
@@ -156,6 +182,14 @@ async function refresh() {
     const row = sched.insertRow(); cell(row, f.fragment, "num"); cell(row, f.rounds, "num"); cell(row, f.next_round_at, "num");
   }
   draw(s.history);
+  const evals = s.evals || [], last = evals.length ? evals[evals.length - 1] : null;
+  document.getElementById("eval-loss").textContent = last ? last.eval_loss.toFixed(4) : "–";
+  document.getElementById("eval-loss").title = last ? "rounds " + last.rounds.join("/") + ", global step " +
+    (last.clock === null ? "?" : Math.floor(last.clock)) : (s.eval_problem || "");
+  document.getElementById("eval-note").textContent = !last && s.eval_problem ? "eval of the agreed parameters: " +
+    s.eval_problem : "eval loss of the agreed parameters (every fragment's agreed state, downloaded and checked " +
+    "against its hash) against the global step";
+  drawEval(evals);
 }
 refresh(); setInterval(refresh, 1000);
 </script>

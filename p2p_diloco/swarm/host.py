@@ -18,10 +18,11 @@ from .dht import CONFIG_TTL, publish_run_config, start_dht, visible_maddrs
 def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[str] | None,
              announce_maddrs: list[str] | None, identity_path: str | None, maddrs_file: str | None = None,
              signed: bytes | None = None, run_key_path: str | None = None,
-             dashboard: tuple[str, int] | None = None) -> None:
+             dashboard: tuple[str, int] | None = None, eval_every: float = 0.0, eval_data=None) -> None:
     """Serve until SIGINT/SIGTERM; re-publishes the config well before it expires. `signed`: the config signed
     by the run key (`node.admission`: an admission-only run), whose file is `run_key_path`. `dashboard`: (address,
-    port) to serve the run's live dashboard at (`swarm.monitor`)."""
+    port) to serve the run's live dashboard at (`swarm.monitor`), evaluating the agreed parameters every `eval_every`
+    s on what `eval_data` gives (`agreed_eval.held_out_batches`)."""
     stop = threading.Event()
     dht = start_dht(initial_peers, host_maddrs, identity_path=identity_path, announce_maddrs=announce_maddrs,
                     run_id=run.run_id, admission_only=run.admission_only)
@@ -29,7 +30,8 @@ def run_host(run: RunConfig, initial_peers: list[str] | None, host_maddrs: list[
     watching = None
     try:
         if dashboard is not None:
-            watching = monitor.watch(dht, run.run_id, dashboard[1], dashboard[0], run=run)
+            watching = monitor.watch(dht, run.run_id, dashboard[1], dashboard[0], run=run, eval_every=eval_every,
+                                     eval_data=eval_data)
             print(f"dashboard: http://{dashboard[0]}:{watching[1].port}/", flush=True)
         if run.admission_only and run_key_path:
             seats.serve(dht, run_key_path, run.run_id, ledger_path(run_key_path))

@@ -74,7 +74,7 @@ class LocalSwarm:
                  data: list[str] | None = None, dataset: str | None = None, dashboard: int | None = None,
                  slow_peer_delay: float = 0.0, late_peer_after: float = 0.0,
                  links: tuple | None = None, attacker: str = "", admission: bool = False,
-                 trainer_args: list[str] | None = None):
+                 trainer_args: list[str] | None = None, host_args: list[str] | None = None):
         """`steps`: the global step every trainer stops at; the last trainer may be slowed
         (`slow_peer_delay` seconds of sleep per inner step), join late (`late_peer_after` seconds) or be
         malicious (`attacker`: a `node.attacks` spec). `admission`: the run is admission-only (a run key in the
@@ -82,10 +82,11 @@ class LocalSwarm:
         stolen from peer0, which does not admit its own identity).
         `links`: (the host's `Link`, [each trainer's `Link`]) from `emulation.links.read_links`: every member
         then runs in a network namespace of its own behind that link, and declares its uplink rate.
-        `trainer_args`: more `join` flags for every trainer (how they compute: --precision, --micro-batch, ...)."""
+        `trainer_args`: more `join` flags for every trainer (how they compute: --precision, --micro-batch, ...);
+        `host_args`: more `host` flags (what its dashboard evaluates on)."""
         self.run, self.peers, self.steps, self.data = run, peers, steps, data or []
         self.dataset = dataset
-        self.trainer_args = list(trainer_args or [])
+        self.trainer_args, self.host_args = list(trainer_args or []), list(host_args or [])
         self.dashboard = dashboard
         self.links, self.net = links, None
         self.machine_of: dict[str, int] = {}  # trainers placed on a machine by `start_trainer(machine=...)`
@@ -123,7 +124,7 @@ class LocalSwarm:
         _remove_stale(maddrs_path)  # a --workdir of an earlier run: its files must not pass for this run's
         for stale in glob.glob(os.path.join(self.workdir, "metrics-*.jsonl")):
             _remove_stale(stale)
-        extra = list(extra or [])
+        extra = self.host_args + list(extra or [])
         if self.dashboard is not None:
             extra += ["--dashboard", str(self.dashboard)]
         if self.admission:

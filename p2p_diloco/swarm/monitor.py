@@ -7,6 +7,10 @@ LIVE_WITHIN_S old, dropped after), the swarm clock (the median of the live
 peers' global steps extrapolated to now), each fragment's next round, the bytes
 on the wire, and a bounded history of the run's totals. It trusts the records no
 more than a trainer does: in an admission-only run, only admitted peers count.
+
+With `eval_every` > 0 a second thread measures the eval loss of the swarm's agreed
+parameters that often (`agreed_eval`: every fragment's agreed state downloaded,
+verified by its hash, evaluated on held-out data): the page's loss over time.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import threading
 import time
 from collections import deque
 
+from ..core.config import ConfigError
 from ..core.schedule import Schedule
 from ..node.admission import Admission
 from ..node.records import PeerProgress, RunConfig
@@ -27,11 +32,18 @@ log = logging.getLogger(__name__)
 
 LIVE_WITHIN_S = 10.0  # a peer whose latest record is older has left (or stalled): off the page
 HISTORY_POINTS = 720  # the run's totals over time: an hour at one reading every 5 s
+EVAL_POINTS = 1000  # evals of the agreed parameters kept for the page
 
 
 class Monitor:
-    def __init__(self, dht, run_id: str, run_key: bytes | None = None, every: float = 1.0):
+    def __init__(self, dht, run_id: str, run_key: bytes | None = None, every: float = 1.0, eval_every: float = 0.0,
+                 eval_data=None):
+        """`eval_every`: seconds between two evals of the agreed parameters (0: none); `eval_data`: the run ->
+        the held-out batches (`agreed_eval.held_out_batches` by default), ConfigError when it cannot have them."""
         self.dht, self.run_id, self.run_key, self.every = dht, run_id, run_key, every
+        self.eval_every, self.eval_data = eval_every, eval_data
+        self.evals: deque[dict] = deque(maxlen=EVAL_POINTS)
+        self.eval_problem: str | None = "not measured yet" if eval_every > 0 else "off"
         self.run: RunConfig | None = None
         self.admission: Admission | None = None
         self.records: list[PeerProgress] = []
@@ -42,6 +54,9 @@ class Monitor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="monitor", daemon=True)
+        self._eval_thread = threading.Thread(target=self._eval_loop, name="agreed eval", daemon=True)
+        self.evaluator = None  # `agreed_eval.AgreedEvaluator`, once `prepare_eval` made it
+        self._eval_refused = False  # the held-out data could not be had: no eval in this run
 
     def start(self) -> "Monitor":
         self._thread.start()
@@ -50,6 +65,42 @@ class Monitor:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5.0)
+        if self._eval_thread.is_alive():
+            self._eval_thread.join(timeout=60.0)
+        if self.evaluator is not None:
+            self.evaluator.close()
+
+    def prepare_eval(self) -> None:
+        """From the main thread, now and then until it is done: once the run config is known, the held-out data
+        and the evaluator (its averager processes), then the thread that measures every `eval_every` s."""
+        if self.eval_every <= 0 or self.evaluator is not None or self.run is None or self._eval_refused:
+            return
+        from .agreed_eval import AgreedEvaluator, held_out_batches
+
+        try:
+            batches = (self.eval_data or held_out_batches)(self.run)
+        except ConfigError as e:
+            self.eval_problem, self._eval_refused = str(e), True
+            log.warning("no eval of the agreed parameters: %s", e)
+            return
+        self.evaluator = AgreedEvaluator(self.dht, self.run, batches)
+        self._eval_thread.start()
+
+    def _eval_loop(self) -> None:
+        """The eval loss of the agreed parameters every `eval_every` s (every few seconds until the first one)."""
+        while True:
+            try:
+                point = self.evaluator.measure()
+            except Exception as e:  # a DHT or download hiccup: the next measurement tries again
+                point, self.evaluator.problem = None, f"{type(e).__name__}: {e}"
+                log.debug("eval of the agreed parameters failed: %r", e)
+            if point is not None:
+                point["clock"] = self.snapshot(point["time"])["clock"]
+                with self._lock:
+                    self.evals.append(point)
+            self.eval_problem = self.evaluator.problem
+            if self._stop.wait(self.eval_every if self.evals else min(self.eval_every, 5.0)):
+                return
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -88,6 +139,7 @@ class Monitor:
         now = time.time() if now is None else now
         with self._lock:
             records, read_at, error, history = list(self.records), self.read_at, self.error, list(self.history)
+            evals = list(self.evals)
         # on the page: a record at most LIVE_WITHIN_S old, of a peer not gone (one that trained and stopped, a
         # clean leave, says so in its last record)
         live = [p for p in records if now - p.time <= LIVE_WITHIN_S and (p.training or p.step == 0)]
@@ -126,6 +178,7 @@ class Monitor:
             "bytes_sent": sum(p.bytes_sent for p in live),
             "mean_loss": statistics.fmean(losses) if losses else None,
             "history": history,
+            "evals": evals, "eval_problem": self.eval_problem,  # the agreed parameters' eval loss over time
         }
 
 
@@ -133,15 +186,17 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def watch(dht, run_id: str, port: int, host: str, run: RunConfig | None = None, run_key: bytes | None = None):
+def watch(dht, run_id: str, port: int, host: str, run: RunConfig | None = None, run_key: bytes | None = None,
+          eval_every: float = 0.0, eval_data=None):
     """Start a `Monitor` of the run and its dashboard (`node.dashboard`); returns both (stop, then close)."""
     from ..node.dashboard import serve
 
-    monitor = Monitor(dht, run_id, run_key)
+    monitor = Monitor(dht, run_id, run_key, eval_every=eval_every, eval_data=eval_data)
     monitor.run = run
     if run is not None and run.admission_only:
         monitor.admission = Admission(run.run_id, bytes.fromhex(run.run_key))
     monitor.start()
+    monitor.prepare_eval()  # (the run known: now; else the caller's main thread calls it until it is)
     try:
         return monitor, serve(monitor.snapshot, port, host)
     except Exception:

@@ -88,11 +88,11 @@ def test_the_page_shows_every_peer_within_5_s_of_its_join_and_drops_it_within_15
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1400,900", f"--user-data-dir={tmp_path / 'chromium'}"):
+                "--window-size=1400,1150", f"--user-data-dir={tmp_path / 'chromium'}"):
         options.add_argument(arg)
     driver = None
     try:
-        maddr = swarm.start_host()
+        maddr = swarm.start_host(["--eval-every", "3"])
         driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
         driver.get(f"http://127.0.0.1:{port}/")
 
@@ -120,6 +120,16 @@ def test_the_page_shows_every_peer_within_5_s_of_its_join_and_drops_it_within_15
             seen[name] = until(lambda: trainers[name][1] in rows(), 5.0, f"{name} on the page")
         until(lambda: text("run-id") == "dash", 5.0, "the run id")
         until(lambda: text("clock") not in ("", "–"), 15.0, "the swarm clock")
+        # the eval loss of the agreed parameters: every fragment's agreed state downloaded by the host, evaluated
+        evaluated = until(lambda: text("eval-loss") not in ("", "–"), 90.0, "an eval of the agreed parameters")
+        loss = float(text("eval-loss"))
+        assert 0 < loss < 5.6, loss  # (the tiny byte model starts at ln 256 = 5.55)
+        snap = json.loads(get(f"http://127.0.0.1:{port}/api/swarm")[2])
+        point = snap["evals"][-1]
+        assert len(point["rounds"]) == 3 and min(point["rounds"]) >= 0 and point["clock"] is not None, point
+        print(f"eval of the agreed parameters on the page {evaluated:.1f} s after both peers were: {point}")
+        until(lambda: driver.execute_script("return document.querySelectorAll('#eval-chart circle').length;") >= 2,
+              30.0, "a second eval on the page")
         shot = tmp_path / "dashboard.png"
         driver.save_screenshot(str(shot))
         print(f"dashboard screenshot: {shot} (peers on the page {seen['peer0']:.1f} s and {seen['peer1']:.1f} s "
