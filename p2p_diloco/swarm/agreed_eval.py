@@ -71,10 +71,15 @@ class AgreedEvaluator:
                                       round_timeout=run.round_timeout, min_matchmaking_time=run.matchmaking_time,
                                       client_mode=True, aggregation=run.diloco.aggregation)
 
-    def measure(self) -> dict | None:
+    def measure(self, live: set[str] | None = None) -> dict | None:
         """{"time", "rounds" (per fragment), "eval_loss", "download_s"} of the agreed parameters now, or None
-        (with `problem` saying why) when some fragment has no agreed round yet or no holder served it."""
+        (with `problem` saying why) when some fragment has no agreed round yet or no holder served it. `live`: the
+        peers training now (only their records vote and only they are asked); None: every record's peer."""
+        if live is not None and not live:
+            self.problem = "no peer is training"
+            return None
         averager, started = self.averager, time.monotonic()
+        averager.live_peers = live
         rounds = []
         for k, fragment in enumerate(self.fragments):
             report = averager.latest_agreed(k, NEWEST)

@@ -90,7 +90,8 @@ class Monitor:
         """The eval loss of the agreed parameters every `eval_every` s (every few seconds until the first one)."""
         while True:
             try:
-                point = self.evaluator.measure()
+                live = {p["peer_id"] for p in self.snapshot()["peers"] if p["state"] == "training"}
+                point = self.evaluator.measure(live)
             except Exception as e:  # a DHT or download hiccup: the next measurement tries again
                 point, self.evaluator.problem = None, f"{type(e).__name__}: {e}"
                 log.debug("eval of the agreed parameters failed: %r", e)

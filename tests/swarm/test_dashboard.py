@@ -177,3 +177,25 @@ def test_the_snapshot_lists_live_peers_only_with_the_clock_and_the_schedule():
                                 {"fragment": 2, "rounds": 0, "next_round": 5, "next_round_at": 120}]
     assert snap["tokens_per_s"] == 150.0 and snap["bytes_sent"] == 8000
     json.dumps(snap, allow_nan=False)
+
+
+def test_the_agreed_eval_names_the_held_out_data_it_lacks(tmp_path):
+    from dataclasses import replace
+
+    from p2p_diloco.core.config import ConfigError
+    from p2p_diloco.swarm.agreed_eval import held_out_batches
+    from p2p_diloco.swarm.monitor import Monitor
+
+    run = RunConfig("dash", DiLoCoConfig(fragments=2), model_spec("tiny"), 4, "stdlib")
+    batches = held_out_batches(run)  # the default data's held-out windows, as every trainer evaluates on
+    assert len(batches) == 32 and tuple(batches[0].shape) == (16, 33)
+    with pytest.raises(ConfigError, match="is byte-level"):
+        held_out_batches(run, tokenizer_dir=str(tmp_path))
+    tokenized = replace(run, model=replace(run.model, tokenizer="ab" * 32))
+    with pytest.raises(ConfigError, match="give the monitor the same --dataset and --tokenizer"):
+        held_out_batches(tokenized)
+    monitor = Monitor(None, "dash", eval_every=5.0)
+    monitor.run = tokenized
+    monitor.prepare_eval()  # refused: said on the page, nothing started, not tried again
+    assert "--tokenizer" in monitor.snapshot()["eval_problem"] and monitor.evaluator is None
+    assert Monitor(None, "dash").snapshot()["eval_problem"] == "off"
