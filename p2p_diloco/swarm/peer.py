@@ -48,7 +48,7 @@ from ..task.data import BatchStream, Corpus
 from ..task.dataset import DatasetStream, TextDataset
 from ..task.tokenizer import HFTokenizer, has_tokenizer
 from ..task.device import autocast_for, describe_device, memory_used, peak_flops, pick_device, resolve_precision
-from ..task.model import build_model, built_with, evaluate, flops_per_token, init_sha256, lm_loss
+from ..task.model import build_model, built_with, evaluate, flops_per_token, lm_loss, weights_sha256
 from . import reachability, seats
 from .averager import CodecAverager, SwarmAverager
 from .clock import ClockReading, SwarmClock
@@ -162,8 +162,9 @@ class Peer:
             raise ConfigError(str(e)) from None
         self.device_description = describe_device(self.device)
         weights_dir = opts.model_dir if run.model.weights else None
-        _check_reproducible(run, weights_dir)
-        self.model = build_model(run.model, run.diloco.seed, weights_dir).to(self.device)
+        self.model = build_model(run.model, run.diloco.seed, weights_dir)
+        _check_reproducible(run, weights_sha256(self.model) if run.init_sha256 else "", weights_dir)
+        self.model = self.model.to(self.device)
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.peak_flops = peak_flops(self.device)
         seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
@@ -584,11 +585,11 @@ def _admitted(records: list[PeerProgress], peer: Peer) -> list[PeerProgress]:
     return admitted
 
 
-def _check_reproducible(run: RunConfig, weights_dir: str | None) -> None:
-    """Refuse a run whose model this peer would start from other weights than the host (another library version
-    initialises differently, another copy of the pretrained weights): its outer gradients would be against
-    parameters nobody else has."""
-    if run.init_sha256 and (mine := init_sha256(run.model, run.diloco.seed, weights_dir)) != run.init_sha256:
+def _check_reproducible(run: RunConfig, mine: str, weights_dir: str | None) -> None:
+    """Refuse a run whose model this peer would start from other weights (sha256 `mine`) than the host (another
+    library version initialises differently, another copy of the pretrained weights): its outer gradients would be
+    against parameters nobody else has."""
+    if run.init_sha256 and mine != run.init_sha256:
         if weights_dir:
             raise ConfigError(f"this peer cannot reproduce run {run.run_id!r}: the weights of --model {weights_dir} "
                               f"(sha256 {mine[:12]}…) are not the host's ({run.init_sha256[:12]}…): copy the "

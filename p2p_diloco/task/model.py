@@ -270,10 +270,15 @@ def init_sha256(spec: ModelSpec, seed: int, weights_dir: str | None = None) -> s
     """The sha256 of the parameters `build_model(spec, seed, weights_dir)` starts from (names, shapes and fp32
     bytes, in name order): the run config carries the host's, and a peer whose libraries initialise differently
     (or whose copy of the weights differs) refuses to train a run it cannot reproduce."""
+    return weights_sha256(build_model(spec, seed, weights_dir))
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """`init_sha256` of a model already built."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(build_model(spec, seed, weights_dir).state_dict().items()):
+    for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
         digest.update(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()

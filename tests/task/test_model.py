@@ -98,12 +98,12 @@ def test_a_model_directory_with_weights_is_where_every_peer_starts_and_a_differe
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
     initial = init_sha256(spec, 0, str(model))
     run = RunConfig("pre", DiLoCoConfig(fragments=2), spec, 2, "x", init_sha256=initial)
-    _check_reproducible(run, str(model))  # the same copy: fine
+    _check_reproducible(run, init_sha256(spec, 0, str(model)), str(model))  # the same copy: fine
     with pytest.raises(ConfigError, match="give this peer its own copy of that model directory with --model DIR"):
         build_model(spec, 0)
     other = write_pretrained(tmp_path / "other", TEXT, seed=1)
     with pytest.raises(ConfigError, match="weights of --model .*other.* are not the host's"):
-        _check_reproducible(run, str(other))
+        _check_reproducible(run, init_sha256(spec, 0, str(other)), str(other))
     small = write_pretrained(tmp_path / "small", TEXT, vocab=300)
     with pytest.raises(ConfigError, match="describes another model than the run's"):
         build_model(spec, 0, str(small))
