@@ -247,7 +247,7 @@ def run_options(f):
                           "rounded up to whole sequences (trainers reach it with --micro-batch accumulation)."),
         click.option("--inner-lr", default=None, type=float, help="Inner AdamW lr [default: the README sweep's best]."),
         click.option("--codec", default="fp4", show_default=True,
-                     type=click.Choice(["fp32", "fp16", "int8", "fp4", "auto"]),
+                     type=click.Choice(["fp32", "fp16", "int8", "fp4", "int2", "sign1", "auto"]),
                      help="Payload format on the wire; auto: each round's group picks fp16, int8 or fp4 from its "
                           "members' declared uplinks (join --bandwidth) and pace (README: Deadlines)."),
         click.option("--seed", default=0, show_default=True, help="Initial parameters of the run."),

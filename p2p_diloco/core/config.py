@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the reason."""
 
 
-CODEC_NAMES = ("fp32", "fp16", "int8", "fp4")
+CODEC_NAMES = ("fp32", "fp16", "int8", "fp4", "int2", "sign1")
 AUTO_CODEC = "auto"  # each round's codec chosen by its group from the members' links (a swarm's averager only)
 
 

@@ -42,6 +42,9 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "streaming_diloco": dict(codec="fp4"),
     "streaming_diloco_ef": dict(codec="fp4", error_feedback=True),
     "streaming_diloco_fp32": dict(codec="fp32"),
+    "streaming_diloco_int2": dict(codec="int2"),
+    "streaming_diloco_int2_ef": dict(codec="int2", error_feedback=True),
+    "streaming_diloco_sign1_ef": dict(codec="sign1", error_feedback=True),
 }
 DEFAULT_METHODS = ("data_parallel", "diloco", "streaming_diloco", "streaming_diloco_ef")
 # each method's inner lr: its best of the sweep {2e-3, 4e-3, 8e-3, 1.6e-2} reported in the README

@@ -21,10 +21,11 @@ from hypothesis.extra import numpy as hnp
 
 from p2p_diloco.core import codecs
 from p2p_diloco.core.codecs import CODECS, Codec, CodecError, get_codec
-from codec_bounds import error_bound
+from codec_bounds import error_bound, mean_scaled_block
 
-NAMES = ["fp32", "fp16", "int8", "fp4"]
-BLOCK_NAMES = ["int8", "fp4"]
+NAMES = ["fp32", "fp16", "int8", "fp4", "int2", "sign1"]
+BLOCK_NAMES = ["int8", "fp4", "int2", "sign1"]
+ABSMAX_NAMES = ["int8", "fp4"]  # (the block's absmax comes back exactly)
 F32 = np.float32
 FP16_MAX = 65504.0
 
@@ -106,12 +107,33 @@ def reference_int8(values: np.ndarray) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
+def reference_int2(values: np.ndarray) -> np.ndarray:
+    out = []
+    for i in range(0, len(values), 128):
+        stored, s, block = mean_scaled_block("int2", values[i : i + 128])
+        inv = F32(1) / s if s > 0 else F32(1)
+        levels = [F32(-1), F32(-1 / 3), F32(1 / 3), F32(1)]
+        for v in block:
+            code = min(max(math.floor(F32(F32(F32(v * inv) * F32(1.5)) + F32(2))), 0), 3)
+            out.append(F32(levels[code] * stored))
+    return np.array(out, dtype=np.float32)
+
+
+def reference_sign1(values: np.ndarray) -> np.ndarray:
+    out = []
+    for i in range(0, len(values), 128):
+        stored, _, block = mean_scaled_block("sign1", values[i : i + 128])
+        out.extend(-stored if v < 0 else stored for v in block)
+    return np.array(out, dtype=np.float32)
+
+
 def reference(name: str, values: np.ndarray) -> np.ndarray:
     if name == "fp32":
         return values.astype(np.float32)
     if name == "fp16":
         return values.astype(np.float16).astype(np.float32)
-    return {"int8": reference_int8, "fp4": reference_fp4}[name](values)
+    return {"int8": reference_int8, "fp4": reference_fp4, "int2": reference_int2, "sign1": reference_sign1}[name](
+        values)
 
 
 def forge(codec: Codec, numel: int, payload: bytes, *, magic=codecs.MAGIC, version=codecs.VERSION, format_id=None):
@@ -200,7 +222,7 @@ def test_tiny_and_huge_magnitudes(name, magnitude):
     assert_same_bits(decoded, reference(name, values))
     error = np.abs(decoded.numpy().astype(np.float64) - values.astype(np.float64))
     assert (error <= error_bound(name, values)).all()
-    if name in BLOCK_NAMES:  # the block absmax itself comes back exactly
+    if name in ABSMAX_NAMES:  # the block absmax itself comes back exactly
         for i in range(0, 300, 128):
             j = i + int(np.argmax(np.abs(values[i : i + 128])))
             assert decoded[j].item() == values[j]
@@ -383,9 +405,40 @@ def test_buffer_types_and_arguments(name):
 def test_table_of_formats():
     assert list(CODECS) == NAMES
     assert len({codec.format_id for codec in CODECS.values()}) == len(CODECS)
-    assert {name: CODECS[name].bits_per_value for name in NAMES} == {"fp32": 32, "fp16": 16, "int8": 8.25, "fp4": 4.25}
-    assert {name: CODECS[name].block_size for name in NAMES} == {"fp32": 1, "fp16": 1, "int8": 128, "fp4": 128}
+    assert {name: CODECS[name].bits_per_value for name in NAMES} == {"fp32": 32, "fp16": 16, "int8": 8.25, "fp4": 4.25,
+                                                                      "int2": 2.25, "sign1": 1.25}
+    assert {name: CODECS[name].block_size for name in NAMES} == {"fp32": 1, "fp16": 1, "int8": 128, "fp4": 128,
+                                                                 "int2": 128, "sign1": 128}
     for name in NAMES:
         assert get_codec(name) is CODECS[name] and get_codec(name).name == name
-    with pytest.raises(CodecError, match="fp32, fp16, int8, fp4"):
+    with pytest.raises(CodecError, match="fp32, fp16, int8, fp4, int2, sign1"):
         get_codec("fp8")
+
+
+@FEW
+@given(values=vectors(max_size=600))
+def test_int2_and_sign1_take_their_levels_times_a_mean_magnitude_scale(values):
+    """Every decoded value is a level times its block's stored scale; the scale follows the block's mean |x|
+    (to 2^-16 of its absmax), so a block of one outlier and small values keeps their sign and size class."""
+    for name, levels in (("int2", (-1, -1 / 3, 1 / 3, 1)), ("sign1", (-1, 1))):
+        codec = get_codec(name)
+        payload = codec.encode(as_tensor(values))
+        blocks = -(-len(values) // 128)
+        scales = np.frombuffer(payload, dtype="<f4", count=blocks, offset=codecs.HEADER_SIZE)
+        decoded = codec.decode(payload, len(values)).numpy()
+        for i, value in enumerate(decoded):
+            s = scales[i // 128]
+            assert float(value) in {float(F32(F32(level) * s)) for level in levels}
+            if s > 0 and value != 0:
+                assert (value < 0) == (values[i] < 0) or name == "int2" and abs(values[i]) <= s / 3 * 2
+
+
+def test_int2_and_sign1_packing_layout():
+    x = torch.tensor([1.0, -1.0, 0.1, -0.1] * 32)  # one block: mean |x| = 0.55, s = min(1.875 m, 1) = 1
+    int2 = get_codec("int2").encode(x)
+    assert struct.unpack_from("<f", int2, codecs.HEADER_SIZE)[0] == 1.0
+    # codes 3 (x >= 2/3 s), 0 (x < -2/3 s), 2 (0 <= x < 2/3 s), 1: 3 | 0 << 2 | 2 << 4 | 1 << 6 = 0x63
+    assert int2[codecs.HEADER_SIZE + 4 :] == bytes([0x63]) * 32
+    sign1 = get_codec("sign1").encode(x)
+    assert sign1[codecs.HEADER_SIZE + 4 :] == bytes([0b10101010]) * 16  # negatives' bits set, the first lowest
+    assert get_codec("sign1").decode(sign1, 128)[:4].tolist() == pytest.approx([0.55, -0.55, 0.55, -0.55], rel=1e-4)

@@ -167,6 +167,8 @@ def assert_finishers_agree(report: dict, names: list[str], steps: int = STEPS) -
         assert p["wire_bytes_sent"] > 0 and p["wire_bytes_received"] > 0
 
 
+@pytest.mark.skipif(not os.environ.get("P2P_DILOCO_LONG_TESTS"), reason="60 s; the suite kills trainers in "
+                    "tests/swarm/test_faults.py and the host below (P2P_DILOCO_LONG_TESTS=1 runs this one)")
 def test_a_trainer_killed_from_outside_is_reported_and_the_others_finish_in_consensus(run):
     rng = random.Random()
     victim, delay = f"peer{rng.randrange(4)}", rng.uniform(0, 3)
@@ -237,7 +239,7 @@ def test_peers_of_different_speeds_on_a_dataset_outlive_their_host(run, tmp_path
     assert re.search(rb"^host died \(SIGKILL\); the trainers go on", r.err, re.M), r.text()
     assert_plain_output(r, 3)
     for p in report["peers"]:
-        assert p["data"] == f"dataset {data} (300 rows, field 'text')", p["data"]
+        assert p["data"] == f"dataset {data} (300 rows, field 'text', byte-level)", p["data"]
     # every trainer's metrics, a line per progress report, the last with the summary's eval loss; `plot` draws them
     for p in report["peers"]:
         lines = [json.loads(t) for t in (r.workdir / f"metrics-{p['peer_id']}.jsonl").read_text().splitlines()]
@@ -278,6 +280,8 @@ def test_a_pretrained_model_of_another_architecture_goes_on_training_with_its_to
         assert p["data"].endswith("tokenizer gpt (400 tokens))") and p["parameters"] == parameters, p
 
 
+@pytest.mark.skipif(not os.environ.get("P2P_DILOCO_LONG_TESTS"), reason="45 s; the suite's robust-aggregation "
+                    "tests are tests/core/test_aggregation.py (P2P_DILOCO_LONG_TESTS=1 runs this one)")
 def test_a_peer_sending_its_outer_gradients_x1000_is_refused_by_the_reducers_and_the_run_ends_in_consensus(run):
     """A malicious peer built on our code (`--attacker scale:1000`): every honest reducer leaves its contribution
     out and names it; all three end holding the same model, which trained (the attacker applies the same means)."""
@@ -321,25 +325,28 @@ def test_the_exit_rule():
     assert verdict(_report([("peer0", "a"), ("peer2", "a")], ["host"], exit_code=1)) is None
 
 
-def test_an_unadmitted_peer_is_never_in_a_group_and_never_served_state_across_100_rounds(run):
+def test_an_unadmitted_peer_is_never_in_a_group_and_never_served_state_in_any_round(run):
     """An admission-only run (`--admission`: a run key, a token for each trainer's peer id) and a malicious peer
     built on our code that takes part with a token stolen from peer0 (`--attacker unadmitted`): in every round
     the honest peers leave it out (as leader, as follower, as a member) and refuse it their state; they never
-    fail a round over it, and end in consensus, trained. (Served no state, deterministically:
+    fail a round over it, and end in consensus, trained. The suite runs 60 rounds, P2P_DILOCO_LONG_TESTS=1 110
+    (issue 10 asked for 100+). (Served no state, deterministically:
     `test_admission.py::test_a_donor_serves_its_state_to_admitted_peers_only`.)"""
+    steps = 220 if os.environ.get("P2P_DILOCO_LONG_TESTS") else 120
     r = run(3, "--admission", "--attacker", "unadmitted", "--model", "small", "--fragments", "4", "-H", "10",
-            "--target-group-size", "2", "--round-timeout", "10", "--steps", "220")
+            "--target-group-size", "2", "--round-timeout", "10", "--steps", str(steps))
     report = r.finish()
     assert r.proc.returncode == 0, r.text()
-    assert_finishers_agree(report, ["peer0", "peer1"], steps=220)
+    assert_finishers_agree(report, ["peer0", "peer1"], steps=steps)
     outsider = report["outsider"]
     assert outsider["name"] == "peer2" and outsider["peer_id"] not in {p["peer_id"] for p in report["peers"]}
-    for p in report["peers"]:  # (5 fragments, a round of each every H = 10 steps: 110 rounds)
-        # every round is one the outsider tried to join; on a loaded 2-core machine (CI: 59 applied, 55 failed)
-        # some fail for want of time, as they do without it: a period of H = 10 steps is near the matchmaking
-        # search, and 3 trainers, a host, 4 p2pd and 15 averager processes share the cores
+    for p in report["peers"]:  # (5 fragments, a round of each every H = 10 steps: steps / 2 rounds)
+        # every round is one the outsider tried to join; on a loaded 2-core machine (CI, 220 steps: 59 applied,
+        # 55 failed) some fail for want of time, as they do without it: a period of H = 10 steps is near the
+        # matchmaking search, and 3 trainers, a host, 4 p2pd and 15 averager processes share the cores
         applied, failed = sum(p["rounds"]), sum(p["rounds_failed"])
-        assert applied + failed >= 100 and applied >= 30, (p["name"], p["rounds"], p["rounds_failed"])
+        assert applied + failed >= steps // 2 - 10 and applied >= steps // 8, (p["name"], p["rounds"],
+                                                                              p["rounds_failed"])
     # never in a group: it applied no round; never served: it downloaded no state
     assert sum(outsider["rounds"]) == 0 and sum(outsider["rounds_recovered"]) == 0, outsider
     logs = {name: (r.workdir / f"{name}.log").read_text() for name in ("peer0", "peer1", "peer2")}
