@@ -111,10 +111,10 @@ def reference_int2(values: np.ndarray) -> np.ndarray:
     out = []
     for i in range(0, len(values), 128):
         stored, s, block = mean_scaled_block("int2", values[i : i + 128])
-        inv = F32(1) / s if s > 0 else F32(1)
+        inv = F32(1.5) / s if s > 0 else F32(1.5)
         levels = [F32(-1), F32(-1 / 3), F32(1 / 3), F32(1)]
         for v in block:
-            code = min(max(math.floor(F32(F32(F32(v * inv) * F32(1.5)) + F32(2))), 0), 3)
+            code = min(max(math.floor(F32(v * inv)) + 2, 0), 3)
             out.append(F32(levels[code] * stored))
     return np.array(out, dtype=np.float32)
 
@@ -123,7 +123,7 @@ def reference_sign1(values: np.ndarray) -> np.ndarray:
     out = []
     for i in range(0, len(values), 128):
         stored, _, block = mean_scaled_block("sign1", values[i : i + 128])
-        out.extend(-stored if v < 0 else stored for v in block)
+        out.extend(-stored if np.signbit(v) else stored for v in block)
     return np.array(out, dtype=np.float32)
 
 
@@ -430,7 +430,7 @@ def test_int2_and_sign1_take_their_levels_times_a_mean_magnitude_scale(values):
             s = scales[i // 128]
             assert float(value) in {float(F32(F32(level) * s)) for level in levels}
             if s > 0 and value != 0:
-                assert (value < 0) == (values[i] < 0) or name == "int2" and abs(values[i]) <= s / 3 * 2
+                assert (value < 0) == np.signbit(values[i]) or name == "int2" and abs(values[i]) <= s / 3 * 2
 
 
 def test_int2_and_sign1_packing_layout():
