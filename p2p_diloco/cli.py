@@ -390,6 +390,8 @@ def host(run_id, model, tokenizer_dir, batch_size, batch_tokens, inner_lr, codec
     from .node.dashboard import DashboardError
     from .task.tokenizer import has_tokenizer
 
+    if dashboard is None and (eval_dataset or eval_tokenizer or eval_text_field):
+        raise click.UsageError("--eval-dataset, --eval-tokenizer and --eval-text-field go with --dashboard PORT")
     if eval_dataset and eval_tokenizer is None and run.model.tokenizer:  # the host has the run's tokenizer at hand
         eval_tokenizer = tokenizer_dir or (model if has_tokenizer(model) else None)
     eval_data = _eval_data(eval_dataset, eval_text_field, eval_tokenizer)

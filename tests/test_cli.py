@@ -110,6 +110,8 @@ def _cases(port: int, f: dict[str, str]) -> dict[str, tuple[list[str], int, list
                                    ["has 400 tokens, more than the model's vocabulary of 256"]),
         "local-swarm-tokenizer-no-dataset": (["local-swarm", "--model", f["gpt"], "--fragments", "2"], 2,
                                              ["a tokenizer goes with --dataset"]),
+        "host-eval-without-dashboard": (["host", "--eval-dataset", f["a-file"]], 2,
+                                        ["--eval-dataset, --eval-tokenizer and --eval-text-field go with --dashboard"]),
         "host-batch-tokens-and-size": (["host", "--batch-tokens", "512", "--batch-size", "8"], 2,
                                        ["--batch-tokens and --batch-size both set the batch"]),
         # how a trainer computes
