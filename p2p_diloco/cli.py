@@ -11,7 +11,7 @@ import threading
 
 import click
 
-from .core.config import ConfigError
+from .core.config import AUTO_CODEC, CODEC_NAMES, ConfigError
 from .flag_checks import (check_dataset_flags, check_device_flags, check_fragments, check_identity_file,
                           check_join_files, check_links, check_output_dir, check_output_file, check_run_id_flag, fail,
                           parse_initial_peers, probe_bootstrap)
@@ -37,6 +37,16 @@ def diloco_options(f):
         click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7]."),
         click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9]."),
         click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100]."),
+        click.option("--inner-optimizer", default=None, type=click.Choice(["adamw", "muon"]),
+                     help="muon: Muon for the transformer blocks' matrices, AdamW for the rest (MuLoCo) "
+                          "[default: adamw]."),
+        click.option("--error-feedback/--no-error-feedback", default=None,
+                     help="Carry what the codec did not send of each fragment's outer gradient into its next round "
+                          "[default: off]."),
+        click.option("--ef-decay", default=None, type=float,
+                     help="With --error-feedback: the carried residual is first multiplied by this, in (0, 1] "
+                          "(SparseLoCo's beta; with --outer-momentum 0 it takes the momentum's place) "
+                          "[default: 1]."),
         click.option("--aggregation", default=None,
                      type=click.Choice(["mean", "clip", "trimmed", "winsorized", "centered"]),
                      help="How a reducer combines the members' outer gradients: mean (weighted), clip (each first "
@@ -54,7 +64,7 @@ def diloco_options(f):
 
 
 _DILOCO_KEYS = ("outer_period", "fragments", "tau", "alpha", "outer_lr", "outer_momentum", "warmup_steps",
-                "aggregation", "audit")
+                "inner_optimizer", "error_feedback", "ef_decay", "aggregation", "audit")
 
 
 def _pop_diloco(kwargs: dict) -> dict:
@@ -110,7 +120,8 @@ def main(verbose: bool) -> None:
 @click.option("--steps", default=3000, show_default=True, type=click.IntRange(min=1),
               help="Inner steps per worker (the token budget).")
 @click.option("--methods", default=None, help="Comma-separated methods [default: data_parallel,diloco,"
-              "streaming_diloco,streaming_diloco_ef]; also streaming_diloco_fp32.")
+              "streaming_diloco,streaming_diloco_ef]; the others (fp32, 2-bit, 1-bit and sparse payloads, Muon) are "
+              "listed in the README (Fewer bytes) and by an unknown name's error.")
 @click.option("--model", default="small", show_default=True,
               help="Model preset: tiny, small (0.2M), base (0.8M), large (4.8M), llama-20m, llama-150m, llama-1b; "
                    "or a transformers Llama config .json (byte-level vocabulary).")
@@ -247,9 +258,10 @@ def run_options(f):
                           "rounded up to whole sequences (trainers reach it with --micro-batch accumulation)."),
         click.option("--inner-lr", default=None, type=float, help="Inner AdamW lr [default: the README sweep's best]."),
         click.option("--codec", default="fp4", show_default=True,
-                     type=click.Choice(["fp32", "fp16", "int8", "fp4", "int2", "sign1", "auto"]),
-                     help="Payload format on the wire; auto: each round's group picks fp16, int8 or fp4 from its "
-                          "members' declared uplinks (join --bandwidth) and pace (README: Deadlines)."),
+                     type=click.Choice([*CODEC_NAMES, AUTO_CODEC]),
+                     help="Payload format on the wire (README: Fewer bytes; top4: the 4 largest of every 256 "
+                          "values, best with --error-feedback); auto: each round's group picks fp16, int8 or fp4 "
+                          "from its members' declared uplinks (join --bandwidth) and pace (README: Deadlines)."),
         click.option("--seed", default=0, show_default=True, help="Initial parameters of the run."),
         click.option("--round-timeout", default=60.0, show_default=True,
                      help="Seconds a peer waits for a round's group and all-reduce."),

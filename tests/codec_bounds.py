@@ -25,6 +25,18 @@ def mean_scaled_block(name: str, block) -> tuple[F32, F32, list[F32]]:
     return stored, s, values
 
 
+SPARSE_K = {"top4": 4, "top16": 16}
+
+
+def topk_block(k: int, block) -> tuple[list[int], F32]:
+    """(kept positions ascending, scale) of one top-k block of at most 256 values, as the module docstring defines
+    them: zero-padded to 256, key = |x|'s bits with the lowest 8 replaced by 255 - position, the k largest kept."""
+    padded = [F32(v) for v in block] + [F32(0)] * (256 - len(block))
+    keys = [(int(np.abs(v).view(np.int32)) & 0x7FFFFF00) | (255 - i) for i, v in enumerate(padded)]
+    kept = sorted(sorted(range(256), key=lambda i: keys[i], reverse=True)[:k])
+    return kept, max((abs(padded[i]) for i in kept), default=F32(0))
+
+
 def error_bound(name: str, values: np.ndarray) -> np.ndarray:
     """Per-element |x - q| bound of the module docstring (float64)."""
     x = np.abs(values.astype(np.float64))
@@ -32,6 +44,14 @@ def error_bound(name: str, values: np.ndarray) -> np.ndarray:
         return np.zeros_like(x)
     if name == "fp16":
         return np.maximum(x * 2.0**-11, 2.0**-25)
+    if name in SPARSE_K:
+        bound = x.copy()  # a dropped value comes back as 0
+        for start in range(0, len(values), 256):
+            kept, scale = topk_block(SPARSE_K[name], values[start:start + 256])
+            for i in kept:
+                if start + i < len(x):
+                    bound[start + i] = float(scale) / 14 + (x[start + i] + float(scale)) * SLOP_REL + SLOP_ABS
+        return bound
     padded = np.zeros(-(-len(x) // 128) * 128)
     padded[: len(x)] = x
     if name in MEAN_SCALED:

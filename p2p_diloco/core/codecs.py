@@ -37,7 +37,25 @@ int8     3   1 + 4/128        s/254 + slop   (q = round(127 * x/s) in [-127, 127
 fp4      4   0.5 + 4/128      max(|x|/3, s * 2^-7) + slop
 int2     5   0.25 + 4/128     max(s/3, |x| - s) + slop   (s: a mean-magnitude scale)
 sign1    6   0.125 + 4/128    max(s, |x| - s) + slop     (s: the mean magnitude)
+top4     7   (4 + 4 + 2)/256  kept: s/14 + slop; dropped: |x| (q = 0)
+top16    8   (4 + 16 + 8)/256 kept: s/14 + slop; dropped: |x| (q = 0)
 =======  ==  ===============  ===================================================
+
+top4 and top16 are sparse: of each block of **256** values they keep the k = 4 (16)
+largest magnitudes (1.6 % / 6.25 %) and send ``[fp32 scale per block][k index bytes per
+block][k/2 code bytes per block]``. Which k: each element's key is the int32 bit pattern of
+|x| with its lowest 8 bits replaced by 255 - position (magnitudes within 2^-15 of each
+other rank by the lower position; Inf and NaN rank above every finite value, so a
+non-finite input is always kept and refused); the k largest keys are kept, their
+positions sent in ascending order, one byte each. s = the largest kept |x| (the block
+absmax), r = fp32(x / s) (one IEEE division: no tiny-scale rule needed), q =
+round_half_even(fp32(7 r)) in -7..7, nibble q + 8 (so 0 is never written), two per byte,
+the first slot in the low nibble; decode: fp32((nibble - 8) / 7) * s at the position,
+0 elsewhere. A last block of L < 256 values is zero-padded; padding ranks below every
+real value, so it is kept only when L < k, always with nibble 8. The weighted mean of
+M k-sparse contributions is up to M*k sparse: a reducer sends it in the codec's
+``mean_codec`` (top4's is top16: exact support for groups of up to 4; a larger group's
+mean keeps its 16 largest per block), every other codec's is itself.
 
 fp4 is E3M0: a nibble ``sign<<3 | k``; k = 0 is zero, k in 1..7 is 2^(k-7), so
 ``q = ±s * {0, 2^-6, ..., 2^-1, 1}``. Exactly: r = x * fp32(1/s) in fp32 (in a block
@@ -66,7 +84,9 @@ fp32(s * 2^-64) (rounded where subnormal). Relative L2 error on Gaussian values:
 Decode rejects (CodecError naming the problem): a payload shorter than the header or
 than ``wire_size`` ("truncated") or longer ("oversized"), bad magic, unknown version,
 a payload of another format (naming it), a numel other than the expected one, a CRC
-mismatch, NaN/Inf/negative scales, int8 code -128, non-finite fp32/fp16 values.
+mismatch, NaN/Inf/negative scales, int8 code -128, non-finite fp32/fp16 values; for top4
+and top16 also indices that do not strictly increase, nibble 0, and a nonzero value at a
+padded position past the end.
 Decoded int8/fp4 values are finite whenever the scales are (|code| <= 1 per scale).
 
 Implementation: plain torch, vectorized; block formats run over chunks of
@@ -163,6 +183,12 @@ class Codec(ABC):
             warnings.simplefilter("ignore", UserWarning)
             payload = torch.frombuffer(view, dtype=torch.uint8, offset=HEADER_SIZE) if numel else _EMPTY_U8
         return self._decode_payload(payload, numel)
+
+    @property
+    def mean_codec(self) -> "Codec":
+        """The codec a reducer sends the weighted mean of this codec's contributions in: the same one, except for
+        sparse formats (the mean of several k-sparse vectors is up to group-size * k sparse)."""
+        return self
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """Same values as ``decode(encode(x), x.numel())`` without header, CRC or bytes copies."""
@@ -540,10 +566,114 @@ Int2Codec._table = _level_table(Int2Codec.levels, 4)
 Sign1Codec._table = _level_table(Sign1Codec.levels, 8)
 
 
+# ---- sparse formats -------------------------------------------------------------------
+
+
+class _TopKCodec(Codec):
+    """The k largest magnitudes of each block of 256 (the module docstring): payload =
+    [fp32 scale per block][k index bytes per block][k/2 code bytes per block]."""
+
+    block_size = 256
+    k: int
+    mean_name: str  # the format a reducer sends the mean of k-sparse contributions in
+
+    @property
+    def mean_codec(self) -> Codec:
+        return CODECS[self.mean_name]
+
+    def _payload_size(self, numel: int) -> int:
+        return -(-numel // 256) * (4 + self.k + self.k // 2)
+
+    def _split(self, payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nb, k = -(-numel // 256), self.k
+        return (payload[: 4 * nb].view(torch.float32), payload[4 * nb : (4 + k) * nb].view(nb, k),
+                payload[(4 + k) * nb :].view(nb, k // 2))
+
+    def _encode_payload(self, flat, payload):
+        numel = flat.numel()
+        scales, index, codes = self._split(payload, numel)
+        full = numel - numel % 256
+        for start in range(0, full, _CHUNK):
+            stop = min(start + _CHUNK, full)
+            b0, b1 = start // 256, stop // 256
+            self._encode_blocks(flat[start:stop].view(-1, 256), scales[b0:b1], index[b0:b1], codes[b0:b1])
+        if full < numel:  # the last, partial block: zero-padded to a full one
+            padded = torch.zeros(1, 256)
+            padded[0, : numel - full] = flat[full:]
+            self._encode_blocks(padded, scales[-1:], index[-1:], codes[-1:])
+        bad = ~torch.isfinite(scales)
+        if bad.any():
+            block = int(bad.nonzero()[0])
+            raise CodecError(f"input contains NaN or Inf (first in block {block}, elements {block * 256}..)")
+
+    def _encode_blocks(self, blocks, scales_out, index_out, codes_out):
+        # a unique key per element: |x|'s fp32 bits (ordered as |x| is; Inf and NaN above every finite value) with
+        # their lowest 8 bits replaced by 255 - position, so magnitudes within 2^-15 of each other rank by the
+        # lower position first: every machine keeps the same k elements
+        key = blocks.view(torch.int32).bitwise_and(0x7FFFFF00).bitwise_or_(_REVERSED_256)
+        top = torch.topk(key, self.k, dim=1, sorted=False).values
+        index = torch.sort(_255 - top.bitwise_and_(255), dim=1).values.to(torch.int64)  # ascending positions
+        values = torch.gather(blocks, 1, index)
+        s = values.abs().amax(dim=1)
+        scales_out.copy_(s)
+        r = values / torch.where(s > 0, s, _ONE)[:, None]  # in [-1, 1], one IEEE division
+        q = r.mul_(_7).round_().add_(8).to(torch.uint8)  # 1..15 (8: zero); NaN blocks are refused by the caller
+        index_out.copy_(index)
+        codes_out.copy_(q[:, 0::2].bitwise_or_(q[:, 1::2].bitwise_left_shift_(4)))
+
+    def _decode_payload(self, payload, numel):
+        scales, index, codes = self._split(payload, numel)
+        bad = ~(scales >= 0) | ~torch.isfinite(scales)
+        if bad.any():
+            block = int(bad.nonzero()[0])
+            raise CodecError(
+                f"{self.name} payload has {int(bad.sum())} invalid block scale(s) (NaN, Inf or negative); "
+                f"first: block {block} = {scales[block].item()!r}"
+            )
+        nb = scales.numel()
+        if nb == 0:
+            return _fresh(0)
+        position = index.to(torch.int64)
+        if self.k > 1:
+            unordered = position[:, 1:] <= position[:, :-1]
+            if unordered.any():
+                block = int(unordered.any(dim=1).nonzero()[0])
+                raise CodecError(f"{self.name} payload: block {block}'s indices {index[block].tolist()} are not "
+                                 "strictly increasing")
+        nibbles = torch.stack((codes.bitwise_and(15), codes.bitwise_right_shift(4)), dim=2).view(nb, self.k)
+        if (nibbles == 0).any():
+            block = int((nibbles == 0).any(dim=1).nonzero()[0])
+            raise CodecError(f"{self.name} payload: block {block} holds code 0, which no encoder writes")
+        tail = numel - (nb - 1) * 256  # values in the last block
+        if tail < 256 and bool(((position[-1] >= tail) & (nibbles[-1] != 8)).any()):
+            raise CodecError(f"{self.name} payload: a nonzero value past the end ({numel} values)")
+        values = torch.index_select(_NIBBLE_VALUES, 0, nibbles.view(-1).to(torch.int32)).view(nb, self.k)
+        values.mul_(scales[:, None])
+        out = _fresh(numel)
+        full = numel // 256
+        if full:
+            out[: full * 256].view(full, 256).zero_().scatter_(1, position[:full], values[:full])
+        if full < nb:
+            padded = torch.zeros(1, 256).scatter_(1, position[full:], values[full:])
+            out[full * 256 :] = padded[0, :tail]
+        return out
+
+
+class Top4Codec(_TopKCodec):
+    name, format_id, bits_per_value, k, mean_name = "top4", 7, 0.3125, 4, "top16"
+
+
+class Top16Codec(_TopKCodec):
+    name, format_id, bits_per_value, k, mean_name = "top16", 8, 0.875, 16, "top16"
+
+
 # ---- helpers ----------------------------------------------------------------------------
 
 _EMPTY_U8 = torch.empty(0, dtype=torch.uint8)
 _ONE, _127, _65536, _1_5 = torch.tensor(1.0), torch.tensor(127.0), torch.tensor(65536.0), torch.tensor(1.5)
+_7, _255 = torch.tensor(7.0), torch.tensor(255, dtype=torch.int32)
+_REVERSED_256 = 255 - torch.arange(256, dtype=torch.int32)  # the tie-break part of a top-k key: the lower index ranks first
+_NIBBLE_VALUES = (torch.arange(16, dtype=torch.float32) - 8) / 7  # a top-k code -> its value in units of the scale
 _TINY_SCALE, _TINY_RESCALE = 2.0**-100, 2.0**64
 _TINY_RESCALE_T = torch.tensor(_TINY_RESCALE)
 _MAGIC = 2.0**23  # fp32 values from 2^23 to 2^24 are the integers: adding it rounds to one
@@ -616,7 +746,7 @@ def _as_byte_view(data) -> memoryview:
 
 
 CODECS: dict[str, Codec] = {codec.name: codec for codec in (Fp32Codec(), Fp16Codec(), Int8Codec(), Fp4Codec(),
-                                                             Int2Codec(), Sign1Codec())}
+                                                             Int2Codec(), Sign1Codec(), Top4Codec(), Top16Codec())}
 _NAME_BY_ID = {codec.format_id: codec.name for codec in CODECS.values()}
 
 

@@ -19,7 +19,8 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the reason."""
 
 
-CODEC_NAMES = ("fp32", "fp16", "int8", "fp4", "int2", "sign1")
+CODEC_NAMES = ("fp32", "fp16", "int8", "fp4", "int2", "sign1", "top4")
+INNER_OPTIMIZERS = ("adamw", "muon")
 AUTO_CODEC = "auto"  # each round's codec chosen by its group from the members' links (a swarm's averager only)
 
 
@@ -46,12 +47,14 @@ class DiLoCoConfig:
     inner_lr: float = 8e-3  # best of the sweep on the embedded 0.2M model; the paper's 1B model used 4e-4
     inner_weight_decay: float = 0.1
     inner_betas: tuple[float, float] = (0.9, 0.95)
+    inner_optimizer: str = "adamw"  # muon: Muon for the transformer blocks' matrices, AdamW for the rest
     warmup_steps: int = 100
     total_steps: int = 1000  # length of the cosine schedule; training may stop earlier or go on at the floor
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of inner_lr
     grad_clip: float = 1.0  # 0 disables clipping
     codec: str = "fp4"
     error_feedback: bool = False  # carry each fragment's quantization residual into its next round
+    ef_decay: float = 1.0  # the carried residual is multiplied by this first (SparseLoCo's beta; 1 = plain EF)
     aggregation: str = "mean"  # how reducers combine contributions: mean, clip or trimmed (core/aggregation.py)
     audit: float = 0.0  # chance that a member recomputes another reducer's part of a round (swarm/audit.py)
     seed: int = 0
@@ -82,7 +85,7 @@ class DiLoCoConfig:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad(name, "must be an integer")
         for name in ("alpha", "outer_lr", "outer_momentum", "inner_lr", "inner_weight_decay",
-                     "min_lr_ratio", "grad_clip"):
+                     "min_lr_ratio", "grad_clip", "ef_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad(name, "must be a finite number")
@@ -125,6 +128,12 @@ class DiLoCoConfig:
             raise bad("codec", f"unknown codec; choose one of {', '.join(CODEC_NAMES + (AUTO_CODEC,))}")
         if not isinstance(self.error_feedback, bool):
             raise bad("error_feedback", "must be true or false")
+        if not 0.0 < self.ef_decay <= 1.0:
+            raise bad("ef_decay", "must lie in (0, 1]")
+        if self.ef_decay != 1.0 and not self.error_feedback:
+            raise bad("ef_decay", "decays the error-feedback residual: set error_feedback too")
+        if self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise bad("inner_optimizer", f"choose one of {', '.join(INNER_OPTIMIZERS)}")
         if self.aggregation not in AGGREGATIONS:
             raise bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)} (core/aggregation.py)")
         if isinstance(self.audit, bool) or not isinstance(self.audit, (int, float)) or not 0.0 <= self.audit <= 1.0:

@@ -1,14 +1,21 @@
-"""The inner optimizer: AdamW with linear warmup and a cosine decay, one step at a time.
+"""The inner optimizer, one step at a time: AdamW, or Muon and AdamW (MuLoCo), under linear warmup and a cosine decay.
 
-Its state (moments, step count) lives across outer syncs; only the parameters
-are changed from outside (by the merge). The loss is the task's (`task.model.lm_loss`
-for the embedded model): the optimizer step does not know what it trains.
+`inner_optimizer="adamw"` trains every parameter with AdamW. `"muon"` (MuLoCo,
+arXiv 2505.23725) trains the transformer blocks' 2-D weight matrices (the blocks
+`fragments.find_blocks` finds; nn.Linear, GPT-2's Conv1D, ...) with Muon
+(momentum 0.95, Nesterov, its update scaled to AdamW's RMS so that `inner_lr` and
+`inner_weight_decay` mean the same) and everything else (embeddings, the head,
+norms, biases) with AdamW; the two step together as one optimizer, and the lr
+schedule sets both. The state (moments, momentum buffers, step count) lives
+across outer syncs; only the parameters are changed from outside (by the merge).
+The loss is the task's (`task.model.lm_loss` for the embedded model): the
+optimizer step does not know what it trains.
 
 How a step is computed is the trainer's business, not the run's: a batch may be
 cut into micro-batches whose gradients add up to the whole batch's (a small GPU
 follows a run whose batch does not fit in its memory), and the forward pass may
 run under an autocast context (bf16 on a GPU; the parameters, gradients and
-AdamW state stay fp32).
+optimizer state stay fp32).
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from .config import DiLoCoConfig
+from .config import ConfigError, DiLoCoConfig
+from .fragments import find_blocks
 
 Loss = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, a batch) -> a scalar to minimize
 
@@ -35,6 +43,70 @@ def inner_lr(config: DiLoCoConfig, step: int) -> float:
     return config.inner_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+MUON_MOMENTUM = 0.95  # MuLoCo's and Muon's default, with Nesterov momentum
+
+
+def block_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters Muon trains: the 2-D weights inside the transformer blocks (`find_blocks`, the rule that
+    cuts the model into fragments), in `model.parameters()` order; never the input or output embedding (even
+    tied into a block). Everything else (1-D, >2-D, outside the blocks) is AdamW's. ConfigError: no blocks."""
+    try:
+        _, blocks = find_blocks(model)
+    except ConfigError as e:
+        raise ConfigError(f"inner_optimizer=muon: {e} (Muon trains the blocks' matrices)") from None
+    embeddings = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            embeddings |= {id(p) for p in module.parameters()}
+    chosen = {id(p) for p in blocks.parameters() if p.ndim == 2 and id(p) not in embeddings}
+    return [p for p in model.parameters() if id(p) in chosen]
+
+
+class MuonWithAdamW:
+    """Muon for some parameters, AdamW for the rest, used as one torch optimizer: `param_groups` (AdamW's, then
+    Muon's; the dicts are the optimizers' own, so setting their "lr" reaches both), `step`, `zero_grad`, and a
+    `state_dict` / `load_state_dict` in torch's format whose parameter indices are `model.parameters()`
+    positions (AdamW's entries hold exp_avg, exp_avg_sq, step; Muon's a momentum_buffer)."""
+
+    def __init__(self, model: nn.Module, adamw: torch.optim.AdamW, muon: torch.optim.Muon):
+        self.adamw, self.muon = adamw, muon
+        position = {id(p): i for i, p in enumerate(model.parameters())}
+        self._indices = [[position[id(p)] for g in opt.param_groups for p in g["params"]] for opt in (adamw, muon)]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adamw.param_groups + self.muon.param_groups
+
+    def step(self) -> None:
+        self.adamw.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adamw.zero_grad(set_to_none=set_to_none)
+        self.muon.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups = {}, []
+        for opt, indices in zip((self.adamw, self.muon), self._indices):
+            own = opt.state_dict()
+            state.update({indices[i]: s for i, s in own["state"].items()})
+            groups += [{**g, "params": [indices[i] for i in g["params"]]} for g in own["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """`state_dict` as `state_dict()` gives it: AdamW's groups first; each group's "params" name the
+        parameters (by position) in the order the optimizer holds them."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{len(groups)} param groups, expected {len(self.param_groups)}")
+        split = len(self.adamw.param_groups)
+        for opt, own in ((self.adamw, groups[:split]), (self.muon, groups[split:])):
+            held = {i for g in own for i in g["params"]}
+            opt.load_state_dict({"state": {i: s for i, s in state_dict["state"].items() if i in held},
+                                 "param_groups": own})
+
+
 class InnerTrainer:
     def __init__(self, model: nn.Module, config: DiLoCoConfig, loss: Loss, micro_batch: int | None = None,
                  autocast: Callable[[], ContextManager] | None = None):
@@ -47,16 +119,26 @@ class InnerTrainer:
         self.config = config
         self.micro_batch = micro_batch
         self.autocast = autocast or nullcontext
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.inner_lr, betas=config.inner_betas,
-                                           weight_decay=config.inner_weight_decay)
+        # AdamW alone (every parameter), or Muon for the blocks' matrices and AdamW for the rest (blocks without
+        # a 2-D weight: AdamW alone)
+        muon_params = block_matrices(model) if config.inner_optimizer == "muon" else []
+        chosen = {id(p) for p in muon_params}
+        self.adamw = torch.optim.AdamW([p for p in model.parameters() if id(p) not in chosen], lr=config.inner_lr,
+                                       betas=config.inner_betas, weight_decay=config.inner_weight_decay)
+        self.muon: torch.optim.Muon | None = None
+        self.optimizer: torch.optim.AdamW | MuonWithAdamW = self.adamw
+        if muon_params:
+            self.muon = torch.optim.Muon(muon_params, lr=config.inner_lr, weight_decay=config.inner_weight_decay,
+                                         momentum=MUON_MOMENTUM, nesterov=True, adjust_lr_fn="match_rms_adamw")
+            self.optimizer = MuonWithAdamW(model, self.adamw, self.muon)
         self.step_count = 0
 
     def step(self, tokens: torch.Tensor, schedule_step: int | None = None) -> float:
-        """One forward/backward/AdamW step on a batch (for the embedded task a [batch, seq_len + 1] token window);
+        """One forward/backward/optimizer step on a batch (for the embedded task a [batch, seq_len + 1] token window);
         returns the loss.
 
         `schedule_step`: where the lr schedule stands (the swarm's global step);
-        a peer that joins late still warms its fresh AdamW state up over its own
+        a peer that joins late still warms its fresh optimizer state up over its own
         first `warmup_steps` steps.
         """
         lr = inner_lr(self.config, self.step_count)

@@ -4,8 +4,8 @@ It reproduces what a butterfly all-reduce puts on the wire: the vector is cut
 into one part per member (at codec block boundaries); every member's
 contribution to a part is encoded, decoded and accumulated in fp32 weighted by
 its tokens (capped, and combined by the run's `Aggregation`: a part is one piece, where the swarm's reducer
-combines chunk by chunk); the part's mean is encoded once more and every member (its reducer
-included) takes the decoded mean, so all members hold bit-identical results.
+combines chunk by chunk); the part's mean is encoded once more (in the codec's `mean_codec`: the same
+codec except for sparse formats) and every member (its reducer included) takes the decoded mean, so all members hold bit-identical results.
 Bytes are counted from the encoded payloads a member sends and receives.
 """
 
@@ -108,12 +108,12 @@ class LocalGroup:
             acc, refused = self.aggregation.combine(decoded, weights)
             for i in refused:
                 self.refused[members[i]] += 1
-            reduced = codec.encode(acc)
+            reduced = codec.mean_codec.encode(acc)
             for m in members:
                 if m != owner:
                     self.bytes_sent[owner] += len(reduced)
                     self.bytes_received[m] += len(reduced)
-            mean[lo:hi] = codec.decode(reduced, hi - lo)
+            mean[lo:hi] = codec.mean_codec.decode(reduced, hi - lo)
         return FragmentAverage(mean, len(members), total_weight)
 
 

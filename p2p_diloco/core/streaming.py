@@ -4,7 +4,7 @@ Plain torch; the network is reached only through a `FragmentAverager`.
 
 For each fragment k (offset o_k, period H, delay tau), after inner step t:
   * start  when t >= o_k and (t - o_k) % H == 0: outer_grad = anchor_k - theta_k
-    (plus the carried quantization residual with error feedback) goes to the averager;
+    (plus the carried quantization residual with error feedback, times `ef_decay`) goes to the averager;
   * finish at the start step + tau (or later, see Overlap): take the weighted fp32 mean `avg`, then
         m_k      <- mu * m_k + avg
         anchor_k <- anchor_k - lr * (avg + mu * m_k)          (Nesterov)
@@ -174,7 +174,8 @@ class StreamingDiLoCo(CatchUp):
         outer_grad = self.anchors[k] - self.fragments[k].flat()
         residual_after = None
         if self.residuals is not None:
-            outer_grad = outer_grad + self.residuals[k]
+            residual = self.residuals[k] if self.config.ef_decay == 1.0 else self.config.ef_decay * self.residuals[k]
+            outer_grad = outer_grad + residual
             residual_after = outer_grad - self.codec.roundtrip(outer_grad)
         key = RoundKey(self.run_id, k, round_)
         weight = float(max(self.tokens_since_sync[k], 1))

@@ -4,12 +4,16 @@ A checkpoint directory holds:
 
 * `state-<global step>.safetensors`: every tensor — the working parameters
   (`model/<name>`), each fragment's anchor, outer momentum and error-feedback
-  residual (`anchor/<k>`, `momentum/<k>`, `residual/<k>`) and the AdamW moments
-  (`adam/<i>/exp_avg`, `adam/<i>/exp_avg_sq`, `adam/<i>/step`);
+  residual (`anchor/<k>`, `momentum/<k>`, `residual/<k>`), the AdamW moments
+  (`adam/<i>/exp_avg`, `adam/<i>/exp_avg_sq`, `adam/<i>/step`) and, in a run
+  whose inner optimizer is Muon, the momentum buffer of every parameter Muon
+  trains (`muon/<i>/momentum_buffer`, zeros before its first step, which is what
+  Muon starts from); `<i>` is the parameter's position in `model.parameters()`;
 * `checkpoint.json`: what the tensors are (format version, run id, model spec,
   Streaming DiLoCo config, global and inner step, the round and state hash each
-  fragment holds, tokens since each fragment's last round), the name of the state
-  file and its sha256.
+  fragment holds, tokens since each fragment's last round, AdamW's param groups
+  and, with Muon, Muon's with the positions of its parameters), the name of the
+  state file and its sha256.
 
 Rounds in flight are not part of a checkpoint: a resumed peer holds the last
 rounds it applied, and the swarm's newer state wins at its next round (catch-up).
@@ -45,6 +49,7 @@ from ..task.model import ModelSpec
 
 FORMAT_VERSION = 1
 META_NAME = "checkpoint.json"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
 class CheckpointError(ValueError):
@@ -74,11 +79,17 @@ def save_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: Streami
     if outer.residuals is not None:
         for k, r in enumerate(outer.residuals):
             tensors[f"residual/{k}"] = r
-    adam = trainer.optimizer.state_dict()
-    for i, state in adam["state"].items():
-        for key in ("exp_avg", "exp_avg_sq", "step"):
+    optimizer = trainer.optimizer.state_dict()  # parameters by their position in model.parameters()
+    for i, state in optimizer["state"].items():
+        for key in ADAM_KEYS:
             if key in state:
                 tensors[f"adam/{i}/{key}"] = torch.as_tensor(state[key]).detach().cpu()
+    adam_groups, muon_groups = _split_groups(optimizer, trainer)
+    params = list(trainer.model.parameters())
+    for i in (i for g in muon_groups for i in g["params"]):
+        buffer = optimizer["state"].get(i, {}).get("momentum_buffer")
+        tensors[f"muon/{i}/momentum_buffer"] = (torch.zeros(params[i].shape, dtype=params[i].dtype) if buffer is None
+                                                else buffer.detach().cpu())
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}  # safetensors refuses shared storage
     name = f"state-{int(global_step)}.safetensors"
     final = os.path.join(directory, name)
@@ -90,9 +101,11 @@ def save_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: Streami
         "format": FORMAT_VERSION, "run_id": run_id, "model": spec.to_dict(), "diloco": outer.config.to_dict(),
         "global_step": float(global_step), "inner_step": trainer.step_count, "rounds": list(outer.base_round),
         "digests": list(outer.digests), "tokens_since_sync": list(outer.tokens_since_sync),
-        "adam_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in adam["param_groups"]],
+        "adam_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in adam_groups],
         "state_file": name, "state_sha256": _sha256(final),
     }
+    if trainer.muon is not None:
+        meta["muon_param_groups"] = muon_groups
     if data_position is not None:
         meta["data_position"] = data_position
     meta_tmp = os.path.join(directory, META_NAME + f".tmp{os.getpid()}")
@@ -120,6 +133,9 @@ def read_checkpoint(directory: str, run_id: str, spec: ModelSpec, config: DiLoCo
         raise CheckpointError(f"{meta_path}: bad diloco config ({e})") from None
     if saved.fragments != config.fragments:
         raise CheckpointError(f"{meta_path}: saved with {saved.fragments} fragments, the run has {config.fragments}")
+    if saved.inner_optimizer != config.inner_optimizer:
+        raise CheckpointError(f"{meta_path}: saved with inner_optimizer {saved.inner_optimizer}, the run has "
+                              f"{config.inner_optimizer}")
     try:
         tensors = load_file(state_path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -158,16 +174,26 @@ def load_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: Streami
     if outer.residuals is not None:
         residuals = [take(f"residual/{k}", r) if f"residual/{k}" in tensors else torch.zeros_like(r)
                      for k, r in enumerate(outer.residuals)]
+    current = trainer.optimizer.state_dict()
+    current_adam, current_muon = _split_groups(current, trainer)
+    all_params = list(trainer.model.parameters())
     adam_state = {}
-    for i, p in enumerate(trainer.model.parameters()):
+    for i in (i for g in current_adam for i in g["params"]):
         if f"adam/{i}/exp_avg" in tensors:
-            adam_state[i] = {"exp_avg": take(f"adam/{i}/exp_avg", p.detach()),
-                             "exp_avg_sq": take(f"adam/{i}/exp_avg_sq", p.detach()),
+            p = all_params[i].detach()
+            adam_state[i] = {"exp_avg": take(f"adam/{i}/exp_avg", p), "exp_avg_sq": take(f"adam/{i}/exp_avg_sq", p),
                              "step": tensors.get(f"adam/{i}/step", torch.tensor(0.0))}
     groups = meta.get("adam_param_groups")
-    current = trainer.optimizer.state_dict()
-    if not isinstance(groups, list) or len(groups) != len(current["param_groups"]):
+    if not isinstance(groups, list) or len(groups) != len(current_adam):
         raise CheckpointError(f"{directory}/{META_NAME}: adam_param_groups do not match the optimizer")
+    muon_groups = meta.get("muon_param_groups", [])
+    if (not isinstance(muon_groups, list) or len(muon_groups) != len(current_muon)
+            or any(not isinstance(g, dict) or g.get("params") != cg["params"]
+                   for g, cg in zip(muon_groups, current_muon))):
+        raise CheckpointError(f"{directory}/{META_NAME}: muon_param_groups do not name the parameters this run "
+                              "trains with Muon")
+    muon_state = {i: {"momentum_buffer": take(f"muon/{i}/momentum_buffer", all_params[i].detach())}
+                  for g in current_muon for i in g["params"]}
     # everything checked: now change the peer
     with torch.no_grad():
         for name, p in trainer.model.named_parameters():
@@ -175,8 +201,9 @@ def load_checkpoint(directory: str, run_id: str, spec: ModelSpec, outer: Streami
     outer.restore(anchors, momenta, residuals, [int(r) for r in meta["rounds"]], list(meta["digests"]),
                   [int(t) for t in meta["tokens_since_sync"]])
     trainer.optimizer.load_state_dict({
-        "state": adam_state,
-        "param_groups": [{**g, "params": cg["params"]} for g, cg in zip(groups, current["param_groups"])]})
+        "state": {**adam_state, **muon_state},
+        "param_groups": [{**g, "params": cg["params"]}
+                         for g, cg in zip(groups + muon_groups, current["param_groups"])]})
     trainer.step_count = int(meta["inner_step"])
     position = meta.get("data_position")
     return CheckpointInfo(where, run_id, float(meta["global_step"]), int(meta["inner_step"]), list(outer.base_round),
@@ -258,6 +285,12 @@ def check_checkpoint_target(directory: str) -> None:
         raise CheckpointError(f"{directory}: cannot be created, {ancestor} is a file")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise CheckpointError(f"{directory}: cannot be created, {ancestor} is not writable by this user")
+
+
+def _split_groups(optimizer: dict, trainer: InnerTrainer) -> tuple[list[dict], list[dict]]:
+    """(AdamW's, Muon's) param groups of the inner optimizer's state dict (AdamW's come first; no Muon: [])."""
+    split = len(trainer.adamw.param_groups)
+    return optimizer["param_groups"][:split], optimizer["param_groups"][split:]
 
 
 def _sha256(path: str) -> str:

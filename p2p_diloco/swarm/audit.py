@@ -148,7 +148,7 @@ class AuditProtocol:
                 decoded = [codec.decode(payloads[i][k], hi - lo) for i in range(len(group.peers))]
             except CodecError as e:
                 raise AllreduceException(f"audit of reducer {reducer}: {e}") from None
-            recomputed = codec.encode(aggregation.combine(decoded, group.weights)[0])
+            recomputed = codec.mean_codec.encode(aggregation.combine(decoded, group.weights)[0])
             if recomputed != mean:
                 raise ReducerCaught(str(reducer), f"reducer {reducer} returned a wrong mean for chunk {k} of its "
                                                   "part (audited: recomputed from the members' bytes)")

@@ -416,7 +416,8 @@ class _SwarmPending(PendingAverage):
         """How long to wait for the averager process at most: the round's own deadlines come first; this only
         catches a process that stopped answering. Enough for the fragment both ways at FLOOR_RATE, 4 times."""
         codec = "fp16" if self.owner.codec_name == AUTO_CODEC else self.owner.codec_name  # auto: at most fp16
-        wire = get_codec(codec).wire_size(self.owner.fragment_sizes[self.key.fragment])
+        numel = self.owner.fragment_sizes[self.key.fragment]
+        wire = max(get_codec(codec).wire_size(numel), get_codec(codec).mean_codec.wire_size(numel))
         return self.owner.search_timeout + self.owner.round_timeout + 8 * wire / FLOOR_RATE + 5
 
     def done(self) -> bool:

@@ -233,7 +233,8 @@ def read_group(group_info: GroupInfo, me: PeerID, serializer, admission: Admissi
 def chunk_spans(numel: int, codec: Codec, chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
     """[0, numel) cut into the chunks a part travels in: each about `chunk_bytes` on the wire and a whole number of
     codec blocks (so a chunk encodes on its own and decodes to the same values as in one piece)."""
-    per_value = (codec.wire_size(1 << 20) - codec.wire_size(0)) / (1 << 20)
+    per_value = max((c.wire_size(1 << 20) - c.wire_size(0)) / (1 << 20) for c in (codec, codec.mean_codec))  # (the
+    # larger of a chunk and its mean: a sparse codec's mean holds more values)
     step = max(codec.block_size, int(chunk_bytes / per_value) // codec.block_size * codec.block_size)
     return [(a, min(a + step, numel)) for a in range(0, numel, step)] or [(0, 0)]
 
@@ -335,7 +336,7 @@ class Reduction:
                             "median of the group's (an outlier, or poisoned); the mean is of the others'",
                             peer, self.aggregation.refuse_factor)
             self.refused[peer] = self.refused.get(peer, 0) + 1
-        return self.codec.encode(-mean if self.lying else mean)
+        return self.codec.mean_codec.encode(-mean if self.lying else mean)
 
     def drop(self, peer: PeerID) -> None:
         """Member `peer` gave up the round: the part fails when some of its chunks are still to come (a member
@@ -423,7 +424,8 @@ class ButterflyProtocol:
                         group, group_info.group_id, codec, owner_part,
                         lambda owner: chunk_spans(owner_part[owner][1] - owner_part[owner][0], codec,
                                                   group.chunk_bytes),
-                        group.chunk_deadline + 2 * codec.wire_size(self.numel) / slowest)
+                        group.chunk_deadline + (codec.wire_size(self.numel)
+                                                + codec.mean_codec.wire_size(self.numel)) / slowest)
                 flat.copy_(out)  # all or nothing
         except BaseException as e:
             # whoever waits on this peer learns it at once, not at a chunk deadline: the members waiting for our
@@ -534,7 +536,7 @@ class ButterflyProtocol:
     async def _take_mean(codec: Codec, mean: bytes, out: torch.Tensor, span: tuple[int, int], reducer) -> None:
         lo, hi = span
         try:
-            out[lo:hi] = await asyncio.get_event_loop().run_in_executor(None, codec.decode, mean, hi - lo)
+            out[lo:hi] = await asyncio.get_event_loop().run_in_executor(None, codec.mean_codec.decode, mean, hi - lo)
         except CodecError as e:
             raise AllreduceException(f"mean from {reducer} refused: {e}") from None
 

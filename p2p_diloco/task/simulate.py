@@ -45,6 +45,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "streaming_diloco_int2": dict(codec="int2"),
     "streaming_diloco_int2_ef": dict(codec="int2", error_feedback=True),
     "streaming_diloco_sign1_ef": dict(codec="sign1", error_feedback=True),
+    "streaming_diloco_top4_ef": dict(codec="top4", error_feedback=True),
+    # SparseLoCo (arXiv 2508.15706): error feedback decayed by beta in place of the outer momentum, plain
+    # outer step of lr 1, every worker back on the global parameters after a round
+    "sparseloco_top4": dict(codec="top4", error_feedback=True, ef_decay=0.95, outer_momentum=0.0, outer_lr=1.0,
+                            alpha=0.0),
 }
 DEFAULT_METHODS = ("data_parallel", "diloco", "streaming_diloco", "streaming_diloco_ef")
 # each method's inner lr: its best of the sweep {2e-3, 4e-3, 8e-3, 1.6e-2} reported in the README

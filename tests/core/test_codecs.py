@@ -21,10 +21,11 @@ from hypothesis.extra import numpy as hnp
 
 from p2p_diloco.core import codecs
 from p2p_diloco.core.codecs import CODECS, Codec, CodecError, get_codec
-from codec_bounds import error_bound, mean_scaled_block
+from codec_bounds import SPARSE_K, error_bound, mean_scaled_block, topk_block
 
-NAMES = ["fp32", "fp16", "int8", "fp4", "int2", "sign1"]
+NAMES = ["fp32", "fp16", "int8", "fp4", "int2", "sign1", "top4", "top16"]
 BLOCK_NAMES = ["int8", "fp4", "int2", "sign1"]
+SPARSE_NAMES = ["top4", "top16"]
 ABSMAX_NAMES = ["int8", "fp4"]  # (the block's absmax comes back exactly)
 F32 = np.float32
 FP16_MAX = 65504.0
@@ -127,7 +128,23 @@ def reference_sign1(values: np.ndarray) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
+def reference_topk(name: str, values: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(values), dtype=np.float32)
+    for start in range(0, len(values), 256):
+        block = values[start:start + 256]
+        kept, s = topk_block(SPARSE_K[name], block)
+        for i in kept:
+            if i < len(block):
+                r = F32(F32(block[i]) / s) if s > 0 else F32(0)
+                q = round(float(F32(r * F32(7))))  # Python round: half to even
+                assert -7 <= q <= 7
+                out[start + i] = F32(F32(F32(q) / F32(7)) * s)
+    return out
+
+
 def reference(name: str, values: np.ndarray) -> np.ndarray:
+    if name in SPARSE_NAMES:
+        return reference_topk(name, values)
     if name == "fp32":
         return values.astype(np.float32)
     if name == "fp16":
@@ -259,7 +276,7 @@ def test_split_at_block_multiples_decodes_identically(name, values, cuts):
     codec = get_codec(name)
     x = as_tensor(values)
     whole = codec.roundtrip(x)
-    bounds = sorted({min(c * codec.block_size * (1 if name in BLOCK_NAMES else 37), len(values)) for c in cuts})
+    bounds = sorted({min(c * codec.block_size * (1 if codec.block_size > 1 else 37), len(values)) for c in cuts})
     edges = [0, *bounds, len(values)]
     parts = [codec.decode(codec.encode(x[a:b]), b - a) for a, b in zip(edges, edges[1:])]
     assert_same_bits(torch.cat(parts), whole.numpy())
@@ -406,12 +423,14 @@ def test_table_of_formats():
     assert list(CODECS) == NAMES
     assert len({codec.format_id for codec in CODECS.values()}) == len(CODECS)
     assert {name: CODECS[name].bits_per_value for name in NAMES} == {"fp32": 32, "fp16": 16, "int8": 8.25, "fp4": 4.25,
-                                                                      "int2": 2.25, "sign1": 1.25}
+                                                                      "int2": 2.25, "sign1": 1.25, "top4": 0.3125,
+                                                                      "top16": 0.875}
     assert {name: CODECS[name].block_size for name in NAMES} == {"fp32": 1, "fp16": 1, "int8": 128, "fp4": 128,
-                                                                 "int2": 128, "sign1": 128}
+                                                                 "int2": 128, "sign1": 128, "top4": 256, "top16": 256}
+    assert {name: CODECS[name].mean_codec.name for name in NAMES} == {**{n: n for n in NAMES}, "top4": "top16"}
     for name in NAMES:
         assert get_codec(name) is CODECS[name] and get_codec(name).name == name
-    with pytest.raises(CodecError, match="fp32, fp16, int8, fp4, int2, sign1"):
+    with pytest.raises(CodecError, match="fp32, fp16, int8, fp4, int2, sign1, top4, top16"):
         get_codec("fp8")
 
 
@@ -442,3 +461,88 @@ def test_int2_and_sign1_packing_layout():
     sign1 = get_codec("sign1").encode(x)
     assert sign1[codecs.HEADER_SIZE + 4 :] == bytes([0b10101010]) * 16  # negatives' bits set, the first lowest
     assert get_codec("sign1").decode(sign1, 128)[:4].tolist() == pytest.approx([0.55, -0.55, 0.55, -0.55], rel=1e-4)
+
+
+# ---- sparse formats ------------------------------------------------------------------------
+
+
+def test_topk_keeps_the_largest_magnitudes_and_breaks_ties_by_position():
+    x = torch.zeros(300)
+    x[[3, 70, 71, 200]] = torch.tensor([1.0, -2.0, 0.5, 0.25])
+    x[100] = 0.25  # ties 200: the lower position is kept
+    decoded = get_codec("top4").roundtrip(x)
+    assert decoded.nonzero().flatten().tolist() == [3, 70, 71, 100]
+    assert decoded[70].item() == -2.0
+    equal = torch.full((256,), 0.5)
+    assert get_codec("top4").roundtrip(equal).nonzero().flatten().tolist() == [0, 1, 2, 3]
+    # within 2^-15 of each other counts as a tie (lowest 8 bits of the key are the position)
+    close = torch.zeros(256)
+    close[[9, 5]] = torch.tensor([1.0, float(np.nextafter(F32(1.0), F32(0)))])
+    close[[20, 30]] = torch.tensor([3.0, 2.0])
+    close[40] = 0.5
+    assert get_codec("top4").roundtrip(close).nonzero().flatten().tolist() == [5, 9, 20, 30]
+
+
+def test_topk_packing_layout():
+    x = torch.zeros(256)
+    x[[250, 7, 9, 8]] = torch.tensor([1.0, -1.0, 0.5, -0.25])
+    payload = get_codec("top4").encode(x)
+    body = payload[codecs.HEADER_SIZE:]
+    assert struct.unpack_from("<f", body)[0] == 1.0
+    assert list(body[4:8]) == [7, 8, 9, 250]
+    # -1 -> q -7 -> 1, -0.25 -> q round(-1.75) = -2 -> 6, 0.5 -> q round(3.5) = 4 -> 12, 1 -> 15
+    assert list(body[8:10]) == [1 | 6 << 4, 12 | 15 << 4]
+
+
+@FEW
+@given(data=st.data())
+def test_the_mean_of_top4_contributions_keeps_its_whole_support_in_top16(data):
+    members = data.draw(st.integers(1, 4))
+    numel = data.draw(st.integers(1, 700))
+    top4, top16 = get_codec("top4"), get_codec("top16")
+    decoded = [top4.roundtrip(torch.randn(numel) * data.draw(st.floats(1e-3, 1e3))) for _ in range(members)]
+    mean = sum(decoded) / members
+    sent = top16.roundtrip(mean)
+    assert not bool((sent[mean == 0] != 0).any())
+    # nothing of the mean is dropped: every value, kept or not, is within the kept values' bound s/14
+    padded = torch.zeros(-(-numel // 256) * 256)
+    padded[:numel] = mean.abs()
+    scale = padded.view(-1, 256).amax(dim=1).repeat_interleave(256)[:numel].double()
+    error = (sent - mean).abs().double()
+    assert bool((error <= scale / 14 + (mean.abs().double() + scale) * 2.0**-20 + 2.0**-140).all())
+
+
+@pytest.mark.parametrize("name", SPARSE_NAMES)
+def test_invalid_sparse_payloads_with_valid_crc_are_rejected(name):
+    codec = get_codec(name)
+    k = SPARSE_K[name]
+    numel = 600  # blocks: 256, 256, 88
+    body = bytes(codec.encode(torch.randn(numel))[codecs.HEADER_SIZE:])
+    index_at, codes_at = 4 * 3, 4 * 3 + 3 * k
+
+    def refused(change, match):
+        forged = bytearray(body)
+        change(forged)
+        with pytest.raises(CodecError, match=match):
+            codec.decode(forge(codec, numel, bytes(forged)), numel)
+
+    def swap(b):  # block 1's first two indices out of order
+        b[index_at + k], b[index_at + k + 1] = b[index_at + k + 1], b[index_at + k]
+
+    def repeat(b):
+        b[index_at + k + 1] = b[index_at + k]
+
+    refused(swap, "block 1's indices .* not strictly increasing")
+    refused(repeat, "block 1's indices .* not strictly increasing")
+    refused(lambda b: b.__setitem__(codes_at + k // 2, b[codes_at + k // 2] & 0xF0), "block 1 holds code 0")
+    refused(lambda b: b.__setitem__(codes_at + 2 * (k // 2), b[codes_at + 2 * (k // 2)] & 0x0F), "block 2 holds code 0")
+
+    def past_end(b):  # the last block's last index moved past the 88 values, with a nonzero code
+        b[index_at + 3 * k - 1] = 255
+        b[codes_at + 3 * (k // 2) - 1] = (b[codes_at + 3 * (k // 2) - 1] & 0x0F) | 0x10
+    refused(past_end, "past the end")
+    for scale in (math.nan, math.inf, -1.0):
+        refused(lambda b: struct.pack_into("<f", b, 8, scale), "block scale.*block 2")
+    # zero padding past the end is fine (a short last block keeps its padding when it has fewer than k values)
+    short = torch.tensor([1.0, -2.0, 0.0])
+    assert codec.decode(codec.encode(short), 3).tolist() == [float(F32(F32(4 / 7) * 2)), -2.0, 0.0]

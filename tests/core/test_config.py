@@ -24,6 +24,12 @@ from p2p_diloco.task.model import build_model, model_spec
     (dict(error_feedback="yes"), "error_feedback", "true or false"),
     (dict(min_lr_ratio=2.0), "min_lr_ratio", "[0, 1]"),
     (dict(codec="auto", error_feedback=True), "error_feedback", "fixed codec"),
+    (dict(error_feedback=True, ef_decay=0.0), "ef_decay", "(0, 1]"),
+    (dict(error_feedback=True, ef_decay=1.5), "ef_decay", "(0, 1]"),
+    (dict(error_feedback=True, ef_decay=float("nan")), "ef_decay", "finite"),
+    (dict(ef_decay=0.9), "ef_decay", "set error_feedback"),
+    (dict(inner_optimizer="sgd"), "inner_optimizer", "adamw, muon"),
+    (dict(codec="top16"), "codec", "unknown codec"),
 ])
 def test_bad_values_are_refused_with_a_reason(changes, field, reason):
     with pytest.raises(ConfigError) as e:

@@ -1,15 +1,22 @@
-"""The inner step: micro-batches add up to the whole batch, bf16 autocast keeps fp32 state, torch.compile trains."""
+"""The inner step: micro-batches add up to the whole batch, bf16 autocast keeps fp32 state, torch.compile trains;
+Muon (MuLoCo) trains the blocks' matrices and AdamW the rest, under one lr schedule."""
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import replace
+
+import pytest
 import torch
 
-from p2p_diloco.core.config import DiLoCoConfig
-from p2p_diloco.core.inner import InnerTrainer
+from p2p_diloco.core.config import ConfigError, DiLoCoConfig
+from p2p_diloco.core.inner import InnerTrainer, block_matrices, inner_lr
 from p2p_diloco.task.device import autocast_for, resolve_precision
-from p2p_diloco.task.model import build_model, lm_loss, model_spec
+from p2p_diloco.task.model import build_model, lm_loss, model_spec, spec_from_config
 
 CONFIG = DiLoCoConfig(fragments=2, warmup_steps=2, total_steps=10, grad_clip=0.0)
+MUON = replace(CONFIG, inner_optimizer="muon")
 
 
 def _batch(rows: int, seed: int = 1) -> torch.Tensor:
@@ -71,3 +78,104 @@ def test_a_compiled_forward_trains_the_model_s_own_parameters():
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     for k, v in eager.state_dict().items():
         assert torch.allclose(model.state_dict()[k], v, atol=1e-6)
+
+
+def _hf_model(kind: str) -> torch.nn.Module:
+    """A tiny model of another architecture, built from its config as a run builds it (`spec_from_config`)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if kind == "gpt2":  # Conv1D matrices in its blocks, the head tied to the input embedding
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=256, bos_token_id=None,
+                            eos_token_id=None)
+    else:  # a Llama whose head is an nn.Linear of its own (untied)
+        config = LlamaConfig(vocab_size=256, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False,
+                             bos_token_id=None, eos_token_id=None)
+    return build_model(spec_from_config(json.loads(config.to_json_string()), kind), 0)
+
+
+# the block matrices each architecture has, by name (the reference the rule is checked against)
+MATRICES = {"llama": r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight",
+            "gpt2": r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight"}
+
+
+@pytest.mark.parametrize("kind", ["tiny", "small", "gpt2", "llama-untied"])
+def test_muon_trains_the_blocks_matrices_and_adamw_everything_else(kind):
+    model = build_model(model_spec(kind), 0) if kind in ("tiny", "small") else _hf_model(kind)
+    trainer = InnerTrainer(model, MUON, lm_loss)
+    muon = {id(p) for g in trainer.muon.param_groups for p in g["params"]}
+    adamw = {id(p) for g in trainer.adamw.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert muon.isdisjoint(adamw) and muon | adamw == set(names)  # every parameter trained, by one optimizer
+    pattern = MATRICES["gpt2" if kind == "gpt2" else "llama"]
+    assert sorted(names[i] for i in muon) == sorted(n for n in names.values() if re.fullmatch(pattern, n))
+    per_block = 4 if kind == "gpt2" else 7
+    assert len(muon) == per_block * model.config.num_hidden_layers
+    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    assert embeddings <= adamw  # the input embedding and the head (tied or a Linear of its own)
+    assert kind != "llama-untied" or len(embeddings) == 2
+    assert all(i in adamw for i, n in names.items() if "norm" in n or "ln_" in n or n.endswith(".bias"))
+    group = trainer.muon.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["adjust_lr_fn"], group["weight_decay"]) == \
+        (0.95, True, "match_rms_adamw", MUON.inner_weight_decay)
+    plain = InnerTrainer(model, CONFIG, lm_loss)  # the default: AdamW for every parameter, as before
+    assert plain.muon is None and plain.optimizer is plain.adamw and isinstance(plain.optimizer, torch.optim.AdamW)
+    assert [p for g in plain.optimizer.param_groups for p in g["params"]] == list(model.parameters())
+
+
+def test_muon_never_takes_an_embedding_and_needs_blocks():
+    class Tied(torch.nn.Module):  # a head that is one of the blocks' Linears
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 8)
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def get_output_embeddings(self):
+            return self.layers[-1]
+
+    model = Tied()
+    assert block_matrices(model) == [model.layers[0].weight, model.layers[1].weight]
+    with pytest.raises(ConfigError, match="inner_optimizer=muon: .* no nn.ModuleList of identical blocks"):
+        InnerTrainer(torch.nn.Sequential(torch.nn.Linear(4, 4)), MUON, lm_loss)
+
+
+def test_a_few_muon_steps_lower_the_loss_on_a_fixed_batch():
+    model = build_model(model_spec("tiny"), 0)
+    trainer = InnerTrainer(model, replace(MUON, inner_lr=3e-3), lm_loss)
+    batch = _batch(8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = [trainer.step(batch) for _ in range(8)]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())  # both optimizers stepped
+    buffers = [trainer.muon.state[p]["momentum_buffer"] for g in trainer.muon.param_groups for p in g["params"]]
+    assert buffers and all(b.dtype == torch.float32 and b.abs().sum() > 0 for b in buffers)
+    state = trainer.optimizer.state_dict()  # one state dict, by position in model.parameters()
+    positions = {id(p): i for i, p in enumerate(model.parameters())}
+    for g, opt in zip(state["param_groups"], trainer.adamw.param_groups + trainer.muon.param_groups):
+        assert g["params"] == [positions[id(p)] for p in opt["params"]]
+    assert sorted(state["state"]) == list(range(len(positions)))
+
+
+def test_the_lr_schedule_reaches_both_optimizers():
+    config = replace(MUON, inner_weight_decay=0.0, warmup_steps=4, total_steps=12)
+    trainer = InnerTrainer(build_model(model_spec("tiny"), 0), config, lm_loss)
+    assert len(trainer.optimizer.param_groups) == 2
+    for step in range(6):
+        trainer.step(_batch(2, step))
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == [inner_lr(config, step)] * 2
+    trainer.step(_batch(2), schedule_step=10)  # a peer following the swarm's schedule
+    assert [g["lr"] for g in trainer.muon.param_groups + trainer.adamw.param_groups] == [inner_lr(config, 10)] * 2
+    # the lr the schedule sets is the one each optimizer steps with: the first step of a half-as-long warmup moves
+    # every parameter (Muon's and AdamW's, no weight decay) twice as far, its direction the same
+    moves = []
+    for warmup in (1, 2):
+        model = build_model(model_spec("tiny"), 0)
+        before = [p.detach().clone() for p in model.parameters()]
+        InnerTrainer(model, replace(config, warmup_steps=warmup), lm_loss).step(_batch(4))
+        moves.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+    for full, half in zip(*moves):
+        assert torch.allclose(full, 2 * half, rtol=1e-3, atol=1e-7)

@@ -512,3 +512,36 @@ def test_a_late_joiner_warms_up_then_follows_the_swarm_schedule():
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
     assert lrs[0] == pytest.approx(1e-3)  # its own warmup...
     assert lrs[-1] == pytest.approx(inner_lr(config, 80))  # ...capped by the swarm's cosine
+
+
+@pytest.mark.parametrize("codec,decay", [("top4", 0.95), ("top4", 1.0), ("int2", 0.5)])
+def test_error_feedback_carries_the_decayed_residual_of_what_the_codec_did_not_send(codec, decay):
+    """Each round sends outer_grad = anchor - theta + ef_decay * residual, and keeps residual = what its codec
+    drops of that; with outer momentum 0, outer lr 1 and alpha 0 (SparseLoCo) the anchor moves by the mean alone
+    and the worker is back on the anchor after each round."""
+    sent = []
+
+    class Echo(_BadAverager):  # the mean of a group of one: what this worker's codec sends
+        def begin(self, key, outer_grad, weight):
+            sent.append(outer_grad.clone())
+            return super().begin(key, outer_grad, weight)
+
+    c = get_codec(codec)
+    config = DiLoCoConfig(outer_period=3, fragments=0, tau=0, alpha=0.0, codec=codec, error_feedback=True,
+                          ef_decay=decay, outer_momentum=0.0, outer_lr=1.0, warmup_steps=1, inner_lr=1e-2)
+    model = build_model(SPEC, 0)
+    trainer = InnerTrainer(model, config, lm_loss)
+    o = StreamingDiLoCo(model, config, Echo(lambda g: c.roundtrip(g)))
+    residual = torch.zeros_like(o.anchors[0])
+    for t, b in enumerate(batches(0, 9), start=1):
+        trainer.step(b)
+        if t % 3 == 0:
+            anchor, theta = o.anchors[0].clone(), o.fragments[0].flat()
+            o.sync(t)
+            expected = anchor - theta + decay * residual
+            assert torch.equal(sent[-1], expected)
+            residual = expected - c.roundtrip(expected)
+            assert torch.equal(o.residuals[0], residual)
+            assert torch.equal(o.anchors[0], anchor - c.roundtrip(expected))
+            assert torch.equal(o.fragments[0].flat(), o.anchors[0])
+    assert len(sent) == 3 and residual.abs().sum() > 0
