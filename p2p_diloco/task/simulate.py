@@ -50,6 +50,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
     # outer step of lr 1, every worker back on the global parameters after a round
     "sparseloco_top4": dict(codec="top4", error_feedback=True, ef_decay=0.95, outer_momentum=0.0, outer_lr=1.0,
                             alpha=0.0),
+    # MuLoCo (arXiv 2505.23725): Muon inner steps for the blocks' matrices
+    "streaming_diloco_muon": dict(codec="fp4", inner_optimizer="muon"),
+    "streaming_diloco_int2_ef_muon": dict(codec="int2", error_feedback=True, inner_optimizer="muon"),
+    "sparseloco_top4_muon": dict(codec="top4", error_feedback=True, ef_decay=0.95, outer_momentum=0.0,
+                                 outer_lr=1.0, alpha=0.0, inner_optimizer="muon"),
 }
 DEFAULT_METHODS = ("data_parallel", "diloco", "streaming_diloco", "streaming_diloco_ef")
 # each method's inner lr: its best of the sweep {2e-3, 4e-3, 8e-3, 1.6e-2} reported in the README

@@ -179,3 +179,25 @@ def test_the_lr_schedule_reaches_both_optimizers():
         moves.append([p.detach() - b for p, b in zip(model.parameters(), before)])
     for full, half in zip(*moves):
         assert torch.allclose(full, 2 * half, rtol=1e-3, atol=1e-7)
+
+
+def test_muon_orthogonalizes_in_fp32_on_a_cpu_like_torchs_own_in_bf16():
+    import torch.optim._muon as torch_muon
+
+    from p2p_diloco.core.inner import fp32_orthogonalization, newton_schulz_fp32
+
+    torch.manual_seed(0)
+    original = torch_muon._zeropower_via_newtonschulz
+    for shape in ((172, 64), (64, 172), (64, 64)):
+        g = torch.randn(shape)
+        before = g.clone()
+        ours = newton_schulz_fp32(g, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        theirs = original(g, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
+        assert ours.dtype == torch.float32 and ours.shape == shape and torch.equal(g, before)
+        assert (ours - theirs).norm() < 0.03 * theirs.norm()  # (bf16 keeps 8 bits, over 5 iterations)
+        # orthogonalized: the singular values are near 1 (the quintic iteration's 0.5..1.5 band)
+        singular = torch.linalg.svdvals(ours)
+        assert singular.min() > 0.3 and singular.max() < 1.6
+    with fp32_orthogonalization():
+        assert torch_muon._zeropower_via_newtonschulz is newton_schulz_fp32
+    assert torch_muon._zeropower_via_newtonschulz is original
