@@ -86,10 +86,16 @@ def draw(settings: dict, rows: dict[str, dict], best: set[str], path: str) -> No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, r in rows.items():
+    losses = [r["eval_loss"] for r in rows.values()]
+    reference = rows["diloco"]["eval_loss"] if "diloco" in rows else max(losses)
+    top = min(max(losses), 1.3 * reference) * 1.02  # a diverged method is drawn at the edge, its loss in the label
+    markers = "osD^vP*Xhp<>"
+    for i, (name, r) in enumerate(sorted(rows.items(), key=lambda nr: -nr[1]["wire_bytes_per_worker"])):
         x, y = r["wire_bytes_per_worker"] / 1e6, r["eval_loss"]
-        ax.scatter([x], [y], color="tab:red" if name in best else "tab:blue", zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        off = y > top  # drawn at the edge
+        label = f"{name}: {y:.4f}{' (off the scale)' if off else ''}" + (" *" if name in best else "")
+        ax.scatter([x], [min(y, top)], color=plt.cm.tab10(i % 10), marker=markers[i % len(markers)], s=40,
+                   zorder=3, label=label)
     edge = sorted((rows[m]["wire_bytes_per_worker"] / 1e6, rows[m]["eval_loss"]) for m in best)
     ax.plot(*zip(*edge), color="tab:red", alpha=0.5, label="frontier")
     if "diloco" in rows:
@@ -98,11 +104,12 @@ def draw(settings: dict, rows: dict[str, dict], best: set[str], path: str) -> No
         ax.axvline(rows["data_parallel"]["wire_bytes_per_worker"] / 1e6 / TARGET_RATIO, color="gray", ls=":", lw=1,
                    label=f"{TARGET_RATIO:,}x fewer bytes than data-parallel")
     ax.set_xscale("log")
+    ax.set_ylim(min(losses) * 0.97, top * 1.01)
     ax.set_xlabel("wire bytes sent per worker (MB, log scale)")
     ax.set_ylabel("held-out loss of the global parameters (nats/byte)")
     ax.set_title(f"{settings['workers']} workers, {settings['steps']} steps, model {settings['model']}")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, title="eval loss (* on the frontier)", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
