@@ -320,13 +320,7 @@ class _BlockCodec(Codec):
 
     def _decode_payload(self, payload, numel):
         scales, codes = self._split(payload, numel)
-        bad = ~(scales >= 0) | ~torch.isfinite(scales)
-        if bad.any():
-            block = int(bad.nonzero()[0])
-            raise CodecError(
-                f"{self.name} payload has {int(bad.sum())} invalid block scale(s) (NaN, Inf or negative); "
-                f"first: block {block} = {scales[block].item()!r}"
-            )
+        _check_scales(self.name, scales)
         self._check_codes(codes)
         out = _fresh(numel)
         scratch = self._decode_scratch(min(numel, _CHUNK))
@@ -623,13 +617,7 @@ class _TopKCodec(Codec):
 
     def _decode_payload(self, payload, numel):
         scales, index, codes = self._split(payload, numel)
-        bad = ~(scales >= 0) | ~torch.isfinite(scales)
-        if bad.any():
-            block = int(bad.nonzero()[0])
-            raise CodecError(
-                f"{self.name} payload has {int(bad.sum())} invalid block scale(s) (NaN, Inf or negative); "
-                f"first: block {block} = {scales[block].item()!r}"
-            )
+        _check_scales(self.name, scales)
         nb = scales.numel()
         if nb == 0:
             return _fresh(0)
@@ -706,6 +694,17 @@ def _fresh(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         stop = (out.data_ptr() + size) // _HUGE_PAGE * _HUGE_PAGE
         _MADVISE(start, stop - start, _MADV_HUGEPAGE)  # advisory: failure only costs speed
     return out
+
+
+def _check_scales(name: str, scales: torch.Tensor) -> None:
+    """A payload's block scales are finite and >= 0; CodecError naming the first bad block otherwise."""
+    bad = ~(scales >= 0) | ~torch.isfinite(scales)
+    if bad.any():
+        block = int(bad.nonzero()[0])
+        raise CodecError(
+            f"{name} payload has {int(bad.sum())} invalid block scale(s) (NaN, Inf or negative); "
+            f"first: block {block} = {scales[block].item()!r}"
+        )
 
 
 def _check_numel(numel) -> int:
