@@ -47,6 +47,10 @@ def diloco_options(f):
                      help="With --error-feedback: the carried residual is first multiplied by this, in (0, 1] "
                           "(SparseLoCo's beta; with --outer-momentum 0 it takes the momentum's place) "
                           "[default: 1]."),
+        click.option("--sync-stride", default=None, type=int,
+                     help="S: each round averages every S-th value of its fragment, in turn, so S rounds cover it "
+                          "once; the rest trains on locally (S times fewer bytes; core/round_subset.py) "
+                          "[default: 1, the whole fragment]."),
         click.option("--aggregation", default=None,
                      type=click.Choice(["mean", "clip", "trimmed", "winsorized", "centered"]),
                      help="How a reducer combines the members' outer gradients: mean (weighted), clip (each first "
@@ -64,7 +68,7 @@ def diloco_options(f):
 
 
 _DILOCO_KEYS = ("outer_period", "fragments", "tau", "alpha", "outer_lr", "outer_momentum", "warmup_steps",
-                "inner_optimizer", "error_feedback", "ef_decay", "aggregation", "audit")
+                "inner_optimizer", "error_feedback", "ef_decay", "sync_stride", "aggregation", "audit")
 
 
 def _pop_diloco(kwargs: dict) -> dict:
@@ -310,7 +314,7 @@ def _eval_data(dataset, text_field, tokenizer_dir):
 
 def compute_options(f):
     """How a trainer computes its steps (its own choice; the run's batch and hyperparameters stay the run's)."""
-    from .task.device import PRECISIONS
+    from .task.precisions import PRECISIONS  # (not from task.device: the CLI's definition must not import torch)
 
     for decorator in reversed([
         click.option("--device", default=None, help="Train on this device (cpu, cuda, cuda:1, ...) [default: CUDA "
@@ -489,6 +493,7 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
         action = "fails" if armed[0] in failpoints.ERROR_POINTS else "SIGKILLs itself"
         click.echo(f"failpoint {armed[0]}:{armed[1]} armed: this peer {action} at hit {armed[1]} of "
                    f"{armed[0]} ({failpoints.POINTS[armed[0]]})", err=True)
+    initial_peers = parse_initial_peers(initial_peers)  # (first: a plain typo is refused before torch is imported)
     check_run_id_flag(run_id)
     from .node.admission import AdmissionError, Token
 
@@ -501,7 +506,6 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
             raise click.UsageError(f"--token is for run {parsed.run_id!r}, not --run-id {run_id!r}")
     if identity_path is not None:
         check_identity_file(identity_path)
-    initial_peers = parse_initial_peers(initial_peers)
     listen, announce = _listen(port, host_maddrs, announce_maddrs)
     check_dataset_flags(data, dataset, text_field, streaming)
     check_join_files(run_id, data, summary_path, checkpoint_dir, resume)

@@ -24,7 +24,13 @@ def fail(e: Exception, usage: bool = False) -> click.ClickException:
 
 
 def parse_initial_peers(initial_peers: tuple) -> list[str]:
-    """--initial-peers, each a multiaddr with the peer id to join through; a usage error otherwise."""
+    """--initial-peers, each a multiaddr with the peer id to join through; a usage error otherwise. What is
+    plainly no multiaddr (no leading "/") is refused before hivemind is imported (seconds: it imports torch)."""
+    for text in initial_peers:
+        if not text.startswith("/"):
+            raise click.UsageError(f"--initial-peers {text!r} is not a multiaddr (it must begin with /, as in "
+                                   "/ip4/203.0.113.5/tcp/31337/p2p/<peer id>: copy it whole from what the host "
+                                   "printed)")
     from .swarm.dht import BootstrapError, check_initial_peers
 
     try:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-AGGREGATIONS = ("mean", "clip", "trimmed", "winsorized", "centered")
+from .config import AGGREGATIONS
+
 WEIGHT_CAP = 4.0  # a member's weight counts at most this many times the group's median weight
 REFUSE_FACTOR = 16.0  # a contribution whose RMS is more than this times the reference is left out
 CLIP_FACTOR = 2.0  # `clip`: a contribution's RMS is scaled down to at most this times the reference

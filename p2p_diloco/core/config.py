@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .aggregation import AGGREGATIONS
-
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the reason."""
@@ -21,6 +19,7 @@ class ConfigError(ValueError):
 
 CODEC_NAMES = ("fp32", "fp16", "int8", "fp4", "int2", "sign1", "top4")
 INNER_OPTIMIZERS = ("adamw", "muon")
+AGGREGATIONS = ("mean", "clip", "trimmed", "winsorized", "centered")  # rules of core/aggregation.py
 AUTO_CODEC = "auto"  # each round's codec chosen by its group from the members' links (a swarm's averager only)
 
 
@@ -55,6 +54,7 @@ class DiLoCoConfig:
     codec: str = "fp4"
     error_feedback: bool = False  # carry each fragment's quantization residual into its next round
     ef_decay: float = 1.0  # the carried residual is multiplied by this first (SparseLoCo's beta; 1 = plain EF)
+    sync_stride: int = 1  # S: each round averages every S-th value of its fragment, in turn (core/round_subset.py)
     aggregation: str = "mean"  # how reducers combine contributions: mean, clip or trimmed (core/aggregation.py)
     audit: float = 0.0  # chance that a member recomputes another reducer's part of a round (swarm/audit.py)
     seed: int = 0
@@ -80,7 +80,7 @@ class DiLoCoConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
-        for name in ("outer_period", "fragments", "tau", "warmup_steps", "total_steps", "seed"):
+        for name in ("outer_period", "fragments", "tau", "warmup_steps", "total_steps", "seed", "sync_stride"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise bad(name, "must be an integer")
@@ -132,6 +132,8 @@ class DiLoCoConfig:
             raise bad("ef_decay", "must lie in (0, 1]")
         if self.ef_decay != 1.0 and not self.error_feedback:
             raise bad("ef_decay", "decays the error-feedback residual: set error_feedback too")
+        if not 1 <= self.sync_stride <= 64:
+            raise bad("sync_stride", "must lie in [1, 64] (1: every round averages the whole fragment)")
         if self.inner_optimizer not in INNER_OPTIMIZERS:
             raise bad("inner_optimizer", f"choose one of {', '.join(INNER_OPTIMIZERS)}")
         if self.aggregation not in AGGREGATIONS:

@@ -9,6 +9,8 @@ For each fragment k (offset o_k, period H, delay tau), after inner step t:
         m_k      <- mu * m_k + avg
         anchor_k <- anchor_k - lr * (avg + mu * m_k)          (Nesterov)
         theta_k  <- alpha * theta_k + (1 - alpha) * anchor_k  (merge)
+  With `sync_stride` S > 1 a round averages, updates and merges only every S-th value of the fragment
+  (`round_subset`); the others keep training locally and go out, whole, in the round that covers them.
 
 Guarantees:
   * success: anchor_k and m_k change only by the outer step above, computed from
@@ -53,6 +55,7 @@ from .codecs import get_codec
 from .config import AUTO_CODEC, DiLoCoConfig
 from .fragments import Fragment, split_fragments
 from .round_stats import RoundStats
+from .round_subset import covered, gather, subset_size, subset_slice
 from .schedule import Schedule
 from .state_hash import state_hash
 
@@ -66,6 +69,7 @@ class _InFlight:
     pending: PendingAverage | None  # None: the averager refused to begin
     tokens: int
     residual_after: torch.Tensor | None  # error-feedback residual to keep if the round applies
+    subset: slice | None  # the fragment's values the round averages (None: all of them)
 
 
 class StreamingDiLoCo(CatchUp):
@@ -140,8 +144,15 @@ class StreamingDiLoCo(CatchUp):
             self.sync(s)
         self.finish_due_rounds(step)
 
-    def start_final_rounds(self, step: int, trained: bool = True) -> list[int]:
-        """Start one more round for every fragment with progress since its last round started. A worker that
+    @property
+    def final_passes(self) -> int:
+        """Final rounds a fragment needs to bring all its progress into the anchor: one, or with `sync_stride` S,
+        S of them (each covers its share; without them the anchors would hold values of S different ages)."""
+        return self.config.sync_stride
+
+    def start_final_rounds(self, step: int, trained: bool = True, final_pass: int = 0) -> list[int]:
+        """Start one more round for every fragment with progress since its last round started (`final_pass` p
+        of `final_passes`: the round p after that one, for the values it covers). A worker that
         has not `trained` at all (it joined at or after the end) starts none: it returns the fragments whose last
         round it sits out, to take their result at the reconcile, rather than start rounds that nobody else would
         search a group for. (A worker that trained but whose clock jumped to the end with no step since a round
@@ -151,12 +162,12 @@ class StreamingDiLoCo(CatchUp):
             if k in self.in_flight:
                 continue
             due = self.round_at(k, step)
-            last = due if due is not None else self.schedule.next_round(k, step)
+            last = (due if due is not None else self.schedule.next_round(k, step)) + final_pass
             if not trained:
                 if last > self.last_round[k]:
                     self.last_round[k] = last
                     sat_out.append(k)
-            elif due is None:
+            elif due is None or final_pass > 0:
                 self._start(k, last, step)
         return sat_out
 
@@ -172,11 +183,20 @@ class StreamingDiLoCo(CatchUp):
         if not self._catch_up(k, round_):
             return
         outer_grad = self.anchors[k] - self.fragments[k].flat()
+        stride = self.config.sync_stride
+        subset = None if stride == 1 else subset_slice(stride, round_)
         residual_after = None
         if self.residuals is not None:
             residual = self.residuals[k] if self.config.ef_decay == 1.0 else self.config.ef_decay * self.residuals[k]
             outer_grad = outer_grad + residual
-            residual_after = outer_grad - self.codec.roundtrip(outer_grad)
+            if subset is None:
+                residual_after = outer_grad - self.codec.roundtrip(outer_grad)
+            else:
+                sent = outer_grad[subset]
+                residual_after = self.residuals[k].clone()
+                residual_after[subset] = sent - self.codec.roundtrip(sent)
+        if subset is not None:
+            outer_grad = gather(outer_grad, stride, round_)
         key = RoundKey(self.run_id, k, round_)
         weight = float(max(self.tokens_since_sync[k], 1))
         self.tokens_since_sync[k] = 0
@@ -186,7 +206,7 @@ class StreamingDiLoCo(CatchUp):
         except AveragingFailed as e:
             log.warning("round could not start for fragment %d: %s", k, e)
             pending = None
-        self.in_flight[k] = _InFlight(key, step, pending, int(weight), residual_after)
+        self.in_flight[k] = _InFlight(key, step, pending, int(weight), residual_after, subset)
 
     def _finish(self, k: int) -> None:
         flight = self.in_flight.pop(k)
@@ -195,9 +215,10 @@ class StreamingDiLoCo(CatchUp):
                 raise AveragingFailed(f"{flight.key}: never started")
             avg = flight.pending.result()
             mean = avg.mean
-            if mean.dtype != torch.float32 or mean.numel() != self.anchors[k].numel():
+            expected = self.round_size(k)
+            if mean.dtype != torch.float32 or mean.numel() != expected:
                 raise AveragingFailed(f"{flight.key}: mean has {mean.numel()} {mean.dtype} values, "
-                                      f"expected {self.anchors[k].numel()} float32")
+                                      f"expected {expected} float32")
             if not bool(torch.isfinite(mean).all()):
                 raise AveragingFailed(f"{flight.key}: mean holds non-finite values")
         except AveragingFailed as e:
@@ -217,7 +238,10 @@ class StreamingDiLoCo(CatchUp):
             self.tokens_since_sync[k] += flight.tokens  # the next round carries this progress
             log.warning("round not applied, fragment %d keeps its anchor: %s", k, e)
             return
-        self._apply(k, mean.reshape(-1))
+        mean = mean.reshape(-1)
+        if flight.subset is not None:
+            mean = mean[:covered(self.anchors[k].numel(), self.config.sync_stride, flight.key.round)]
+        self._apply(k, mean, flight.subset)
         self.base_round[k] = flight.key.round
         if self.residuals is not None and flight.residual_after is not None:
             self.residuals[k] = flight.residual_after
@@ -238,21 +262,34 @@ class StreamingDiLoCo(CatchUp):
         self.stats.failed[k] += 1
         self.stats.not_averaged(f"sat out: {why}")
 
-    def _apply(self, k: int, avg: torch.Tensor) -> None:
+    def _apply(self, k: int, avg: torch.Tensor, subset: slice | None = None) -> None:
         cfg = self.config
         mu, lr = cfg.outer_momentum, cfg.outer_lr
-        m = self.momenta[k]
-        m.mul_(mu).add_(avg)
-        self.anchors[k].sub_(lr * (avg + mu * m))
-        self._merge(k)
-
-    def _merge(self, k: int) -> None:
-        alpha = self.config.alpha
-        if alpha == 0.0:
-            merged = self.anchors[k]
+        if subset is None:
+            m = self.momenta[k]
+            m.mul_(mu).add_(avg)
+            self.anchors[k].sub_(lr * (avg + mu * m))
         else:
-            merged = alpha * self.fragments[k].flat() + (1.0 - alpha) * self.anchors[k]
+            m = self.momenta[k][subset]
+            m.mul_(mu).add_(avg)
+            self.anchors[k][subset] -= lr * (avg + mu * m)  # (a strided slice: m and this are views)
+        self._merge(k, subset)
+
+    def _merge(self, k: int, subset: slice | None = None) -> None:
+        alpha = self.config.alpha
+        if subset is None:
+            if alpha == 0.0:
+                merged = self.anchors[k]
+            else:
+                merged = alpha * self.fragments[k].flat() + (1.0 - alpha) * self.anchors[k]
+        else:
+            merged = self.fragments[k].flat()
+            merged[subset] = alpha * merged[subset] + (1.0 - alpha) * self.anchors[k][subset]
         self.fragments[k].assign(merged)
+
+    def round_size(self, k: int) -> int:
+        """Values each round of fragment `k` averages: all of them, or with `sync_stride` its subset."""
+        return subset_size(self.anchors[k].numel(), self.config.sync_stride)
 
     def restore(self, anchors: list[torch.Tensor], momenta: list[torch.Tensor], residuals: list[torch.Tensor] | None,
                 rounds: list[int], digests: list[str], tokens_since_sync: list[int]) -> None:

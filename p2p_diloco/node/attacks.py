@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # (the tensors come from the caller: `join` reads the armed attack without importing torch)
+    import torch
 
 ENV = "P2P_DILOCO_ATTACK"
 

@@ -69,7 +69,8 @@ class AgreedEvaluator:
         self.problem: str | None = None  # why the last measurement has no value, for the page
         self.averager = SwarmAverager(dht, run.run_id, [f.numel for f in self.fragments], run.diloco.codec,
                                       round_timeout=run.round_timeout, min_matchmaking_time=run.matchmaking_time,
-                                      client_mode=True, aggregation=run.diloco.aggregation)
+                                      client_mode=True, aggregation=run.diloco.aggregation,
+                                      sync_stride=run.diloco.sync_stride)
 
     def measure(self, live: set[str] | None = None) -> dict | None:
         """{"time", "rounds" (per fragment), "eval_loss", "download_s"} of the agreed parameters now, or None

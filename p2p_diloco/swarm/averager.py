@@ -40,6 +40,7 @@ from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverage, Fra
                               RoundKey, RoundReport)
 from ..core.codecs import get_codec
 from ..core.config import AUTO_CODEC
+from ..core.round_subset import subset_size
 from ..node import attacks
 from ..node.admission import Admission
 from ..node.failpoints import reached
@@ -69,10 +70,13 @@ class CodecAverager(ButterflyProtocol, AuditProtocol, StateServing, Decentralize
     _rpc_handlers = None  # hivemind collects rpc_* per class; a subclass must not inherit the parent's list
 
     def __init__(self, numel: int, codec_name: str, paced_uplink: float = 0.0, admission: Admission | None = None,
-                 **kwargs):
-        """`admission`: the run's (`node.admission`); None: a run that admits anyone."""
+                 state_numel: int | None = None, **kwargs):
+        """`numel`: the values a round averages; `state_numel`: the fragment's (its served state; None: `numel`,
+        they differ with a `sync_stride`). `admission`: the run's (`node.admission`); None: a run that admits
+        anyone."""
         self.codec_name = codec_name
         self.numel = numel
+        self.state_numel = numel if state_numel is None else state_numel
         self.paced_uplink = paced_uplink
         self.admitted = AdmittedPeers(admission) if admission is not None else None
         self.banned = Shunned()  # peers this peer caught lying (`_ban`): no group, no state, for the run
@@ -140,14 +144,15 @@ class SwarmAverager(FragmentAverager):
                  target_group_size: int | None = None, min_matchmaking_time: float = 3.0,
                  uplink_mbit: float | None = None, client_mode: bool = False, search_timeout: float | None = None,
                  aggregation: str = "mean", admission: Admission | None = None, token: str = "",
-                 audit: float = 0.0):
+                 audit: float = 0.0, sync_stride: int = 1):
         """`uplink_mbit`: this peer's uplink as declared (`join --bandwidth`): every member of a group learns it
         (load balancing, deadlines: see `butterfly`), and what this peer sends is paced to just under it
         (`butterfly.UplinkPacer`); None: unknown, unpaced. Only a declared uplink paces: a measured one is what
         the paced sends themselves reached, and would only shrink. `aggregation`: the run's rule for combining
         contributions (`core.aggregation`); every member of a group must have the same. `admission`: the run's
         (None: it admits anyone); `token`: this peer's join token, in its round metadata. `audit`: the run's chance
-        that a member audits each other reducer's part (`audit`)."""
+        that a member audits each other reducer's part (`audit`). `sync_stride`: the run's (`core.round_subset`):
+        a round of fragment k averages `round_sizes[k]` of its `fragment_sizes[k]` values."""
         self.run_id, self.codec_name, self.round_timeout = run_id, codec_name, round_timeout
         self.aggregation, self.token, self.audit = aggregation, token, audit
         self.banned: set[str] = set()  # reducers this peer caught returning a wrong mean
@@ -178,6 +183,7 @@ class SwarmAverager(FragmentAverager):
         self._refresher: threading.Thread | None = None
         self._closing = threading.Event()
         self.fragment_sizes = list(fragment_sizes)
+        self.round_sizes = [subset_size(n, sync_stride) for n in fragment_sizes]
         # peers known to be training (from their progress records); None: unknown, trust every record.
         # A dead peer's state-hash record outlives it: it must not count as the swarm's state, nor as a donor.
         self.live_peers: set[str] | None = None
@@ -188,7 +194,8 @@ class SwarmAverager(FragmentAverager):
         self.unreachable_peers: set[str] = set()
         previous = signal.getsignal(signal.SIGINT)
         self.averagers = [
-            CodecAverager(numel, codec_name, dht=dht, prefix=f"{run_id}_f{k}", start=True,
+            CodecAverager(self.round_sizes[k], codec_name, state_numel=numel, dht=dht, prefix=f"{run_id}_f{k}",
+                          start=True,
                           target_group_size=target_group_size, min_group_size=2,
                           min_matchmaking_time=min_matchmaking_time,
                           request_timeout=min_matchmaking_time / 2,
@@ -416,7 +423,7 @@ class _SwarmPending(PendingAverage):
         """How long to wait for the averager process at most: the round's own deadlines come first; this only
         catches a process that stopped answering. Enough for the fragment both ways at FLOOR_RATE, 4 times."""
         codec = "fp16" if self.owner.codec_name == AUTO_CODEC else self.owner.codec_name  # auto: at most fp16
-        numel = self.owner.fragment_sizes[self.key.fragment]
+        numel = self.owner.round_sizes[self.key.fragment]
         wire = max(get_codec(codec).wire_size(numel), get_codec(codec).mean_codec.wire_size(numel))
         return self.owner.search_timeout + self.owner.round_timeout + 8 * wire / FLOOR_RATE + 5
 

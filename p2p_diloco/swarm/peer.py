@@ -217,7 +217,8 @@ class Peer:
                                       round_timeout=run.round_timeout, target_group_size=run.target_group_size,
                                       uplink_mbit=self.opts.bandwidth, min_matchmaking_time=run.matchmaking_time,
                                       client_mode=self.client_mode, aggregation=run.diloco.aggregation,
-                                      admission=self.admission, token=self.opts.token, audit=run.diloco.audit)
+                                      admission=self.admission, token=self.opts.token, audit=run.diloco.audit,
+                                      sync_stride=run.diloco.sync_stride)
         self.outer = StreamingDiLoCo(self.model, run.diloco, self.averager, run_id=run.run_id)
         if self.opts.threads:
             # only now: an averager process forked after set_num_threads trips torch's "Invalid thread pool"
@@ -401,8 +402,11 @@ class Peer:
             # no next round to protect: a peer that reaches the end before the others waits for them
             self.averager.search_timeout = self.run.round_timeout
             self.silent_for = PROGRESS_EVERY_S  # the step loop no longer publishes
-            sat_out = self.outer.start_final_rounds(self.global_step, trained=self.step > 0)
-            self.outer.finish_in_flight()
+            sat_out = []
+            for final_pass in range(self.outer.final_passes):  # (more than one with a sync_stride)
+                sat_out += self.outer.start_final_rounds(self.global_step, trained=self.step > 0,
+                                                         final_pass=final_pass)
+                self.outer.finish_in_flight()
             # the others publish their last rounds (a live peer still training gets there, a round timeout
             # at most after this one: the clock may have brought this peer to the end first; a peer that joined
             # at the end and sits the last rounds out waits for them, a round timeout at most)...

@@ -38,7 +38,7 @@ class StateServing:
     """The state half of `CodecAverager` (a mixin of a hivemind `DecentralizedAverager`)."""
 
     served: tuple[dict, list[torch.Tensor]] | None = None  # set in the peer's main process
-    numel: int  # the fragment's size
+    state_numel: int  # the fragment's size
     admitted = None  # `admitted.AdmittedPeers` in a run with a run key (set by `CodecAverager`)
 
     def get_current_state(self):
@@ -64,7 +64,7 @@ class StateServing:
 
             # a state is two fp32 tensors of the fragment's size: a donor that sends more is cut off before it is
             # held in memory (a stalled one by `timeout` between two messages)
-            limit, received = 2 * 4 * self.numel + STATE_OVERHEAD_BYTES, 0
+            limit, received = 2 * 4 * self.state_numel + STATE_OVERHEAD_BYTES, 0
             async for msg in aiter_with_timeout(stream, timeout=timeout):
                 received += len(msg.tensor_part.buffer) + len(msg.metadata)
                 if received > limit or len(msg.metadata) > MAX_STATE_METADATA_BYTES:
@@ -149,7 +149,7 @@ def decode_state(av: StateServing, metadata: bytes | None, tensors, key: RoundKe
     if not isinstance(meta, dict) or meta.get("round") != key.round or meta.get("sha256") != digest \
             or meta.get("run") != key.run_id or meta.get("fragment") != key.fragment:
         raise AveragingFailed(f"the donor serves {meta!r}, not {key} with hash {digest[:12]}")
-    if len(tensors) != 2 or any(t.dtype != torch.float32 or t.numel() != av.numel for t in tensors):
+    if len(tensors) != 2 or any(t.dtype != torch.float32 or t.numel() != av.state_numel for t in tensors):
         raise AveragingFailed("the donor's state has the wrong shape or dtype")
     anchor, momentum = (t.reshape(-1) for t in tensors)
     if state_hash(anchor, momentum) != digest:

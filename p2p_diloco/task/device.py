@@ -15,7 +15,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+from .precisions import PRECISIONS
 
 # dense bf16 tensor-core peak (FLOP/s) of GPUs people train on, by a substring of torch's device name; first match
 # wins (so "H100 PCIe" before "H100"). MFU is reported only for a GPU listed here.

@@ -50,6 +50,11 @@ METHODS: dict[str, dict[str, Any] | None] = {
     # outer step of lr 1, every worker back on the global parameters after a round
     "sparseloco_top4": dict(codec="top4", error_feedback=True, ef_decay=0.95, outer_momentum=0.0, outer_lr=1.0,
                             alpha=0.0),
+    # a share of each fragment per round, the same values on every member (core/round_subset.py): no indices
+    # travel and the mean is as small as a contribution
+    "streaming_diloco_fp4_stride5": dict(codec="fp4", sync_stride=5),
+    "streaming_diloco_int2_ef_stride3": dict(codec="int2", error_feedback=True, sync_stride=3),
+    "streaming_diloco_sign1_ef_stride2": dict(codec="sign1", error_feedback=True, sync_stride=2),
     # MuLoCo (arXiv 2505.23725): Muon inner steps for the blocks' matrices
     "streaming_diloco_muon": dict(codec="fp4", inner_optimizer="muon"),
     "streaming_diloco_int2_ef_muon": dict(codec="int2", error_feedback=True, inner_optimizer="muon"),
@@ -160,10 +165,11 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
             if step == settings.steps:  # bring every fragment's last progress into the anchors
                 for o in outer:
                     o.finish_in_flight()
-                for o in outer:
-                    o.start_final_rounds(step)
-                for o in outer:
-                    o.finish_in_flight()
+                for final_pass in range(outer[0].final_passes):
+                    for o in outer:
+                        o.start_final_rounds(step, final_pass=final_pass)
+                    for o in outer:
+                        o.finish_in_flight()
             if step % settings.eval_every == 0 or step == settings.steps:
                 curve.append((step * tokens_per_step, evaluate(global_model(), eval_batches[:settings.eval_batches])))
             if progress:

@@ -28,6 +28,9 @@ from p2p_diloco.task.model import build_model, model_spec
     (dict(error_feedback=True, ef_decay=1.5), "ef_decay", "(0, 1]"),
     (dict(error_feedback=True, ef_decay=float("nan")), "ef_decay", "finite"),
     (dict(ef_decay=0.9), "ef_decay", "set error_feedback"),
+    (dict(sync_stride=0), "sync_stride", "[1, 64]"),
+    (dict(sync_stride=65), "sync_stride", "[1, 64]"),
+    (dict(sync_stride=2.0), "sync_stride", "integer"),
     (dict(inner_optimizer="sgd"), "inner_optimizer", "adamw, muon"),
     (dict(codec="top16"), "codec", "unknown codec"),
 ])

@@ -17,6 +17,7 @@ from p2p_diloco.core.config import DiLoCoConfig
 from p2p_diloco.core.fragments import split_fragments
 from p2p_diloco.core.inner import InnerTrainer, inner_lr
 from p2p_diloco.core.local_group import LocalGroup
+from p2p_diloco.core.round_subset import covered, gather, subset_size, subset_slice
 from p2p_diloco.core.state_hash import state_hash
 from p2p_diloco.core.streaming import StreamingDiLoCo
 from p2p_diloco.task.model import build_model, lm_loss, model_spec
@@ -545,3 +546,87 @@ def test_error_feedback_carries_the_decayed_residual_of_what_the_codec_did_not_s
             assert torch.equal(o.anchors[0], anchor - c.roundtrip(expected))
             assert torch.equal(o.fragments[0].flat(), o.anchors[0])
     assert len(sent) == 3 and residual.abs().sum() > 0
+
+
+@pytest.mark.parametrize("numel,stride", [(10, 3), (9, 3), (7, 1), (5, 8)])
+def test_stride_rounds_cover_every_value_once_in_a_fixed_size(numel, stride):
+    values = torch.arange(1, numel + 1, dtype=torch.float32)
+    seen = torch.zeros(numel)
+    for r in range(stride):
+        picked = gather(values, stride, r)
+        assert picked.numel() == subset_size(numel, stride)
+        n = covered(numel, stride, r)
+        assert torch.equal(picked[n:], torch.zeros(picked.numel() - n))  # the pad
+        assert torch.equal(picked[:n], values[subset_slice(stride, r)])
+        seen[subset_slice(stride, r)] += 1
+    assert torch.equal(seen, torch.ones(numel))
+    assert torch.equal(gather(values, stride, stride + 1), gather(values, stride, 1))
+
+
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_a_strided_round_averages_moves_and_merges_only_its_share_of_the_fragment(error_feedback):
+    """With sync_stride S, round r sends every S-th value of anchor - theta from r mod S (the pad a zero), applies
+    the outer Nesterov step and the merge to those values only, and leaves the rest of anchor, momentum, working
+    parameters (and error-feedback residual) exactly as they were."""
+    sent = []
+    codec = "int2" if error_feedback else "fp32"
+    c = get_codec(codec)
+
+    class Echo(_BadAverager):  # the mean of a group of one: what this worker's codec sends
+        def begin(self, key, outer_grad, weight):
+            sent.append((key.round, outer_grad.clone()))
+            return super().begin(key, outer_grad, weight)
+
+    S = 3
+    config = DiLoCoConfig(outer_period=2, fragments=0, tau=0, alpha=0.5, codec=codec, error_feedback=error_feedback,
+                          sync_stride=S, warmup_steps=1, inner_lr=1e-2)
+    model = build_model(SPEC, 0)
+    trainer = InnerTrainer(model, config, lm_loss)
+    o = StreamingDiLoCo(model, config, Echo(lambda g: c.roundtrip(g)))
+    n = o.anchors[0].numel()
+    assert n % S != 0 and o.round_size(0) == subset_size(n, S)  # (the pad is exercised)
+    residual = torch.zeros(n)
+    for t, b in enumerate(batches(0, 8), start=1):
+        trainer.step(b)
+        if t % 2:
+            continue
+        before = snapshot(o)
+        anchor, momentum, theta = before[0][0], before[1][0], before[2][0]
+        r = o.round_at(0, t)
+        o.sync(t)
+        sel = subset_slice(S, r)
+        outer = anchor - theta + residual
+        expected = gather(outer, S, r)
+        assert sent[-1][0] == r and torch.equal(sent[-1][1], expected)
+        avg = c.roundtrip(expected)[:covered(n, S, r)]
+        m, a, th = momentum.clone(), anchor.clone(), theta.clone()
+        m[sel] = 0.9 * m[sel] + avg
+        a[sel] = a[sel] - 0.7 * (avg + 0.9 * m[sel])
+        th[sel] = 0.5 * th[sel] + 0.5 * a[sel]
+        assert torch.equal(o.momenta[0], m) and torch.equal(o.anchors[0], a)
+        assert torch.equal(o.fragments[0].flat(), th)
+        if error_feedback:
+            residual[sel] = outer[sel] - c.roundtrip(outer[sel])
+            assert torch.equal(o.residuals[0], residual)
+    assert [r for r, _ in sent] == [0, 1, 2, 3]
+
+
+def test_final_passes_of_a_strided_run_bring_every_value_s_progress_into_the_anchors():
+    """With sync_stride S the end of a run takes S final rounds, each for its share: afterwards (outer lr 1,
+    momentum 0, alpha 0, fp32) every value of every anchor is the workers' mean, the same on both."""
+    S = 3
+    config = DiLoCoConfig(outer_period=6, fragments=1, tau=0, alpha=0.0, outer_lr=1.0, outer_momentum=0.0,
+                          codec="fp32", sync_stride=S, warmup_steps=1, inner_lr=1e-2)
+    outer, models, _ = core_run(config, workers=2, steps=8)
+    thetas = [[f.flat() for f in o.fragments] for o in outer]
+    assert outer[0].final_passes == S
+    for p in range(S):
+        for o in outer:
+            o.start_final_rounds(8, final_pass=p)
+        for o in outer:
+            o.finish_in_flight()
+    for k in range(len(outer[0].fragments)):
+        mean = (thetas[0][k] + thetas[1][k]) / 2
+        assert torch.allclose(outer[0].anchors[k], mean, atol=1e-6, rtol=0)
+        assert torch.equal(outer[0].anchors[k], outer[1].anchors[k])
+    assert outer[0].last_round == [r + S - 1 for r in (1, 1)]

@@ -415,30 +415,34 @@ def test_a_lying_reducer_is_caught_its_rounds_applied_nowhere_and_it_is_banned(r
 
 
 
-def test_sparse_payloads_with_error_feedback_end_in_consensus_with_the_simulators_bytes(run):
-    """`--codec top4 --error-feedback` (the 4 largest of every 256 values; reducers send the mean in top16): the
-    swarm ends in consensus, trained, and its payload bytes are exactly what the simulator's averager
-    (`LocalGroup`) counts for the same rounds of the same fragments (each member's part differs with the split,
-    the sum over members does not)."""
+@pytest.mark.parametrize("codec,stride", [("top4", 1), ("int2", 3)], ids=["top4", "int2-stride3"])
+def test_sparse_payloads_with_error_feedback_end_in_consensus_with_the_simulators_bytes(run, codec, stride):
+    """`--codec top4 --error-feedback` (the 4 largest of every 256 values; reducers send the mean in top16), and
+    `--codec int2 --sync-stride 3` (each round a third of its fragment, S final rounds): the swarm ends in
+    consensus, trained, and its payload bytes are exactly what the simulator's averager (`LocalGroup`) counts for
+    the same rounds of the same fragments (each member's part differs with the split, the sum over members does
+    not)."""
     import torch
 
     from p2p_diloco.core.averaging import RoundKey
     from p2p_diloco.core.codecs import get_codec
     from p2p_diloco.core.fragments import split_fragments
     from p2p_diloco.core.local_group import LocalGroup
+    from p2p_diloco.core.round_subset import subset_size
     from p2p_diloco.task.model import build_model, model_spec
 
-    r = run(2, "--codec", "top4", "--error-feedback")
+    r = run(2, "--codec", codec, "--error-feedback", "--sync-stride", str(stride))
     report = r.finish()
     assert r.proc.returncode == 0, r.text()
     assert_finishers_agree(report, ["peer0", "peer1"])
     rounds = report["peers"][0]["rounds"]
     assert all(p["rounds"] == rounds and sum(p["rounds_failed"]) == 0 for p in report["peers"]), report["peers"]
-    group = LocalGroup(2, get_codec("top4"))
+    group = LocalGroup(2, get_codec(codec))
     for k, fragment in enumerate(split_fragments(build_model(model_spec("tiny"), 0), 2)):
         for n in range(rounds[k]):
             key = RoundKey("bytes", k, n)
-            pending = [group.member(m).begin(key, torch.randn(fragment.flat().numel()), 1.0) for m in range(2)]
+            size = subset_size(fragment.flat().numel(), stride)
+            pending = [group.member(m).begin(key, torch.randn(size), 1.0) for m in range(2)]
             for p in pending:
                 p.result()
     swarm = [sum(p[f"wire_bytes_{way}"] for p in report["peers"]) for way in ("sent", "received")]
