@@ -140,10 +140,13 @@ def main(verbose: bool) -> None:
 @click.option("--eval-every", default=100, show_default=True, type=click.IntRange(min=1),
               help="Inner steps between eval points of the curve.")
 @click.option("--jobs", default=None, type=click.IntRange(min=1), help="Methods run in parallel [default: CPU cores].")
+@click.option("--delay", default=None, type=click.IntRange(min=0),
+              help="Each round's mean is ready this many inner steps after the round started, as late results land "
+                   "in a swarm (taken at tau at the earliest, waited for at H - 1 at the latest) [default: at once].")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON here.")
 @click.option("--plot", "plot_path", default=None,
               help="PNG of eval loss against tokens [default: next to --json, else ./simulate.png].")
-def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, eval_every, jobs, json_path,
+def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, eval_every, jobs, delay, json_path,
              plot_path, **diloco):
     """Compare data-parallel, DiLoCo and Streaming DiLoCo in one process on the same token budget."""
     from .task import simulate as sim
@@ -154,7 +157,7 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
     base = dict(seed=seed, **given)
     settings = sim.SimSettings(workers=workers, steps=steps, batch_size=batch_size, model=model,
                                eval_every=eval_every, data=list(data), base=base,
-                               inner_lr=dict(sim.DEFAULT_INNER_LR))
+                               inner_lr=dict(sim.DEFAULT_INNER_LR), delay=delay)
     lrs = _floats(inner_lr) if inner_lr else []
     for option, path in (("--json", json_path), ("--plot", plot_path)):
         check_output_file(path, option)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.aggregation import Aggregation
-from ..core.averaging import FragmentAverager, PendingAverage, RoundKey
+from ..core.averaging import FragmentAverage, FragmentAverager, PendingAverage, RoundKey
 from ..core.codecs import get_codec
 from ..core.config import ConfigError, DiLoCoConfig
 from ..core.inner import InnerTrainer
@@ -81,6 +81,9 @@ class SimSettings:
     inner_lr: dict[str, float] = field(default_factory=dict)  # per-method inner lr overrides
     attack: str = ""  # the last worker is malicious (`node.attacks` spec, e.g. "scale:1000"); "": nobody
     protected: bool = True  # False: reducers neither refuse outliers nor cap weights (to measure what that is worth)
+    # inner steps after its start at which each round's mean is ready (`LateResults`), as a swarm's late results
+    # land; the core takes it at tau at the earliest and waits for it at H - 1 at the latest. None: ready at once
+    delay: int | None = None
 
     def config_for(self, method: str) -> DiLoCoConfig:
         values = dict(self.base)
@@ -148,6 +151,10 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
         attack = parse_attack(settings.attack)
         if attack is not None:
             members[-1] = _Attacker(members[-1], attack)
+        clock = [0]  # the step the workers are at
+        if settings.delay is not None:
+            members = [LateResults(m, clock, settings.delay) for m in members]
+            result["delay"] = min(max(settings.delay, config.tau), max(config.tau, config.outer_period - 1))
         outer = [StreamingDiLoCo(m, config, a, run_id=f"sim-{method}") for m, a in zip(models, members)]
 
         def global_model():
@@ -156,6 +163,7 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
 
         for step in range(1, settings.steps + 1):
             losses = [t.step(s.next()) for t, s in zip(trainers, streams)]
+            clock[0] = step
             for o in outer:
                 o.record_tokens(settings.batch_size * spec.seq_len)
             for o in outer:
@@ -200,6 +208,28 @@ class _Attacker(FragmentAverager):
 
     def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
         return self.member.begin(key, *self.attack.poison(outer_grad, weight))
+
+
+class LateResults(FragmentAverager):
+    """A member whose every round's mean is ready `delay` inner steps after the round started (the step in
+    `clock[0]`), as results land late in a swarm; until then `done()` says no and the core trains on."""
+
+    def __init__(self, member: FragmentAverager, clock: list[int], delay: int):
+        self.member, self.clock, self.delay = member, clock, delay
+
+    def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
+        return _Late(self.member.begin(key, outer_grad, weight), self.clock, self.clock[0] + self.delay)
+
+
+class _Late(PendingAverage):
+    def __init__(self, pending: PendingAverage, clock: list[int], ready_at: int):
+        self.pending, self.clock, self.ready_at = pending, clock, ready_at
+
+    def done(self) -> bool:
+        return self.clock[0] >= self.ready_at
+
+    def result(self) -> FragmentAverage:
+        return self.pending.result()
 
 
 def _worker(label: str, method: str, settings: SimSettings, queue) -> None:

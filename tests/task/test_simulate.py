@@ -54,3 +54,47 @@ def test_data_parallel_wire_bytes_are_a_ring_allreduce_every_step():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method"):
         run_method("ring_allreduce", SimSettings(model="tiny"))
+
+
+@pytest.mark.parametrize("delay,expected", [(0, 1), (4, 4), (30, 11)])
+def test_late_results_land_at_their_delay_within_tau_and_the_period(delay, expected):
+    """`LateResults`: a round's mean is applied `delay` steps after the round started, no earlier than tau and no
+    later than H - 1 (where the core waits for it), on every worker alike."""
+    import torch
+
+    from p2p_diloco.core.codecs import get_codec
+    from p2p_diloco.core.config import DiLoCoConfig
+    from p2p_diloco.core.inner import InnerTrainer
+    from p2p_diloco.core.local_group import LocalGroup
+    from p2p_diloco.core.streaming import StreamingDiLoCo
+    from p2p_diloco.task.model import build_model, lm_loss, model_spec
+    from p2p_diloco.task.simulate import LateResults
+
+    config = DiLoCoConfig(outer_period=12, fragments=1, tau=1, codec="fp32", warmup_steps=1)
+    spec = model_spec("tiny")
+    group, clock = LocalGroup(2, get_codec("fp32")), [0]
+    models = [build_model(spec, 0) for _ in range(2)]
+    trainers = [InnerTrainer(m, config, lm_loss) for m in models]
+    members = [group.member(w) if delay is None else LateResults(group.member(w), clock, delay) for w in range(2)]
+    outer = [StreamingDiLoCo(m, config, a) for m, a in zip(models, members)]
+    tokens = torch.randint(0, 256, (1, spec.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    started, applied = {}, {}
+    for step in range(1, 40):
+        for t in trainers:
+            t.step(tokens)
+        clock[0] = step
+        for o in outer:
+            o.record_tokens(1)
+            o.start_due_rounds(step)
+        for k in range(2):
+            if outer[0].round_at(k, step) is not None:
+                started[(k, outer[0].round_at(k, step))] = step
+        before = list(outer[0].stats.applied)
+        for o in outer:
+            o.finish_due_rounds(step)
+        for k in range(2):
+            if outer[0].stats.applied[k] > before[k]:
+                applied[(k, before[k])] = step
+    assert len(applied) >= 4
+    assert all(applied[key] - started[key] == expected for key in applied), (started, applied)
+    assert all(torch.equal(a, b) for a, b in zip(outer[0].anchors, outer[1].anchors))
