@@ -5,7 +5,8 @@ while others applied it, it stalled, or it averaged against a stale anchor and
 now disagrees with the majority. The others report, per fragment, the latest
 round they hold and its state hashes (`FragmentAverager.latest_agreed`); this
 mixin of `StreamingDiLoCo` adopts the majority's state (anchor, momentum),
-downloaded and verified by the averager, and merges it like an applied round.
+downloaded and verified by the averager, and merges it like an applied round (with a
+`sync_stride`: the values of the rounds it missed, fewer than S of them leaving the rest).
 
 Guarantees: a state is adopted only whole (both tensors of the right size, all
 finite, hashing to the agreed digest: the averager checks that); when none can
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .averaging import AveragingFailed, RoundKey, RoundReport
+from .round_subset import rounds_mask
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +264,14 @@ class CatchUp:
                 log.warning("refusing recovered %s of %s: %d %s values, expected %d finite float32",
                             name, key, t.numel(), t.dtype, n)
                 return False
+        # the values that changed since this peer's anchor: those of the rounds after it (with a sync_stride,
+        # fewer than S of them leave the others' values as they were, and their local progress stays); a
+        # different state of the same round: all of them
+        since = range(self.base_round[k] + 1, key.round + 1) if key.round > self.base_round[k] else range(0)
         self.anchors[k] = state.anchor.reshape(-1).clone()
         self.momenta[k] = state.momentum.reshape(-1).clone()
         self.base_round[k] = key.round
-        self._merge(k)
+        self._merge(k, rounds_mask(n, self.config.sync_stride, since) if len(since) else None)
         if count:
             self.stats.applied[k] += 1
             self.stats.recovered[k] += 1

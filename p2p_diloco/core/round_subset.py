@@ -6,6 +6,10 @@ from the round's key alone, so no index travels and the mean is as small as each
 top-k payload, whose union over members grows with the group). The values a round leaves out are not
 reset: they keep training locally, and their progress goes out, whole, in the round that covers them.
 
+With error feedback, a value's residual is carried (and decayed by `ef_decay`) only in the rounds that
+cover it. Token weights stay per fragment (a round's weight is the tokens since the fragment's last round,
+though the values it sends carry up to S rounds of progress): only their ratios across members matter.
+
 The subset has a fixed size for a fragment (ceil(n / S)); when fewer values remain from the round's
 offset, one zero pads the end, so a swarm's averager keeps one tensor size per fragment. The pad is
 nobody's progress and is dropped from the mean.
@@ -33,6 +37,16 @@ def gather(values: torch.Tensor, stride: int, round_: int) -> torch.Tensor:
     if picked.numel() == size:
         return picked.clone()
     return torch.cat([picked, picked.new_zeros(size - picked.numel())])
+
+
+def rounds_mask(numel: int, stride: int, rounds: range) -> torch.Tensor | None:
+    """The values the rounds `rounds` cover together, as a boolean mask; None: all of them."""
+    if stride == 1 or len(rounds) >= stride:
+        return None
+    mask = torch.zeros(numel, dtype=torch.bool)
+    for r in rounds:
+        mask[subset_slice(stride, r)] = True
+    return mask
 
 
 def covered(numel: int, stride: int, round_: int) -> int:

@@ -275,7 +275,8 @@ class StreamingDiLoCo(CatchUp):
             self.anchors[k][subset] -= lr * (avg + mu * m)  # (a strided slice: m and this are views)
         self._merge(k, subset)
 
-    def _merge(self, k: int, subset: slice | None = None) -> None:
+    def _merge(self, k: int, subset: slice | torch.Tensor | None = None) -> None:
+        """theta_k <- alpha theta_k + (1 - alpha) anchor_k, on `subset` (a slice or a boolean mask) or all."""
         alpha = self.config.alpha
         if subset is None:
             if alpha == 0.0:

@@ -421,7 +421,7 @@ class _SwarmPending(PendingAverage):
 
     def _safety_net(self) -> float:
         """How long to wait for the averager process at most: the round's own deadlines come first; this only
-        catches a process that stopped answering. Enough for the fragment both ways at FLOOR_RATE, 4 times."""
+        catches a process that stopped answering. Enough for the round's values both ways at FLOOR_RATE, 4 times."""
         codec = "fp16" if self.owner.codec_name == AUTO_CODEC else self.owner.codec_name  # auto: at most fp16
         numel = self.owner.round_sizes[self.key.fragment]
         wire = max(get_codec(codec).wire_size(numel), get_codec(codec).mean_codec.wire_size(numel))

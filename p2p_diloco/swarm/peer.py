@@ -404,13 +404,17 @@ class Peer:
             self.silent_for = PROGRESS_EVERY_S  # the step loop no longer publishes
             sat_out = []
             for final_pass in range(self.outer.final_passes):  # (more than one with a sync_stride)
+                applied = sum(self.outer.stats.applied)
                 sat_out += self.outer.start_final_rounds(self.global_step, trained=self.step > 0,
                                                          final_pass=final_pass)
                 self.outer.finish_in_flight()
+                if self.step > 0 and sum(self.outer.stats.applied) == applied:
+                    break  # nobody to average with: the passes after would each wait a round timeout for nobody
             # the others publish their last rounds (a live peer still training gets there, a round timeout
             # at most after this one: the clock may have brought this peer to the end first; a peer that joined
-            # at the end and sits the last rounds out waits for them, a round timeout at most)...
-            self._linger(FINAL_LINGER_S + (self.run.round_timeout if sat_out else 0.0), same_state=False)
+            # at the end and sits the last rounds out waits for them, a round timeout at most per final pass)...
+            self._linger(FINAL_LINGER_S + (self.run.round_timeout * self.outer.final_passes if sat_out else 0.0),
+                         same_state=False)
             self.outer.reconcile()  # ...a peer whose last round failed takes theirs...
             if not self.client_mode:  # ...while everyone still serves its state (a client-mode peer serves none)
                 self._linger(FINAL_SERVE_S, same_state=True)

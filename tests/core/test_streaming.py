@@ -630,3 +630,26 @@ def test_final_passes_of_a_strided_run_bring_every_value_s_progress_into_the_anc
         assert torch.allclose(outer[0].anchors[k], mean, atol=1e-6, rtol=0)
         assert torch.equal(outer[0].anchors[k], outer[1].anchors[k])
     assert outer[0].last_round == [r + S - 1 for r in (1, 1)]
+
+
+def test_an_adopted_strided_state_merges_only_the_values_of_the_rounds_this_worker_missed():
+    """With sync_stride S, adopting the state of a round g rounds newer than this worker's anchor merges the
+    values of those g rounds (all of them once g >= S, or for another state of the same round); the other values
+    keep their local progress."""
+    S = 3
+    config = DiLoCoConfig(outer_period=4, fragments=0, tau=0, alpha=0.0, codec="fp32", sync_stride=S, warmup_steps=1)
+    model = build_model(SPEC, 0)
+    o = StreamingDiLoCo(model, config, _BadAverager(lambda g: g))
+    n = o.anchors[0].numel()
+    for round_, base, merged in [(1, 0, [1]), (3, 1, [2, 3]), (7, 3, [4, 5, 6, 7]), (7, 7, [0, 1, 2])]:
+        o.base_round[0] = base
+        theta = torch.randn(n)
+        o.fragments[0].assign(theta)
+        state = AgreedState(torch.randn(n), torch.randn(n))
+        assert o._adopt(0, RoundKey("local", 0, round_), state, count=False)
+        mask = torch.zeros(n, dtype=torch.bool)
+        for r in merged:
+            mask[subset_slice(S, r)] = True
+        after = o.fragments[0].flat()
+        assert torch.equal(after[mask], state.anchor[mask]) and torch.equal(after[~mask], theta[~mask])
+        assert torch.equal(o.anchors[0], state.anchor) and o.base_round[0] == round_
