@@ -34,6 +34,10 @@ def diloco_options(f):
         click.option("--fragments", default=None, type=int, help="P, block fragments [default: 4]."),
         click.option("--tau", default=None, type=int, help="Overlap delay in inner steps [default: 1]."),
         click.option("--alpha", default=None, type=float, help="Merge weight of the local parameters [default: 0.5]."),
+        click.option("--keep-progress/--no-keep-progress", default=None,
+                     help="When a round's mean lands d inner steps after the round started, merge keeps those d "
+                          "steps of local progress: theta <- alpha theta + (1 - alpha) (anchor + progress) "
+                          "(README: Late results) [default: off]."),
         click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7]."),
         click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9]."),
         click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100]."),
@@ -68,7 +72,8 @@ def diloco_options(f):
 
 
 _DILOCO_KEYS = ("outer_period", "fragments", "tau", "alpha", "outer_lr", "outer_momentum", "warmup_steps",
-                "inner_optimizer", "error_feedback", "ef_decay", "sync_stride", "aggregation", "audit")
+                "inner_optimizer", "error_feedback", "ef_decay", "sync_stride", "aggregation", "audit",
+                "keep_progress")
 
 
 def _pop_diloco(kwargs: dict) -> dict:
@@ -143,11 +148,26 @@ def main(verbose: bool) -> None:
 @click.option("--delay", default=None, type=click.IntRange(min=0),
               help="Each round's mean is ready this many inner steps after the round started, as late results land "
                    "in a swarm (taken at tau at the earliest, waited for at H - 1 at the latest) [default: at once].")
+@click.option("--speeds", default=None,
+              help="Comma list, one per worker: inner steps per tick of the swarm's clock, in (0, 1] (e.g. "
+                   "1,1,0.5,0.1); rounds follow the clock, a slow worker's part weighs its tokens [default: all 1].")
+@click.option("--fail", "fail_chance", default=0.0, type=click.FloatRange(0, 1, max_open=True),
+              help="Chance that a worker misses a round (its part never arrives; it catches up from the swarm's "
+                   "state, as in a swarm) [default: 0].")
+@click.option("--group", default=None, type=click.IntRange(min=1),
+              help="Each round a group of this many workers, drawn per round; the others miss it and catch up "
+                   "[default: all].")
+@click.option("--away", default=0, type=click.IntRange(0, 9),
+              help="The last worker misses this many rounds of every fragment in a row, every 10 rounds, and cannot "
+                   "download the states of the rounds it missed [default: 0].")
+@click.option("--stale-anchor", default=None, type=click.Choice(["average", "sit_out"]),
+              help="A worker behind the swarm that cannot fetch its newer state: average with its own older anchor, "
+                   "or sit the round out (measured: README, Stale anchors) [default: the core's rule].")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON here.")
 @click.option("--plot", "plot_path", default=None,
               help="PNG of eval loss against tokens [default: next to --json, else ./simulate.png].")
-def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, eval_every, jobs, delay, json_path,
-             plot_path, **diloco):
+def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, eval_every, jobs, delay, speeds,
+             fail_chance, group, away, stale_anchor, json_path, plot_path, **diloco):
     """Compare data-parallel, DiLoCo and Streaming DiLoCo in one process on the same token budget."""
     from .task import simulate as sim
     from .task.model import model_spec
@@ -157,11 +177,17 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
     base = dict(seed=seed, **given)
     settings = sim.SimSettings(workers=workers, steps=steps, batch_size=batch_size, model=model,
                                eval_every=eval_every, data=list(data), base=base,
-                               inner_lr=dict(sim.DEFAULT_INNER_LR), delay=delay)
+                               inner_lr=dict(sim.DEFAULT_INNER_LR), delay=delay,
+                               speeds=_floats(speeds) if speeds else None, fail=fail_chance, group=group, away=away,
+                               stale_anchor=stale_anchor)
     lrs = _floats(inner_lr) if inner_lr else []
     for option, path in (("--json", json_path), ("--plot", plot_path)):
         check_output_file(path, option)
     try:  # what would stop a method's process at its start, said before any starts
+        try:
+            settings.script()
+        except ValueError as e:
+            raise ConfigError(f"--speeds/--fail/--group/--away: {e}") from None
         layers = model_spec(model).layers
         for m in method_list:
             if m not in sim.METHODS:

@@ -83,6 +83,9 @@ class CatchUp:
                 # (a download asked for at an earlier round goes on: superseding it would waste what is in)
                 return False
             if outcome == "failed":
+                if self.stale_anchor == "sit_out":
+                    self._sit_out(k, round_, "the swarm's state could not be fetched")
+                    return False
                 log.warning("fragment %d holds round %d, the swarm's state could not be fetched: averaging "
                             "round %d with this peer's state", k, self.base_round[k], round_)
                 break

@@ -41,6 +41,8 @@ class DiLoCoConfig:
     fragments: int = 4  # P: block fragments (plus one fragment for everything else)
     tau: int = 1  # inner steps a fragment's average may stay in flight (0 = blocking)
     alpha: float = 0.5  # merge: theta <- alpha * theta + (1 - alpha) * anchor
+    # a late mean's merge keeps the local progress made while its round was in flight (streaming.py, Overlap)
+    keep_progress: bool = False
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     inner_lr: float = 8e-3  # best of the sweep on the embedded 0.2M model; the paper's 1B model used 4e-4
@@ -126,8 +128,9 @@ class DiLoCoConfig:
             raise bad("grad_clip", "must be >= 0 (0 disables clipping)")
         if self.codec not in CODEC_NAMES + (AUTO_CODEC,):
             raise bad("codec", f"unknown codec; choose one of {', '.join(CODEC_NAMES + (AUTO_CODEC,))}")
-        if not isinstance(self.error_feedback, bool):
-            raise bad("error_feedback", "must be true or false")
+        for name in ("error_feedback", "keep_progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
         if not 0.0 < self.ef_decay <= 1.0:
             raise bad("ef_decay", "must lie in (0, 1]")
         if self.ef_decay != 1.0 and not self.error_feedback:

@@ -9,6 +9,9 @@ For each fragment k (offset o_k, period H, delay tau), after inner step t:
         m_k      <- mu * m_k + avg
         anchor_k <- anchor_k - lr * (avg + mu * m_k)          (Nesterov)
         theta_k  <- alpha * theta_k + (1 - alpha) * anchor_k  (merge)
+    or, with `keep_progress`, a merge that keeps the d inner steps of local progress made since the round
+    started (theta_k at the start: theta0_k), which then go out with the next round:
+        theta_k  <- alpha * theta_k + (1 - alpha) * (anchor_k + theta_k - theta0_k)
   With `sync_stride` S > 1 a round averages, updates and merges only every S-th value of the fragment
   (`round_subset`); the others keep training locally and go out, whole, in the round that covers them.
 
@@ -38,7 +41,9 @@ averager is not done by then (matchmaking waits for a late peer), training goes
 on and the result is taken as soon as it is ready, at the latest one step
 before the fragment's next round (start + H - 1), where the worker waits (the
 averager bounds that wait by its timeouts). With an averager that answers at
-once (the simulator) this is exactly start + tau.
+once (the simulator) this is exactly start + tau. The plain merge discards
+the share (1 - alpha) of the steps trained meanwhile, however many; `keep_progress`
+keeps them (README: Late results, measured).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class _InFlight:
     tokens: int
     residual_after: torch.Tensor | None  # error-feedback residual to keep if the round applies
     subset: slice | None  # the fragment's values the round averages (None: all of them)
+    theta0: torch.Tensor | None = None  # with keep_progress: the working values when the round started
 
 
 class StreamingDiLoCo(CatchUp):
@@ -96,6 +102,7 @@ class StreamingDiLoCo(CatchUp):
         self.fetching: dict[int, StateFetch] = {}  # the swarm's state of these fragments is downloading
         self.unbacked: set[tuple[int, int]] = set()  # (fragment, round) whose state too few peers held (logged)
         self.reconciling = False  # the end of a run: one holder of a newer state is enough (`CatchUp._quorum`)
+        self.stale_anchor = "average"  # a newer state that cannot be fetched: "average" with ours, or "sit_out"
         self.stats = RoundStats.empty(len(self.fragments))
 
     # -- schedule ---------------------------------------------------------
@@ -182,7 +189,8 @@ class StreamingDiLoCo(CatchUp):
         self.last_round[k] = max(self.last_round[k], round_)
         if not self._catch_up(k, round_):
             return
-        outer_grad = self.anchors[k] - self.fragments[k].flat()
+        theta0 = self.fragments[k].flat()
+        outer_grad = self.anchors[k] - theta0
         stride = self.config.sync_stride
         subset = None if stride == 1 else subset_slice(stride, round_)
         residual_after = None
@@ -206,7 +214,8 @@ class StreamingDiLoCo(CatchUp):
         except AveragingFailed as e:
             log.warning("round could not start for fragment %d: %s", k, e)
             pending = None
-        self.in_flight[k] = _InFlight(key, step, pending, int(weight), residual_after, subset)
+        self.in_flight[k] = _InFlight(key, step, pending, int(weight), residual_after, subset,
+                                      theta0 if self.config.keep_progress else None)
 
     def _finish(self, k: int) -> None:
         flight = self.in_flight.pop(k)
@@ -241,7 +250,7 @@ class StreamingDiLoCo(CatchUp):
         mean = mean.reshape(-1)
         if flight.subset is not None:
             mean = mean[:covered(self.anchors[k].numel(), self.config.sync_stride, flight.key.round)]
-        self._apply(k, mean, flight.subset)
+        self._apply(k, mean, flight.subset, flight.theta0)
         self.base_round[k] = flight.key.round
         if self.residuals is not None and flight.residual_after is not None:
             self.residuals[k] = flight.residual_after
@@ -262,7 +271,8 @@ class StreamingDiLoCo(CatchUp):
         self.stats.failed[k] += 1
         self.stats.not_averaged(f"sat out: {why}")
 
-    def _apply(self, k: int, avg: torch.Tensor, subset: slice | None = None) -> None:
+    def _apply(self, k: int, avg: torch.Tensor, subset: slice | None = None,
+               theta0: torch.Tensor | None = None) -> None:
         cfg = self.config
         mu, lr = cfg.outer_momentum, cfg.outer_lr
         if subset is None:
@@ -273,19 +283,28 @@ class StreamingDiLoCo(CatchUp):
             m = self.momenta[k][subset]
             m.mul_(mu).add_(avg)
             self.anchors[k][subset] -= lr * (avg + mu * m)  # (a strided slice: m and this are views)
-        self._merge(k, subset)
+        self._merge(k, subset, theta0)
 
-    def _merge(self, k: int, subset: slice | torch.Tensor | None = None) -> None:
-        """theta_k <- alpha theta_k + (1 - alpha) anchor_k, on `subset` (a slice or a boolean mask) or all."""
+    def _merge(self, k: int, subset: slice | torch.Tensor | None = None, theta0: torch.Tensor | None = None) -> None:
+        """theta_k <- alpha theta_k + (1 - alpha) anchor_k, on `subset` (a slice or a boolean mask) or all; given
+        the working values `theta0` of the round's start, the anchor term also carries the progress since then:
+        anchor_k + theta_k - theta0."""
         alpha = self.config.alpha
         if subset is None:
-            if alpha == 0.0:
+            if theta0 is not None:
+                theta = self.fragments[k].flat()
+                target = self.anchors[k] + (theta - theta0)
+                merged = target if alpha == 0.0 else alpha * theta + (1.0 - alpha) * target
+            elif alpha == 0.0:
                 merged = self.anchors[k]
             else:
                 merged = alpha * self.fragments[k].flat() + (1.0 - alpha) * self.anchors[k]
         else:
             merged = self.fragments[k].flat()
-            merged[subset] = alpha * merged[subset] + (1.0 - alpha) * self.anchors[k][subset]
+            target = self.anchors[k][subset]
+            if theta0 is not None:
+                target = target + (merged[subset] - theta0[subset])
+            merged[subset] = alpha * merged[subset] + (1.0 - alpha) * target
         self.fragments[k].assign(merged)
 
     def round_size(self, k: int) -> int:

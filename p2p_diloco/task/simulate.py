@@ -34,6 +34,7 @@ from ..node.attacks import Attack
 from ..node.attacks import parse as parse_attack
 from .data import BatchStream, Corpus
 from .model import build_model, evaluate, lm_loss, model_spec
+from .swarm_script import Board, ScriptedMember, SwarmScript
 
 # name -> overrides of the base DiLoCoConfig; None marks data-parallel
 METHODS: dict[str, dict[str, Any] | None] = {
@@ -84,6 +85,18 @@ class SimSettings:
     # inner steps after its start at which each round's mean is ready (`LateResults`), as a swarm's late results
     # land; the core takes it at tau at the earliest and waits for it at H - 1 at the latest. None: ready at once
     delay: int | None = None
+    # the swarm as it runs (`swarm_script.SwarmScript`): speeds (inner steps per tick), a chance to miss a round,
+    # groups of fewer workers, the last worker away for rounds on end; and what a worker that cannot fetch the
+    # swarm's newer state does (`StreamingDiLoCo.stale_anchor`: "average" with its own, or "sit_out")
+    speeds: list[float] | None = None
+    fail: float = 0.0
+    group: int | None = None
+    away: int = 0
+    stale_anchor: str | None = None
+
+    def script(self) -> SwarmScript:
+        return SwarmScript(self.workers, tuple(self.speeds) if self.speeds else None, self.fail, self.group,
+                           self.away, seed=int(self.base.get("seed", 0)))
 
     def config_for(self, method: str) -> DiLoCoConfig:
         values = dict(self.base)
@@ -151,21 +164,31 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
         attack = parse_attack(settings.attack)
         if attack is not None:
             members[-1] = _Attacker(members[-1], attack)
+        script = settings.script()
+        if script.scripted:
+            board = Board()
+            members = [ScriptedMember(m, w, script, board) for w, m in enumerate(members)]
         clock = [0]  # the step the workers are at
         if settings.delay is not None:
             members = [LateResults(m, clock, settings.delay) for m in members]
             result["delay"] = min(max(settings.delay, config.tau), max(config.tau, config.outer_period - 1))
         outer = [StreamingDiLoCo(m, config, a, run_id=f"sim-{method}") for m, a in zip(models, members)]
+        for o in outer:
+            o.stale_anchor = settings.stale_anchor or o.stale_anchor
+        trained = [0] * settings.workers  # inner steps of each worker
 
         def global_model():
             outer[0].load_anchors_into(eval_model)
             return eval_model
 
         for step in range(1, settings.steps + 1):
-            losses = [t.step(s.next()) for t, s in zip(trainers, streams)]
+            losses = []
+            for w, (t, s, o) in enumerate(zip(trainers, streams, outer)):
+                if script.trains(w, step):
+                    losses.append(t.step(s.next()))
+                    o.record_tokens(settings.batch_size * spec.seq_len)
+                    trained[w] += 1
             clock[0] = step
-            for o in outer:
-                o.record_tokens(settings.batch_size * spec.seq_len)
             for o in outer:
                 o.start_due_rounds(step)
             for o in outer:
@@ -178,9 +201,13 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
                         o.start_final_rounds(step, final_pass=final_pass)
                     for o in outer:
                         o.finish_in_flight()
+                if script.scripted:  # as a swarm's peers do at the end: take the swarm's state where it differs
+                    for o in outer:
+                        o.reconcile()
             if step % settings.eval_every == 0 or step == settings.steps:
-                curve.append((step * tokens_per_step, evaluate(global_model(), eval_batches[:settings.eval_batches])))
-            if progress:
+                curve.append((sum(trained) * settings.batch_size * spec.seq_len,
+                              evaluate(global_model(), eval_batches[:settings.eval_batches])))
+            if progress and losses:
                 progress(step, sum(losses) / len(losses))
         consensus = all(torch.equal(a, b) for o in outer[1:] for a, b in zip(outer[0].anchors, o.anchors))
         result.update(
@@ -191,9 +218,17 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
             consensus=consensus,
             parts_refused=group.refused,
         )
+        if script.scripted:
+            result.update(
+                inner_steps=trained,
+                rounds_applied_per_worker=[sum(o.stats.applied) for o in outer],
+                rounds_recovered_per_worker=[sum(o.stats.recovered) for o in outer],
+                rounds_failed_per_worker=[sum(o.stats.failed) for o in outer],
+            )
     result.update(
         eval_loss=evaluate(global_model(), eval_batches),
-        tokens=settings.steps * tokens_per_step,
+        tokens=settings.steps * tokens_per_step if METHODS[method] is None
+        else sum(trained) * settings.batch_size * spec.seq_len,
         wall_s=round(time.time() - start, 2),
         curve=curve,
     )

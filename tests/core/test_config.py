@@ -22,6 +22,7 @@ from p2p_diloco.task.model import build_model, model_spec
     (dict(codec="fp3"), "codec", "unknown codec"),
     (dict(outer_period=10.5), "outer_period", "integer"),
     (dict(error_feedback="yes"), "error_feedback", "true or false"),
+    (dict(keep_progress=1), "keep_progress", "true or false"),
     (dict(min_lr_ratio=2.0), "min_lr_ratio", "[0, 1]"),
     (dict(codec="auto", error_feedback=True), "error_feedback", "fixed codec"),
     (dict(error_feedback=True, ef_decay=0.0), "ef_decay", "(0, 1]"),

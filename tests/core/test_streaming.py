@@ -653,3 +653,44 @@ def test_an_adopted_strided_state_merges_only_the_values_of_the_rounds_this_work
         after = o.fragments[0].flat()
         assert torch.equal(after[mask], state.anchor[mask]) and torch.equal(after[~mask], theta[~mask])
         assert torch.equal(o.anchors[0], state.anchor) and o.base_round[0] == round_
+
+
+@pytest.mark.parametrize("stride,alpha", [(1, 0.5), (1, 0.0), (2, 0.5)])
+def test_keep_progress_merges_a_late_mean_and_keeps_the_steps_trained_while_it_was_in_flight(stride, alpha):
+    """A mean that lands d inner steps after its round started: the anchor and momentum move exactly as without
+    `keep_progress` (peers stay equal whatever their delays); the working values become
+    alpha theta + (1 - alpha) (anchor + theta - theta0), theta0 those of the round's start (on the round's
+    share of the fragment with a stride; the rest untouched)."""
+    runs = {}
+    for keep in (False, True):
+        swarm = _Swarm()
+        swarm.ready = False
+        config = DiLoCoConfig(outer_period=8, fragments=0, tau=1, alpha=alpha, codec="fp32", warmup_steps=1,
+                              sync_stride=stride, keep_progress=keep)
+        model = build_model(SPEC, 0)
+        trainer = InnerTrainer(model, config, lm_loss)
+        o = StreamingDiLoCo(model, config, swarm)
+        start = o.offsets[0]
+        for t, b in enumerate(batches(0, start + 5), start=1):
+            trainer.step(b)
+            if t == start:
+                theta0 = o.fragments[0].flat()
+            if t == start + 5:  # the mean is ready 5 steps after the round started
+                swarm.ready = True
+                theta = o.fragments[0].flat()
+            o.sync(t)
+        assert o.stats.applied[0] == 1
+        runs[keep] = (o.anchors[0].clone(), o.momenta[0].clone(), o.fragments[0].flat(), theta0, theta)
+    plain, kept = runs[False], runs[True]
+    assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1])
+    assert torch.equal(plain[3], kept[3]) and torch.equal(plain[4], kept[4])  # (the same training until then)
+    anchor, _, merged, theta0, theta = kept
+    share = subset_slice(stride, 0) if stride > 1 else slice(None)
+    expected = theta.clone()
+    expected[share] = alpha * theta[share] + (1 - alpha) * (anchor[share] + theta[share] - theta0[share])
+    assert torch.allclose(merged, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(merged, plain[2], rtol=0, atol=1e-4)  # (the plain merge drops that progress)
+    if stride > 1:
+        rest = torch.ones_like(theta, dtype=torch.bool)
+        rest[share] = False
+        assert torch.equal(merged[rest], theta[rest])

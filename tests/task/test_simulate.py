@@ -41,6 +41,9 @@ def test_simulate_cli_refuses_bad_values(tmp_path):
     cmd = [sys.executable, "-m", "p2p_diloco.cli", "simulate", "--model", "huge"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "model='huge'" in proc.stderr
+    cmd = [sys.executable, "-m", "p2p_diloco.cli", "simulate", "--model", "tiny", "--speeds", "1,0.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--speeds" in proc.stderr and "2 speeds for 4 workers" in proc.stderr
 
 
 def test_data_parallel_wire_bytes_are_a_ring_allreduce_every_step():
