@@ -34,10 +34,11 @@ def diloco_options(f):
         click.option("--fragments", default=None, type=int, help="P, block fragments [default: 4]."),
         click.option("--tau", default=None, type=int, help="Overlap delay in inner steps [default: 1]."),
         click.option("--alpha", default=None, type=float, help="Merge weight of the local parameters [default: 0.5]."),
-        click.option("--keep-progress/--no-keep-progress", default=None,
-                     help="When a round's mean lands d inner steps after the round started, merge keeps those d "
-                          "steps of local progress: theta <- alpha theta + (1 - alpha) (anchor + progress) "
-                          "(README: Late results) [default: off]."),
+        click.option("--overlap", default=None, type=click.Choice(["plain", "keep", "eager"]),
+                     help="The steps trained while a round's mean is in flight (it lands d steps after the round "
+                          "started): plain merges them as the paper does (a share 1 - alpha of them lost), keep "
+                          "keeps them, eager first merges this peer's own outer step at once and corrects it when "
+                          "the mean lands (README: Late results) [default: plain]."),
         click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7]."),
         click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9]."),
         click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100]."),
@@ -55,6 +56,10 @@ def diloco_options(f):
                      help="S: each round averages every S-th value of its fragment, in turn, so S rounds cover it "
                           "once; the rest trains on locally (S times fewer bytes; core/round_subset.py) "
                           "[default: 1, the whole fragment]."),
+        click.option("--weighting", default=None, type=click.Choice(["tokens", "uniform", "per_token"]),
+                     help="Weight of a member's outer gradient in the mean: the tokens it trained since its last "
+                          "round, uniform, or per_token (tokens, its outer gradient scaled to a full period's "
+                          "tokens first) (README: Unequal peers) [default: tokens]."),
         click.option("--aggregation", default=None,
                      type=click.Choice(["mean", "clip", "trimmed", "winsorized", "centered"]),
                      help="How a reducer combines the members' outer gradients: mean (weighted), clip (each first "
@@ -73,7 +78,7 @@ def diloco_options(f):
 
 _DILOCO_KEYS = ("outer_period", "fragments", "tau", "alpha", "outer_lr", "outer_momentum", "warmup_steps",
                 "inner_optimizer", "error_feedback", "ef_decay", "sync_stride", "aggregation", "audit",
-                "keep_progress")
+                "overlap", "weighting")
 
 
 def _pop_diloco(kwargs: dict) -> dict:

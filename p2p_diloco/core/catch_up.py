@@ -197,6 +197,7 @@ class CatchUp:
                 if taken is not None:
                     self.fragments[k].assign(self.anchors[k])
                     self.tokens_since_sync[k] = 0  # the progress of a resumed checkpoint went with its parameters
+                    self.since_step[k] = step
                     held.append(taken)
                     break
             else:

@@ -20,6 +20,8 @@ class ConfigError(ValueError):
 CODEC_NAMES = ("fp32", "fp16", "int8", "fp4", "int2", "sign1", "top4")
 INNER_OPTIMIZERS = ("adamw", "muon")
 AGGREGATIONS = ("mean", "clip", "trimmed", "winsorized", "centered")  # rules of core/aggregation.py
+OVERLAPS = ("plain", "keep", "eager")  # what the steps trained while a round is in flight keep (streaming.py)
+WEIGHTINGS = ("tokens", "uniform", "per_token")  # how a member's outer gradient weighs in the mean
 AUTO_CODEC = "auto"  # each round's codec chosen by its group from the members' links (a swarm's averager only)
 
 
@@ -41,8 +43,9 @@ class DiLoCoConfig:
     fragments: int = 4  # P: block fragments (plus one fragment for everything else)
     tau: int = 1  # inner steps a fragment's average may stay in flight (0 = blocking)
     alpha: float = 0.5  # merge: theta <- alpha * theta + (1 - alpha) * anchor
-    # a late mean's merge keeps the local progress made while its round was in flight (streaming.py, Overlap)
-    keep_progress: bool = False
+    # what the steps trained while a round is in flight start from and keep (streaming.py, Overlap): "plain" (the
+    # paper's merge), "keep" (the merge keeps them) or "eager" (merged at once with this peer's own outer step)
+    overlap: str = "plain"
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     inner_lr: float = 8e-3  # best of the sweep on the embedded 0.2M model; the paper's 1B model used 4e-4
@@ -57,6 +60,9 @@ class DiLoCoConfig:
     error_feedback: bool = False  # carry each fragment's quantization residual into its next round
     ef_decay: float = 1.0  # the carried residual is multiplied by this first (SparseLoCo's beta; 1 = plain EF)
     sync_stride: int = 1  # S: each round averages every S-th value of its fragment, in turn (core/round_subset.py)
+    # the weight of each member's outer gradient in the mean: "tokens" it trained since its last round, "uniform",
+    # or "per_token": tokens, the outer gradient first scaled to a full period's tokens (README: Unequal peers)
+    weighting: str = "tokens"
     aggregation: str = "mean"  # how reducers combine contributions: mean, clip or trimmed (core/aggregation.py)
     audit: float = 0.0  # chance that a member recomputes another reducer's part of a round (swarm/audit.py)
     seed: int = 0
@@ -128,9 +134,8 @@ class DiLoCoConfig:
             raise bad("grad_clip", "must be >= 0 (0 disables clipping)")
         if self.codec not in CODEC_NAMES + (AUTO_CODEC,):
             raise bad("codec", f"unknown codec; choose one of {', '.join(CODEC_NAMES + (AUTO_CODEC,))}")
-        for name in ("error_feedback", "keep_progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "must be true or false")
+        if not isinstance(self.error_feedback, bool):
+            raise bad("error_feedback", "must be true or false")
         if not 0.0 < self.ef_decay <= 1.0:
             raise bad("ef_decay", "must lie in (0, 1]")
         if self.ef_decay != 1.0 and not self.error_feedback:
@@ -139,6 +144,10 @@ class DiLoCoConfig:
             raise bad("sync_stride", "must lie in [1, 64] (1: every round averages the whole fragment)")
         if self.inner_optimizer not in INNER_OPTIMIZERS:
             raise bad("inner_optimizer", f"choose one of {', '.join(INNER_OPTIMIZERS)}")
+        if self.overlap not in OVERLAPS:
+            raise bad("overlap", f"choose one of {', '.join(OVERLAPS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise bad("weighting", f"choose one of {', '.join(WEIGHTINGS)}")
         if self.aggregation not in AGGREGATIONS:
             raise bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)} (core/aggregation.py)")
         if isinstance(self.audit, bool) or not isinstance(self.audit, (int, float)) or not 0.0 <= self.audit <= 1.0:

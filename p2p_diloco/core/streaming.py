@@ -9,9 +9,14 @@ For each fragment k (offset o_k, period H, delay tau), after inner step t:
         m_k      <- mu * m_k + avg
         anchor_k <- anchor_k - lr * (avg + mu * m_k)          (Nesterov)
         theta_k  <- alpha * theta_k + (1 - alpha) * anchor_k  (merge)
-    or, with `keep_progress`, a merge that keeps the d inner steps of local progress made since the round
-    started (theta_k at the start: theta0_k), which then go out with the next round:
-        theta_k  <- alpha * theta_k + (1 - alpha) * (anchor_k + theta_k - theta0_k)
+  The d inner steps trained while the round was in flight (`overlap`; theta0_k: theta_k at the start):
+    plain  the merge above: a share (1 - alpha) of those steps is lost;
+    keep   theta_k <- theta_k + (1 - alpha) * (anchor_k - theta0_k): they are kept, and go out with the next round;
+    eager  at the start theta_k <- theta_k + s_k, s_k = (1 - alpha) * (est_k - theta0_k), est_k the anchor this
+           peer's own outer gradient alone would give (arXiv 2502.12996's proxy), so the d steps train from
+           a merged point; at the finish theta_k <- theta_k + (1 - alpha) * (anchor_k - theta0_k) - s_k
+           (a failed round takes s_k back).
+  Anchors and momenta move the same way in all three: peers stay equal whatever their delays.
   With `sync_stride` S > 1 a round averages, updates and merges only every S-th value of the fragment
   (`round_subset`); the others keep training locally and go out, whole, in the round that covers them.
 
@@ -24,7 +29,8 @@ Guarantees:
     averager can hand over the state they agree on (verified by hash;
     `FragmentAverager.recover`),
     this peer adopts it (anchor_k, m_k) and merges as after a success, so it stays
-    in step; otherwise anchor_k, m_k, the working parameters and the
+    in step; otherwise anchor_k, m_k, the working parameters (an eager merge taken
+    back, to float rounding) and the
     error-feedback residual stay exactly as they were, the round is counted as
     failed and the next round's outer gradient carries all progress since the
     last applied round.
@@ -42,8 +48,8 @@ on and the result is taken as soon as it is ready, at the latest one step
 before the fragment's next round (start + H - 1), where the worker waits (the
 averager bounds that wait by its timeouts). With an averager that answers at
 once (the simulator) this is exactly start + tau. The plain merge discards
-the share (1 - alpha) of the steps trained meanwhile, however many; `keep_progress`
-keeps them (README: Late results, measured).
+the share (1 - alpha) of the steps trained meanwhile, however many; `overlap`
+"keep" and "eager" do not (README: Late results, measured).
 """
 
 from __future__ import annotations
@@ -73,9 +79,11 @@ class _InFlight:
     start_step: int
     pending: PendingAverage | None  # None: the averager refused to begin
     tokens: int
+    since_step: int | None  # where the tokens counted from (put back with them when the round fails)
     residual_after: torch.Tensor | None  # error-feedback residual to keep if the round applies
     subset: slice | None  # the fragment's values the round averages (None: all of them)
-    theta0: torch.Tensor | None = None  # with keep_progress: the working values when the round started
+    theta0: torch.Tensor | None = None  # overlap keep / eager: the working values when the round started
+    shift: torch.Tensor | None = None  # overlap eager: what the eager merge added to them
 
 
 class StreamingDiLoCo(CatchUp):
@@ -94,6 +102,9 @@ class StreamingDiLoCo(CatchUp):
         self.momenta = [torch.zeros_like(a) for a in self.anchors]
         self.residuals = [torch.zeros_like(a) for a in self.anchors] if config.error_feedback else None
         self.tokens_since_sync = [0] * len(self.fragments)
+        self.step_tokens = 0  # tokens of one inner step (the largest recorded)
+        # the step each fragment's tokens_since_sync count from (None: unknown, after a restore)
+        self.since_step: list[int | None] = [0] * len(self.fragments)
         self.base_round = [-1] * len(self.fragments)  # the round each anchor comes from (-1: the seed)
         self.last_round = [-1] * len(self.fragments)  # the latest round this worker started or sat out
         self.digests = [state_hash(a, m) for a, m in zip(self.anchors, self.momenta)]  # of (anchor, momentum)
@@ -111,6 +122,7 @@ class StreamingDiLoCo(CatchUp):
         return self.schedule.round_at(fragment, step)
 
     def record_tokens(self, tokens: int) -> None:
+        self.step_tokens = max(self.step_tokens, tokens)
         for k in range(len(self.tokens_since_sync)):
             self.tokens_since_sync[k] += tokens
 
@@ -190,7 +202,12 @@ class StreamingDiLoCo(CatchUp):
         if not self._catch_up(k, round_):
             return
         theta0 = self.fragments[k].flat()
+        tokens = max(self.tokens_since_sync[k], 1)
+        since = self.since_step[k]
+        weight, scale = self._weight(tokens, None if since is None else step - since)
         outer_grad = self.anchors[k] - theta0
+        if scale != 1.0:
+            outer_grad.mul_(scale)
         stride = self.config.sync_stride
         subset = None if stride == 1 else subset_slice(stride, round_)
         residual_after = None
@@ -206,16 +223,45 @@ class StreamingDiLoCo(CatchUp):
         if subset is not None:
             outer_grad = gather(outer_grad, stride, round_)
         key = RoundKey(self.run_id, k, round_)
-        weight = float(max(self.tokens_since_sync[k], 1))
         self.tokens_since_sync[k] = 0
+        self.since_step[k] = step
         self.stats.started[k] += 1
         try:
             pending = self.averager.begin(key, outer_grad, weight)
         except AveragingFailed as e:
             log.warning("round could not start for fragment %d: %s", k, e)
             pending = None
-        self.in_flight[k] = _InFlight(key, step, pending, int(weight), residual_after, subset,
-                                      theta0 if self.config.keep_progress else None)
+        overlap = self.config.overlap
+        shift = self._eager_merge(k, theta0, subset) if overlap == "eager" else None
+        self.in_flight[k] = _InFlight(key, step, pending, tokens, since, residual_after, subset,
+                                      None if overlap == "plain" else theta0, shift)
+
+    def _eager_merge(self, k: int, theta0: torch.Tensor, subset: slice | None) -> torch.Tensor:
+        """Merge toward the anchor this peer's own outer gradient alone would give, at once; returns the shift
+        added to the working values (zero outside the round's values)."""
+        cfg = self.config
+        mu, lr = cfg.outer_momentum, cfg.outer_lr
+        sel = slice(None) if subset is None else subset
+        anchor, own = self.anchors[k][sel], (self.anchors[k] - theta0)[sel]
+        estimate = anchor - lr * (own + mu * (mu * self.momenta[k][sel] + own))
+        shift = torch.zeros_like(theta0)
+        shift[sel] = (1.0 - cfg.alpha) * (estimate - theta0[sel])
+        self.fragments[k].assign(self.fragments[k].flat() + shift)
+        return shift
+
+    def _weight(self, tokens: int, steps: int | None) -> tuple[float, float]:
+        """(weight in the mean, scale of the outer gradient) of a part trained on `tokens` over `steps` of the
+        swarm's clock (`DiLoCoConfig.weighting`). By tokens a peer that trained twice as much also sends an outer
+        gradient about twice as large: its influence grows like tokens squared; "uniform" makes it grow like
+        tokens; "per_token" scales the outer gradient to the tokens a peer training every step of its batch would
+        have trained meanwhile, weighted by tokens: a slow peer's direction counts as much per token as a fast
+        one's (unknown `steps`, after a restore: not scaled)."""
+        rule = self.config.weighting
+        if rule == "uniform":
+            return 1.0, 1.0
+        if rule == "per_token" and self.step_tokens > 0 and steps is not None and steps > 0:
+            return float(tokens), steps * self.step_tokens / tokens
+        return float(tokens), 1.0
 
     def _finish(self, k: int) -> None:
         flight = self.in_flight.pop(k)
@@ -231,6 +277,8 @@ class StreamingDiLoCo(CatchUp):
             if not bool(torch.isfinite(mean).all()):
                 raise AveragingFailed(f"{flight.key}: mean holds non-finite values")
         except AveragingFailed as e:
+            if flight.shift is not None:  # take the eager merge back: the anchor it guessed did not come
+                self.fragments[k].assign(self.fragments[k].flat() - flight.shift)
             report = self.averager.latest_agreed(k, flight.key.round)
             digest = report.agreed() if report is not None and report.round == flight.key.round else None
             if digest is not None and k not in self.fetching:
@@ -245,12 +293,13 @@ class StreamingDiLoCo(CatchUp):
             self.stats.failed[k] += 1
             self.stats.not_averaged(str(e))
             self.tokens_since_sync[k] += flight.tokens  # the next round carries this progress
+            self.since_step[k] = flight.since_step
             log.warning("round not applied, fragment %d keeps its anchor: %s", k, e)
             return
         mean = mean.reshape(-1)
         if flight.subset is not None:
             mean = mean[:covered(self.anchors[k].numel(), self.config.sync_stride, flight.key.round)]
-        self._apply(k, mean, flight.subset, flight.theta0)
+        self._apply(k, mean, flight.subset, flight.theta0, flight.shift)
         self.base_round[k] = flight.key.round
         if self.residuals is not None and flight.residual_after is not None:
             self.residuals[k] = flight.residual_after
@@ -272,7 +321,7 @@ class StreamingDiLoCo(CatchUp):
         self.stats.not_averaged(f"sat out: {why}")
 
     def _apply(self, k: int, avg: torch.Tensor, subset: slice | None = None,
-               theta0: torch.Tensor | None = None) -> None:
+               theta0: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> None:
         cfg = self.config
         mu, lr = cfg.outer_momentum, cfg.outer_lr
         if subset is None:
@@ -283,28 +332,30 @@ class StreamingDiLoCo(CatchUp):
             m = self.momenta[k][subset]
             m.mul_(mu).add_(avg)
             self.anchors[k][subset] -= lr * (avg + mu * m)  # (a strided slice: m and this are views)
-        self._merge(k, subset, theta0)
+        self._merge(k, subset, theta0, shift)
 
-    def _merge(self, k: int, subset: slice | torch.Tensor | None = None, theta0: torch.Tensor | None = None) -> None:
+    def _merge(self, k: int, subset: slice | torch.Tensor | None = None, theta0: torch.Tensor | None = None,
+               shift: torch.Tensor | None = None) -> None:
         """theta_k <- alpha theta_k + (1 - alpha) anchor_k, on `subset` (a slice or a boolean mask) or all; given
-        the working values `theta0` of the round's start, the anchor term also carries the progress since then:
-        anchor_k + theta_k - theta0."""
+        the working values `theta0` of the round's start, the progress since then is kept instead:
+        theta_k + (1 - alpha) (anchor_k - theta0), less the `shift` an eager merge already added."""
         alpha = self.config.alpha
+        if theta0 is not None:
+            sel = slice(None) if subset is None else subset
+            merged = self.fragments[k].flat()
+            merged[sel] += (1.0 - alpha) * (self.anchors[k][sel] - theta0[sel])
+            if shift is not None:
+                merged[sel] -= shift[sel]
+            self.fragments[k].assign(merged)
+            return
         if subset is None:
-            if theta0 is not None:
-                theta = self.fragments[k].flat()
-                target = self.anchors[k] + (theta - theta0)
-                merged = target if alpha == 0.0 else alpha * theta + (1.0 - alpha) * target
-            elif alpha == 0.0:
+            if alpha == 0.0:
                 merged = self.anchors[k]
             else:
                 merged = alpha * self.fragments[k].flat() + (1.0 - alpha) * self.anchors[k]
         else:
             merged = self.fragments[k].flat()
-            target = self.anchors[k][subset]
-            if theta0 is not None:
-                target = target + (merged[subset] - theta0[subset])
-            merged[subset] = alpha * merged[subset] + (1.0 - alpha) * target
+            merged[subset] = alpha * merged[subset] + (1.0 - alpha) * self.anchors[k][subset]
         self.fragments[k].assign(merged)
 
     def round_size(self, k: int) -> int:
@@ -327,6 +378,7 @@ class StreamingDiLoCo(CatchUp):
         self.base_round = list(rounds)
         self.digests = list(digests)
         self.tokens_since_sync = list(tokens_since_sync)
+        self.since_step = [None] * n
 
     # -- global parameters -----------------------------------------------------
     def load_anchors_into(self, model: nn.Module) -> None:

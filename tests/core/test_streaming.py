@@ -655,18 +655,21 @@ def test_an_adopted_strided_state_merges_only_the_values_of_the_rounds_this_work
         assert torch.equal(o.anchors[0], state.anchor) and o.base_round[0] == round_
 
 
+@pytest.mark.parametrize("overlap", ["keep", "eager"])
 @pytest.mark.parametrize("stride,alpha", [(1, 0.5), (1, 0.0), (2, 0.5)])
-def test_keep_progress_merges_a_late_mean_and_keeps_the_steps_trained_while_it_was_in_flight(stride, alpha):
-    """A mean that lands d inner steps after its round started: the anchor and momentum move exactly as without
-    `keep_progress` (peers stay equal whatever their delays); the working values become
-    alpha theta + (1 - alpha) (anchor + theta - theta0), theta0 those of the round's start (on the round's
-    share of the fragment with a stride; the rest untouched)."""
+def test_a_late_mean_keeps_the_steps_trained_while_it_was_in_flight(overlap, stride, alpha):
+    """A mean that lands d inner steps after its round started: anchor and momentum move exactly as with the plain
+    merge (peers stay equal whatever their delays). keep: the working values become
+    theta + (1 - alpha) (anchor - theta0), theta0 those of the round's start; eager: at the start they move by
+    s = (1 - alpha) (est - theta0), est the anchor this worker's own outer gradient alone gives, and at the finish
+    by (1 - alpha) (anchor - theta0) - s. With a stride only the round's share of the fragment; the rest as
+    trained."""
     runs = {}
-    for keep in (False, True):
+    for mode in ("plain", overlap):
         swarm = _Swarm()
         swarm.ready = False
         config = DiLoCoConfig(outer_period=8, fragments=0, tau=1, alpha=alpha, codec="fp32", warmup_steps=1,
-                              sync_stride=stride, keep_progress=keep)
+                              sync_stride=stride, overlap=mode)
         model = build_model(SPEC, 0)
         trainer = InnerTrainer(model, config, lm_loss)
         o = StreamingDiLoCo(model, config, swarm)
@@ -674,23 +677,88 @@ def test_keep_progress_merges_a_late_mean_and_keeps_the_steps_trained_while_it_w
         for t, b in enumerate(batches(0, start + 5), start=1):
             trainer.step(b)
             if t == start:
-                theta0 = o.fragments[0].flat()
+                theta0, anchor0, momentum0 = o.fragments[0].flat(), o.anchors[0].clone(), o.momenta[0].clone()
             if t == start + 5:  # the mean is ready 5 steps after the round started
                 swarm.ready = True
                 theta = o.fragments[0].flat()
             o.sync(t)
+            if t == start:
+                after_start = o.fragments[0].flat()
         assert o.stats.applied[0] == 1
-        runs[keep] = (o.anchors[0].clone(), o.momenta[0].clone(), o.fragments[0].flat(), theta0, theta)
-    plain, kept = runs[False], runs[True]
-    assert torch.equal(plain[0], kept[0]) and torch.equal(plain[1], kept[1])
-    assert torch.equal(plain[3], kept[3]) and torch.equal(plain[4], kept[4])  # (the same training until then)
-    anchor, _, merged, theta0, theta = kept
+        runs[mode] = (o.anchors[0].clone(), o.momenta[0].clone(), o.fragments[0].flat(), theta0, theta, after_start)
+    plain, late = runs["plain"], runs[overlap]
+    assert torch.equal(plain[0], late[0]) and torch.equal(plain[1], late[1])
+    anchor, _, merged, theta0, theta, after_start = late
     share = subset_slice(stride, 0) if stride > 1 else slice(None)
+    shift = torch.zeros_like(theta0)
+    if overlap == "eager":
+        own = (anchor0 - theta0)[share]
+        estimate = anchor0[share] - 0.7 * (own + 0.9 * (0.9 * momentum0[share] + own))
+        shift[share] = (1 - alpha) * (estimate - theta0[share])
+    assert torch.allclose(after_start, theta0 + shift, rtol=0, atol=1e-6)
     expected = theta.clone()
-    expected[share] = alpha * theta[share] + (1 - alpha) * (anchor[share] + theta[share] - theta0[share])
+    expected[share] += (1 - alpha) * (anchor[share] - theta0[share]) - shift[share]
     assert torch.allclose(merged, expected, rtol=0, atol=1e-6)
     assert not torch.allclose(merged, plain[2], rtol=0, atol=1e-4)  # (the plain merge drops that progress)
     if stride > 1:
         rest = torch.ones_like(theta, dtype=torch.bool)
         rest[share] = False
         assert torch.equal(merged[rest], theta[rest])
+
+
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_a_failed_eager_round_takes_its_merge_back(error_feedback):
+    """overlap eager: the working values moved at the start toward this worker's own estimate; when the round
+    fails that move is taken back, and anchor, momentum (and residual) stay as they were."""
+    config = DiLoCoConfig(outer_period=6, fragments=0, tau=1, alpha=0.5, codec="fp4", error_feedback=error_feedback,
+                          warmup_steps=1, overlap="eager")
+    model = build_model(SPEC, 0)
+    trainer = InnerTrainer(model, config, lm_loss)
+    o = StreamingDiLoCo(model, config, _BadAverager(lambda g: torch.full_like(g, float("nan"))))
+    for t, b in enumerate(batches(0, 6), start=1):
+        trainer.step(b)
+        o.record_tokens(1)
+    before = snapshot(o)
+    o.start_due_rounds(6)
+    assert not torch.equal(o.fragments[0].flat(), before[2][0])  # the eager merge
+    o.finish_due_rounds(7)
+    assert o.stats.failed[0] == 1
+    after = snapshot(o)
+    assert_same((after[0], after[1], before[2], after[3]), before)
+    assert torch.allclose(after[2][0], before[2][0], rtol=0, atol=1e-6)  # (to float rounding: theta + s - s)
+
+
+@pytest.mark.parametrize("weighting", ["tokens", "uniform", "per_token"])
+def test_the_weighting_rule_sets_each_part_s_weight_and_scale_and_a_failed_round_carries_both(weighting):
+    """A worker training every other step (10 tokens each): by tokens its part weighs the tokens since its last
+    round; uniform weighs 1; per_token weighs the tokens and scales the outer gradient to the tokens of every
+    step meanwhile (here x2). A failed round puts tokens and steps back: the next part counts both periods."""
+    sent = []
+
+    class Capture(_BadAverager):
+        def begin(self, key, outer_grad, weight):
+            sent.append((outer_grad.clone(), weight))
+            if len(sent) == 1:
+                raise AveragingFailed("the first round fails")
+            return super().begin(key, outer_grad, weight)
+
+    config = DiLoCoConfig(outer_period=6, fragments=0, tau=0, alpha=0.0, codec="fp32", warmup_steps=1,
+                          weighting=weighting)
+    model = build_model(SPEC, 0)
+    trainer = InnerTrainer(model, config, lm_loss)
+    o = StreamingDiLoCo(model, config, Capture(lambda g: g.clone()))
+    data = batches(0, 12)
+    for t in range(1, 13):
+        if t % 2:
+            trainer.step(data[t - 1])
+            o.record_tokens(10)
+        if t in (6, 12):
+            outer_grad = o.anchors[0] - o.fragments[0].flat()
+        o.sync(t)
+        if t in (6, 12):
+            tokens, steps = (30, 6) if t == 6 else (60, 12)  # (the failed first round's put back)
+            weight, scale = {"tokens": (tokens, 1.0), "uniform": (1.0, 1.0),
+                             "per_token": (tokens, steps * 10 / tokens)}[weighting]
+            grad, w = sent[-1]
+            assert w == weight and torch.allclose(grad, outer_grad * scale, rtol=1e-6, atol=0)
+    assert len(sent) == 2 and o.stats.failed[0] == 1 and o.stats.applied[0] == 1
