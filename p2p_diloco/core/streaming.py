@@ -114,6 +114,9 @@ class StreamingDiLoCo(CatchUp):
         self.unbacked: set[tuple[int, int]] = set()  # (fragment, round) whose state too few peers held (logged)
         self.reconciling = False  # the end of a run: one holder of a newer state is enough (`CatchUp._quorum`)
         self.stale_anchor = "average"  # a newer state that cannot be fetched: "average" with ours, or "sit_out"
+        self.now = 0  # the latest step the rounds were started or finished at
+        # what became of each round here, as `RoundRecord` dicts (None: not kept); whoever reads it empties it
+        self.round_log: list[dict] | None = None
         self.stats = RoundStats.empty(len(self.fragments))
 
     # -- schedule ---------------------------------------------------------
@@ -128,10 +131,12 @@ class StreamingDiLoCo(CatchUp):
 
     # -- the two halves of a sync -------------------------------------------
     def start_due_rounds(self, step: int) -> None:
+        self.now = step
         for k, r in self.schedule.due(step):
             self._start(k, r, step)
 
     def finish_due_rounds(self, step: int) -> None:
+        self.now = max(self.now, step)
         self.take_fetched()
         for k, flight in list(self.in_flight.items()):
             if flight.start_step + self.config.tau > step:
@@ -157,6 +162,7 @@ class StreamingDiLoCo(CatchUp):
         lag = self.config.outer_period - 1 if max_lag is None else min(max(max_lag, 0), self.config.outer_period - 1)
         for s in range(last + 1, step + 1):
             if s < step - lag:
+                self.now = s
                 for k, r in self.schedule.due(s):
                     self._sit_out(k, r, "the clock jumped past it")
                 continue
@@ -295,6 +301,7 @@ class StreamingDiLoCo(CatchUp):
             self.tokens_since_sync[k] += flight.tokens  # the next round carries this progress
             self.since_step[k] = flight.since_step
             log.warning("round not applied, fragment %d keeps its anchor: %s", k, e)
+            self._log_round(flight, "failed")
             return
         mean = mean.reshape(-1)
         if flight.subset is not None:
@@ -307,6 +314,17 @@ class StreamingDiLoCo(CatchUp):
         self.stats.failing_streak = 0
         self.stats.peers_last[k] = avg.peers
         self._publish(k, flight.key)
+        self._log_round(flight, "applied", avg.peers, avg.weight)
+
+    def _log_round(self, flight: _InFlight, outcome: str, peers: int = 0, group_weight: float = 0.0) -> None:
+        """One line of `round_log`: fragment, round, the steps it started and ended at (their difference: the
+        realized delay), applied / failed / sat_out / adopted (the swarm's state of that round taken instead, at
+        once or at a later round's start: `catch_up`), the tokens behind this peer's part, and for an applied
+        round the group's size and total weight."""
+        if self.round_log is not None:
+            self.round_log.append({"fragment": flight.key.fragment, "round": flight.key.round,
+                                   "start_step": flight.start_step, "end_step": self.now, "outcome": outcome,
+                                   "tokens": flight.tokens, "peers": peers, "group_weight": group_weight})
 
     def _publish(self, k: int, key: RoundKey) -> None:
         """This fragment now holds the agreed state of `key`: hash it once, tell the averager."""
@@ -319,6 +337,9 @@ class StreamingDiLoCo(CatchUp):
         self.stats.started[k] += 1
         self.stats.failed[k] += 1
         self.stats.not_averaged(f"sat out: {why}")
+        if self.round_log is not None:
+            self.round_log.append({"fragment": k, "round": round_, "start_step": self.now, "end_step": self.now,
+                                   "outcome": "sat_out", "tokens": 0, "peers": 0, "group_weight": 0.0})
 
     def _apply(self, k: int, avg: torch.Tensor, subset: slice | None = None,
                theta0: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> None:

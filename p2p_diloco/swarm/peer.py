@@ -220,6 +220,8 @@ class Peer:
                                       admission=self.admission, token=self.opts.token, audit=run.diloco.audit,
                                       sync_stride=run.diloco.sync_stride)
         self.outer = StreamingDiLoCo(self.model, run.diloco, self.averager, run_id=run.run_id)
+        if self.metrics.path is not None:  # what became of every round, into the metrics file
+            self.outer.round_log = []
         if self.opts.threads:
             # only now: an averager process forked after set_num_threads trips torch's "Invalid thread pool"
             # assert the first time one of its threads runs a parallel op
@@ -359,7 +361,15 @@ class Peer:
                           "tokens_per_s": record.tokens_per_s, "bytes_sent": record.bytes_sent,
                           "bytes_received": record.bytes_received, "rounds": list(stats.applied),
                           "failed": list(stats.failed), "recovered": list(stats.recovered), "eval_loss": eval_loss,
-                          **{k: figures[k] for k in ("mfu", "gpu_memory_mb") if figures[k] is not None}})
+                          **{k: figures[k] for k in ("mfu", "gpu_memory_mb") if figures[k] is not None},
+                          **({"round_records": self._drain_round_log()} if self.outer.round_log is not None else {})})
+
+    def _drain_round_log(self) -> list[dict]:
+        log = self.outer.round_log
+        n = len(log)
+        records = log[:n]
+        del log[:n]
+        return records
 
     def _figures(self, now: float) -> dict:
         """Tokens/s since training started, MFU (on a GPU whose peak is known, else None) and the GPU memory

@@ -762,3 +762,28 @@ def test_the_weighting_rule_sets_each_part_s_weight_and_scale_and_a_failed_round
             grad, w = sent[-1]
             assert w == weight and torch.allclose(grad, outer_grad * scale, rtol=1e-6, atol=0)
     assert len(sent) == 2 and o.stats.failed[0] == 1 and o.stats.applied[0] == 1
+
+
+def test_the_round_log_says_when_each_round_started_and_ended_and_what_became_of_it():
+    """`round_log` (kept when asked for): applied with its realized delay, group size and weights; failed; sat
+    out (a clock jump); nothing when not asked for."""
+    swarm = _Swarm()
+    o, _ = one_fragment_worker(swarm)  # H = 6, offset 6, tau 1
+    o.round_log = []
+    swarm.ready = False
+    for t in range(1, 10):
+        o.record_tokens(5)
+        if t == 9:
+            swarm.ready = True
+        o.sync(t)
+    assert o.round_log == [{"fragment": 0, "round": 0, "start_step": 6, "end_step": 9, "outcome": "applied",
+                            "tokens": 30, "peers": 1, "group_weight": 30.0}]
+    o.advance(9, 6 * 4 + 1)  # rounds 1, 2 and 3 due on the way: 1 and 2 sat out, 3 run
+    assert [(r["round"], r["start_step"], r["outcome"]) for r in o.round_log[1:]] == [
+        (1, 12, "sat_out"), (2, 18, "sat_out"), (3, 24, "applied")]
+    quiet = StreamingDiLoCo(build_model(SPEC, 0), o.config, _BadAverager(raise_on_begin=True))
+    quiet.advance(0, 7)
+    assert quiet.round_log is None and quiet.stats.failed[0] == 1
+    quiet.round_log = []
+    quiet.advance(7, 13)
+    assert [(r["round"], r["outcome"], r["tokens"]) for r in quiet.round_log] == [(1, "failed", 1)]

@@ -245,6 +245,16 @@ def test_peers_of_different_speeds_on_a_dataset_outlive_their_host(run, tmp_path
         lines = [json.loads(t) for t in (r.workdir / f"metrics-{p['peer_id']}.jsonl").read_text().splitlines()]
         assert len(lines) >= 3 and lines[-1]["eval_loss"] == pytest.approx(p["eval_loss"]), lines[-1]
         assert lines[-1]["rounds"] == p["rounds"] and lines[-1]["global_step"] == p["global_step"]
+        # ...and what became of each round (the schedule a replay reads): applied and adopted ones add up to the
+        # summary's rounds; an applied one landed tau or more global steps after it started (the final rounds at
+        # the last step), in a group
+        records = [rec for line in lines for rec in line["round_records"]]
+        for k, n in enumerate(p["rounds"]):
+            assert sum(rec["fragment"] == k and rec["outcome"] in ("applied", "adopted") for rec in records) == n
+        applied = [rec for rec in records if rec["outcome"] == "applied"]
+        odd = [rec for rec in applied if not (rec["peers"] >= 2 and rec["group_weight"] >= rec["tokens"] > 0 and (
+            rec["end_step"] >= rec["start_step"] + 1 or rec["start_step"] == p["global_step"]))]  # (final rounds)
+        assert applied and not odd, odd
     drawn = subprocess.run([sys.executable, "-m", "p2p_diloco.cli", "plot", str(r.workdir)], capture_output=True,
                            text=True, timeout=120)
     assert drawn.returncode == 0, drawn.stderr
