@@ -115,7 +115,7 @@ class StreamingDiLoCo(CatchUp):
         self.reconciling = False  # the end of a run: one holder of a newer state is enough (`CatchUp._quorum`)
         self.stale_anchor = "average"  # a newer state that cannot be fetched: "average" with ours, or "sit_out"
         self.now = 0  # the latest step the rounds were started or finished at
-        # what became of each round here, as `RoundRecord` dicts (None: not kept); whoever reads it empties it
+        # what became of each round here, one dict each (`_log_round`; None: not kept); its reader empties it
         self.round_log: list[dict] | None = None
         self.stats = RoundStats.empty(len(self.fragments))
 
@@ -306,7 +306,9 @@ class StreamingDiLoCo(CatchUp):
         mean = mean.reshape(-1)
         if flight.subset is not None:
             mean = mean[:covered(self.anchors[k].numel(), self.config.sync_stride, flight.key.round)]
-        self._apply(k, mean, flight.subset, flight.theta0, flight.shift)
+        # no step in flight (tau 0, an averager that answered at once) and no eager move: the plain merge, to the bit
+        keep = self.now > flight.start_step or flight.shift is not None
+        self._apply(k, mean, flight.subset, flight.theta0 if keep else None, flight.shift)
         self.base_round[k] = flight.key.round
         if self.residuals is not None and flight.residual_after is not None:
             self.residuals[k] = flight.residual_after

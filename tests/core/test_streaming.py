@@ -78,12 +78,14 @@ def naive_run(config: DiLoCoConfig, workers: int, steps: int):
     momentum = {n: torch.zeros_like(a) for n, a in anchor.items()}
     pending = {}
     log = []
+    theta0 = {}
     for t in range(1, steps + 1):
         for w in range(workers):
             trainers[w].step(data[w][t - 1])
         for k in range(n_frag):
             if t in starts[k]:
                 pending[k] = (t, [{n: anchor[n] - params[w][n].detach() for n in names[k]} for w in range(workers)])
+                theta0[k] = [{n: params[w][n].detach().clone() for n in names[k]} for w in range(workers)]
         for k in list(pending):
             t0, deltas = pending[k]
             if t0 + config.tau == t:
@@ -97,7 +99,10 @@ def naive_run(config: DiLoCoConfig, workers: int, steps: int):
                     anchor[n] = anchor[n] - config.outer_lr * (avg + config.outer_momentum * momentum[n])
                     for w in range(workers):
                         with torch.no_grad():
-                            params[w][n].copy_(config.alpha * params[w][n] + (1 - config.alpha) * anchor[n])
+                            if config.overlap == "keep" and t > t0:  # the steps trained meanwhile stay
+                                params[w][n].add_((1 - config.alpha) * (anchor[n] - theta0[k][w][n]))
+                            else:
+                                params[w][n].copy_(config.alpha * params[w][n] + (1 - config.alpha) * anchor[n])
     return anchor, momentum, params, log
 
 
@@ -121,10 +126,11 @@ def core_run(config: DiLoCoConfig, workers: int, steps: int, group: LocalGroup |
     return outer, models, log
 
 
+@pytest.mark.parametrize("overlap", ["plain", "keep"])
 @pytest.mark.parametrize("tau,alpha", [(0, 0.0), (1, 0.5), (2, 0.3)])
-def test_core_matches_naive_reference_bit_for_bit(tau, alpha):
+def test_core_matches_naive_reference_bit_for_bit(tau, alpha, overlap):
     config = DiLoCoConfig(outer_period=9, fragments=2, tau=tau, alpha=alpha, outer_lr=0.7, codec="fp32",
-                          warmup_steps=3, total_steps=40, inner_lr=3e-3)
+                          warmup_steps=3, total_steps=40, inner_lr=3e-3, overlap=overlap)
     steps = 31
     anchor, momentum, params, ref_log = naive_run(config, workers=3, steps=steps)
     outer, models, log = core_run(config, workers=3, steps=steps)
