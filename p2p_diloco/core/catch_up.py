@@ -65,7 +65,8 @@ class CatchUp:
         the state the others will hold after it, trains on while it downloads, adopts it
         as soon as it is in (`take_fetched`) and joins the round after (a download that
         is still under way at that round is let finish, and adopted). When the state
-        cannot be fetched this peer takes part with what it has and tries again next
+        cannot be fetched this peer takes part with what it has (`stale_anchor` "average", the rule; "sit_out"
+        sits the round out instead, for the simulator's comparison) and tries again next
         round: nobody ever waits long for a state, so a swarm can never lock itself out
         of rounds.
         """

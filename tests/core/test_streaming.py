@@ -793,3 +793,21 @@ def test_the_round_log_says_when_each_round_started_and_ended_and_what_became_of
     quiet.round_log = []
     quiet.advance(7, 13)
     assert [(r["round"], r["outcome"], r["tokens"]) for r in quiet.round_log] == [(1, "failed", 1)]
+
+
+@pytest.mark.parametrize("rule", ["average", "sit_out"])
+def test_a_worker_behind_whose_newer_state_cannot_be_fetched_averages_with_its_own_by_default(rule):
+    """The stale-anchor rule (README: Stale anchors, measured): the others hold a newer agreed round that nobody
+    can hand over; by default ("average") this worker takes part in the round with its outer gradient against
+    its own older anchor, and re-downloads at the next round; "sit_out" (the simulator's alternative) leaves the
+    round to the others. Either way nothing of its state changes before the round."""
+    swarm = _Swarm()
+    o, _ = one_fragment_worker(swarm)
+    assert o.stale_anchor == "average"
+    o.stale_anchor = rule
+    swarm.reports[0] = RoundReport(1, {"e" * 64: 2}, voters=2)  # round 1 is agreed, its state is not servable
+    before = snapshot(o)
+    o.start_due_rounds(o.offsets[0] + 2 * 6)  # round 2: this worker still holds the seed
+    assert swarm.pending == ([RoundKey("local", 0, 2)] if rule == "average" else [])
+    assert o.stats.failed[0] == (0 if rule == "average" else 1)
+    assert_same(snapshot(o), before)
