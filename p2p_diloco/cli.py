@@ -37,8 +37,8 @@ def diloco_options(f):
         click.option("--overlap", default=None, type=click.Choice(["plain", "keep", "eager"]),
                      help="The steps trained while a round's mean is in flight (it lands d steps after the round "
                           "started): plain merges them as the paper does (a share 1 - alpha of them lost), keep "
-                          "keeps them (measured best), eager first merges this peer's own outer step at once and corrects it when "
-                          "the mean lands (README: Late results) [default: keep]."),
+                          "keeps them (measured best), eager first merges this peer's own outer step at once and "
+                          "corrects it when the mean lands (README: Late results) [default: keep]."),
         click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7]."),
         click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9]."),
         click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100]."),
