@@ -280,10 +280,7 @@ class CatchUp:
         if count:
             self.stats.applied[k] += 1
             self.stats.recovered[k] += 1
-            if self.round_log is not None:
-                self.round_log.append({"fragment": k, "round": key.round, "start_step": self.now,
-                                       "end_step": self.now, "outcome": "adopted", "tokens": 0, "peers": 0,
-                                       "group_weight": 0.0})
+            self._log_round(k, key.round, "adopted")
         self._publish(k, key)
         return True
 

@@ -306,7 +306,7 @@ class StreamingDiLoCo(CatchUp):
             self.tokens_since_sync[k] += flight.tokens  # the next round carries this progress
             self.since_step[k] = flight.since_step
             log.warning("round not applied, fragment %d keeps its anchor: %s", k, e)
-            self._log_round(flight, "failed")
+            self._log_round(k, flight.key.round, "failed", flight.start_step, flight.tokens)
             return
         mean = mean.reshape(-1)
         if flight.subset is not None:
@@ -321,17 +321,19 @@ class StreamingDiLoCo(CatchUp):
         self.stats.failing_streak = 0
         self.stats.peers_last[k] = avg.peers
         self._publish(k, flight.key)
-        self._log_round(flight, "applied", avg.peers, avg.weight)
+        self._log_round(k, flight.key.round, "applied", flight.start_step, flight.tokens, avg.peers, avg.weight)
 
-    def _log_round(self, flight: _InFlight, outcome: str, peers: int = 0, group_weight: float = 0.0) -> None:
+    def _log_round(self, k: int, round_: int, outcome: str, start_step: int | None = None, tokens: int = 0,
+                   peers: int = 0, group_weight: float = 0.0) -> None:
         """One line of `round_log`: fragment, round, the steps it started and ended at (their difference: the
         realized delay), applied / failed / sat_out / adopted (the swarm's state of that round taken instead, at
         once or at a later round's start: `catch_up`), the tokens behind this peer's part, and for an applied
         round the group's size and total weight."""
         if self.round_log is not None:
-            self.round_log.append({"fragment": flight.key.fragment, "round": flight.key.round,
-                                   "start_step": flight.start_step, "end_step": self.now, "outcome": outcome,
-                                   "tokens": flight.tokens, "peers": peers, "group_weight": group_weight})
+            self.round_log.append({"fragment": k, "round": round_,
+                                   "start_step": self.now if start_step is None else start_step,
+                                   "end_step": self.now, "outcome": outcome, "tokens": tokens, "peers": peers,
+                                   "group_weight": group_weight})
 
     def _publish(self, k: int, key: RoundKey) -> None:
         """This fragment now holds the agreed state of `key`: hash it once, tell the averager."""
@@ -344,9 +346,7 @@ class StreamingDiLoCo(CatchUp):
         self.stats.started[k] += 1
         self.stats.failed[k] += 1
         self.stats.not_averaged(f"sat out: {why}")
-        if self.round_log is not None:
-            self.round_log.append({"fragment": k, "round": round_, "start_step": self.now, "end_step": self.now,
-                                   "outcome": "sat_out", "tokens": 0, "peers": 0, "group_weight": 0.0})
+        self._log_round(k, round_, "sat_out")
 
     def _apply(self, k: int, avg: torch.Tensor, subset: slice | None = None,
                theta0: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> None:
