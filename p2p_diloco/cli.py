@@ -168,15 +168,22 @@ def main(verbose: bool) -> None:
 @click.option("--stale-anchor", default=None, type=click.Choice(["average", "sit_out"]),
               help="A worker behind the swarm that cannot fetch its newer state: average with its own older anchor, "
                    "or sit the round out (measured: README, Stale anchors) [default: the core's rule].")
+@click.option("--replay", "replay_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A finished swarm's directory (a local-swarm --workdir): train its model on its peers' data orders "
+                   "with its schedule (who trained when, who took part in which round, when each mean landed) and "
+                   "report its eval loss beside the swarm's. Give --data if the swarm trained on it.")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON here.")
 @click.option("--plot", "plot_path", default=None,
               help="PNG of eval loss against tokens [default: next to --json, else ./simulate.png].")
 def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, eval_every, jobs, delay, speeds,
-             fail_chance, group, away, stale_anchor, json_path, plot_path, **diloco):
+             fail_chance, group, away, stale_anchor, replay_dir, json_path, plot_path, **diloco):
     """Compare data-parallel, DiLoCo and Streaming DiLoCo in one process on the same token budget."""
     from .task import simulate as sim
     from .task.model import model_spec
 
+    if replay_dir:
+        _replay(replay_dir, data, eval_every, stale_anchor, json_path, plot_path)
+        return
     method_list = [m.strip() for m in methods.split(",")] if methods else list(sim.DEFAULT_METHODS)
     given = _pop_diloco(diloco)
     base = dict(seed=seed, **given)
@@ -224,6 +231,51 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
         click.echo(f"report: {json_path}")
         plot_path = plot_path or os.path.splitext(json_path)[0] + ".png"
     plot_path = plot_path or "simulate.png"
+    if plot_path:
+        sim.plot(report, plot_path)
+        click.echo(f"plot: {plot_path}")
+
+
+_REPLAY_TAKES = ("workers", "steps", "methods", "model", "batch_size", "inner_lr", "seed", "delay", "speeds",
+                 "fail_chance", "group", "away", *_DILOCO_KEYS)
+
+
+def _replay(replay_dir, data, eval_every, stale_anchor, json_path, plot_path) -> None:
+    from .task import simulate as sim
+    from .task.data import Corpus
+    from .task.model import PRESETS
+    from .task.replay import check_data, comparison_table, read_run
+
+    context = click.get_current_context()
+    given = [p.opts[0] for p in context.command.params if p.name in _REPLAY_TAKES
+             and context.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        raise fail(ConfigError(f"--replay takes the run's own schedule, model and config: drop {', '.join(given)}"),
+                   usage=True)
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        check_output_file(path, option)
+    try:
+        recorded = read_run(os.path.abspath(replay_dir))
+        check_data(recorded, Corpus.load(list(data) or None).description)
+    except ConfigError as e:
+        raise fail(e, usage=True) from None
+    spec = recorded.run.model
+    name = next((n for n, s in PRESETS.items() if s == spec), f"{spec.describe()} (the run's)")
+    settings = sim.SimSettings(workers=len(recorded.peers), steps=recorded.steps, batch_size=recorded.run.batch_size,
+                               model=name, eval_every=eval_every, data=list(data),
+                               stale_anchor=stale_anchor, replay=recorded.path)
+    try:
+        report = sim.replay(settings)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    except sim.SimulationFailed as e:
+        raise click.ClickException(str(e)) from None
+    click.echo()
+    click.echo(comparison_table(report))
+    if json_path:
+        sim.write_json(report, json_path)
+        click.echo(f"report: {json_path}")
+        plot_path = plot_path or os.path.splitext(json_path)[0] + ".png"
     if plot_path:
         sim.plot(report, plot_path)
         click.echo(f"plot: {plot_path}")
@@ -477,6 +529,9 @@ def host(run_id, model, tokenizer_dir, batch_size, batch_tokens, inner_lr, codec
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch threads [default: torch's choice].")
 @click.option("--step-delay", default=0.0, type=click.FloatRange(min=0), show_default=True,
               help="Sleep this many seconds after every inner step: a deliberately slow peer, for tests.")
+@click.option("--data-seed", default=None, type=click.IntRange(0, 2**32 - 1),
+              help="Seed of the order this peer reads its data in (local-swarm gives each trainer its own, so "
+                   "identical swarms read alike) [default: from the peer id: no two peers read alike].")
 @click.option("--checkpoint-dir", default=None, help="Save this peer's state here (safetensors + metadata, "
               "atomically) every --checkpoint-every applied rounds and on exit.")
 @click.option("--checkpoint-every", default=10, show_default=True, type=click.IntRange(min=1),
@@ -509,7 +564,7 @@ def host(run_id, model, tokenizer_dir, batch_size, batch_tokens, inner_lr, codec
               help="This machine's copy of the run's tokenizer directory (a run that names one).")
 def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs, announce_maddrs, data, dataset,
          text_field, streaming, summary_path, threads,
-         step_delay, checkpoint_dir, checkpoint_every, resume, progress_json, global_steps,
+         step_delay, data_seed, checkpoint_dir, checkpoint_every, resume, progress_json, global_steps,
          wait_for_peers, token, identity_path, run_dir, tensorboard_dir, wandb_project, device, precision,
          micro_batch, compile_model, model_dir, tokenizer_dir):
     """Train with a run: read its config from the DHT, average fragments with its peers."""
@@ -563,7 +618,8 @@ def join(initial_peers, run_id, steps, bandwidth, client_mode, port, host_maddrs
     opts = JoinOptions(initial_peers, run_id, steps, bandwidth, client_mode, listen, announce, list(data),
                        summary_path, progress_json, global_steps is not None, threads, global_steps=global_steps,
                        wait_for_peers=wait_for_peers,
-                       step_delay=step_delay, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                       step_delay=step_delay, data_seed=data_seed, checkpoint_dir=checkpoint_dir,
+                       checkpoint_every=checkpoint_every,
                        resume=resume, token=(token or "").strip(), identity_path=identity_path, run_dir=run_dir,
                        tensorboard_dir=tensorboard_dir, wandb_project=wandb_project, dataset=dataset,
                        text_field=text_field, streaming=streaming, device=device, precision=precision,

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from ..node import attacks
@@ -159,7 +160,8 @@ class LocalSwarm:
         _remove_stale(summary)
         args = ["join", "--initial-peers", maddr, "--run-id", self.run.run_id, "--global-steps", str(self.steps),
                 "--summary", summary, "--run-dir", self.workdir, "--progress-json", "--threads", "1",
-                "--wait-for-peers", str(wait_for), *self._listen(name), *self.trainer_args, *(extra or [])]
+                "--wait-for-peers", str(wait_for), "--data-seed", str(zlib.crc32(name.encode())),
+                *self._listen(name), *self.trainer_args, *(extra or [])]
         if self.links is not None:
             args += ["--bandwidth", str(self._link(name).up_mbit)]
         if self.run_key is not None:

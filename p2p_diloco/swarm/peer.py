@@ -21,7 +21,6 @@ summary's `problem` says when this peer averaged nothing (`join` then exits non-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ from ..node.admission import Admission, AdmissionError, Token
 from ..node.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from ..node.metrics import Metrics
 from ..node.records import PeerProgress, RunConfig
-from ..task.data import BatchStream, Corpus
+from ..task.data import BatchStream, Corpus, data_seed
 from ..task.dataset import DatasetStream, TextDataset
 from ..task.tokenizer import HFTokenizer, has_tokenizer
 from ..task.device import autocast_for, describe_device, memory_used, peak_flops, pick_device, resolve_precision
@@ -91,6 +90,7 @@ class JoinOptions:
     global_steps: int | None = None  # stop when the swarm clock reaches this step (local-swarm)
     wait_for_peers: int = 1  # start training once this many peers are present (local-swarm)
     step_delay: float = 0.0  # seconds of sleep after every inner step: a deliberately slow peer
+    data_seed: int | None = None  # this peer's data order (None: from its peer id, `task.data.data_seed`)
     checkpoint_dir: str | None = None  # save here every `checkpoint_every` applied rounds and on exit
     checkpoint_every: int = 10
     resume: str | None = None  # a checkpoint directory to start from
@@ -167,7 +167,7 @@ class Peer:
         self.model = self.model.to(self.device)
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.peak_flops = peak_flops(self.device)
-        seed = int.from_bytes(hashlib.sha256(self.peer_id.encode()).digest()[:4], "little")
+        self.data_seed = seed = data_seed(self.peer_id) if opts.data_seed is None else opts.data_seed
         tokenizer = _run_tokenizer(run, opts)
         if opts.dataset:  # HF `datasets`: this peer's own stretch of the rows (`task.dataset`)
             dataset = TextDataset.load(opts.dataset, opts.text_field, opts.streaming or None, tokenizer)
@@ -196,6 +196,7 @@ class Peer:
         self.time_to_join = 0.0
         self.step, self.loss = 0, float("nan")  # this peer's inner steps and its latest training loss
         self.global_step = self.first_step = 0
+        self.trained_at: list[int] = []  # the global step of each inner step since the last metrics line
         self.started = self.last_report = self.config_published = 0.0
         self.published = math.inf  # when this peer's progress record last went out (none before training)
         self.silent_for = HELD_UP_S  # the heartbeat publishes once no record went out for this long
@@ -295,6 +296,8 @@ class Peer:
             self.global_step = min(self.global_step, self.opts.global_steps)
         self.saved_at_rounds = sum(self.outer.stats.applied)
         while not self._at_end():
+            if self.outer.round_log is not None:  # (kept for the metrics file)
+                self.trained_at.append(self.global_step)
             self.loss = self.trainer.step(self.stream.next().to(self.device), schedule_step=self.global_step)
             if self.opts.step_delay:
                 time.sleep(self.opts.step_delay)
@@ -362,7 +365,13 @@ class Peer:
                           "bytes_received": record.bytes_received, "rounds": list(stats.applied),
                           "failed": list(stats.failed), "recovered": list(stats.recovered), "eval_loss": eval_loss,
                           **{k: figures[k] for k in ("mfu", "gpu_memory_mb") if figures[k] is not None},
-                          **({"round_records": self._drain_round_log()} if self.outer.round_log is not None else {})})
+                          **({"round_records": self._drain_round_log(), "trained_at": self._drain_trained_at(),
+                              "data_seed": self.data_seed, "data": self.data_description}
+                             if self.outer.round_log is not None else {})})
+
+    def _drain_trained_at(self) -> list[int]:
+        steps, self.trained_at = self.trained_at, []
+        return steps
 
     def _drain_round_log(self) -> list[dict]:
         log = self.outer.round_log

@@ -106,6 +106,11 @@ def _gather(data: torch.Tensor, starts: torch.Tensor, window: int) -> torch.Tens
     return data[starts[:, None] + torch.arange(window)].long()
 
 
+def data_seed(peer_id: str) -> int:
+    """The seed of a swarm peer's data order: its own (from its peer id), so no two peers read alike."""
+    return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little")
+
+
 class BatchStream:
     """Random windows from one shard, reproducible from (seed, shard index)."""
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.aggregation import Aggregation
-from ..core.averaging import FragmentAverage, FragmentAverager, PendingAverage, RoundKey
+from ..core.averaging import FragmentAverager, PendingAverage, RoundKey
 from ..core.codecs import get_codec
 from ..core.config import ConfigError, DiLoCoConfig
 from ..core.inner import InnerTrainer
@@ -33,8 +33,9 @@ from ..core.streaming import StreamingDiLoCo
 from ..node.attacks import Attack
 from ..node.attacks import parse as parse_attack
 from .data import BatchStream, Corpus
-from .model import build_model, evaluate, lm_loss, model_spec
-from .swarm_script import Board, ScriptedMember, SwarmScript
+from .model import ModelSpec, build_model, evaluate, lm_loss, model_spec
+from .replay import ReplayScript, check_data, comparison, read_run
+from .swarm_script import Board, LatePending, ScriptedMember, SwarmScript
 
 # name -> overrides of the base DiLoCoConfig; None marks data-parallel
 METHODS: dict[str, dict[str, Any] | None] = {
@@ -93,12 +94,22 @@ class SimSettings:
     group: int | None = None
     away: int = 0
     stale_anchor: str | None = None
+    # a finished swarm's directory whose schedule, config, model, seeds and data order to replay (`task/replay.py`);
+    # it sets workers, steps and the batch, and the method's config is the run's own
+    replay: str | None = None
 
-    def script(self) -> SwarmScript:
+    def script(self) -> SwarmScript | ReplayScript:
+        if self.replay:
+            return ReplayScript(read_run(self.replay))
         return SwarmScript(self.workers, tuple(self.speeds) if self.speeds else None, self.fail, self.group,
                            self.away, seed=int(self.base.get("seed", 0)))
 
+    def model_spec(self) -> ModelSpec:
+        return read_run(self.replay).run.model if self.replay else model_spec(self.model)
+
     def config_for(self, method: str) -> DiLoCoConfig:
+        if self.replay:
+            return read_run(self.replay).run.diloco
         values = dict(self.base)
         values.setdefault("total_steps", self.steps)
         overrides = METHODS[method]
@@ -123,15 +134,23 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
         raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     torch.set_num_threads(1)
     config = settings.config_for(method)
-    spec = model_spec(settings.model)
+    spec = settings.model_spec()
     if spec.vocab_size < 256:
         raise ConfigError(f"--model {settings.model}: a vocabulary of {spec.vocab_size}; simulate reads its data as "
                           "bytes (256 ids)")
     weights = settings.model if spec.weights else None  # (a model directory's pretrained weights)
+    if settings.replay and (spec.weights or spec.tokenizer):
+        raise ConfigError(f"--replay {settings.replay}: the run trained a model with pretrained weights or a "
+                          "tokenizer; a replay builds its model from the run config alone and reads bytes")
     corpus = Corpus.load(settings.data or None)
     eval_batches = corpus.eval_batches(spec.seq_len, 16, settings.final_eval_batches)
-    streams = [BatchStream(corpus.shard(w, settings.workers), spec.seq_len, settings.batch_size,
-                           seed=config.seed * 1000 + w) for w in range(settings.workers)]
+    if settings.replay:  # each peer's own data order, as `swarm/peer.py` reads it
+        check_data(read_run(settings.replay), corpus.description)
+        streams = [BatchStream(corpus.train, spec.seq_len, settings.batch_size, seed=p.data_seed)
+                   for p in read_run(settings.replay).peers]
+    else:
+        streams = [BatchStream(corpus.shard(w, settings.workers), spec.seq_len, settings.batch_size,
+                               seed=config.seed * 1000 + w) for w in range(settings.workers)]
     eval_model = build_model(spec, config.seed, weights)
     tokens_per_step = settings.workers * settings.batch_size * spec.seq_len
     curve: list[tuple[int, float]] = []
@@ -165,10 +184,10 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
         if attack is not None:
             members[-1] = _Attacker(members[-1], attack)
         script = settings.script()
+        clock = [0]  # the step the workers are at
         if script.scripted:
             board = Board()
-            members = [ScriptedMember(m, w, script, board) for w, m in enumerate(members)]
-        clock = [0]  # the step the workers are at
+            members = [ScriptedMember(m, w, script, board, clock) for w, m in enumerate(members)]
         if settings.delay is not None:
             members = [LateResults(m, clock, settings.delay) for m in members]
             result["delay"] = min(max(settings.delay, config.tau), max(config.tau, config.outer_period - 1))
@@ -184,8 +203,10 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
         for step in range(1, settings.steps + 1):
             losses = []
             for w, (t, s, o) in enumerate(zip(trainers, streams, outer)):
-                if script.trains(w, step):
-                    losses.append(t.step(s.next()))
+                for _ in range(script.steps(w, step)):
+                    # a replay's learning rates follow the swarm's clock, as its peers' did (tick t: global step
+                    # t - 1); otherwise each worker's own steps
+                    losses.append(t.step(s.next(), schedule_step=step - 1 if settings.replay else None))
                     o.record_tokens(settings.batch_size * spec.seq_len)
                     trained[w] += 1
             clock[0] = step
@@ -225,6 +246,8 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
                 rounds_recovered_per_worker=[sum(o.stats.recovered) for o in outer],
                 rounds_failed_per_worker=[sum(o.stats.failed) for o in outer],
             )
+        if settings.replay:
+            result["groups_differ"] = script.groups_differ
     result.update(
         eval_loss=evaluate(global_model(), eval_batches),
         tokens=settings.steps * tokens_per_step if METHODS[method] is None
@@ -253,18 +276,7 @@ class LateResults(FragmentAverager):
         self.member, self.clock, self.delay = member, clock, delay
 
     def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
-        return _Late(self.member.begin(key, outer_grad, weight), self.clock, self.clock[0] + self.delay)
-
-
-class _Late(PendingAverage):
-    def __init__(self, pending: PendingAverage, clock: list[int], ready_at: int):
-        self.pending, self.clock, self.ready_at = pending, clock, ready_at
-
-    def done(self) -> bool:
-        return self.clock[0] >= self.ready_at
-
-    def result(self) -> FragmentAverage:
-        return self.pending.result()
+        return LatePending(self.member.begin(key, outer_grad, weight), self.clock, self.clock[0] + self.delay)
 
 
 def _worker(label: str, method: str, settings: SimSettings, queue) -> None:
@@ -340,7 +352,7 @@ def _run_all(runs: list[tuple[str, str, SimSettings]], jobs: int, keep_failures:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         settings.config_for(method)  # refuse a bad config before starting anything
-        model_spec(settings.model)
+        settings.model_spec()
         if settings.data:
             Corpus.load(settings.data, max_bytes=1)
     ctx = mp.get_context("spawn")
@@ -386,6 +398,15 @@ def simulate(methods: list[str], settings: SimSettings, jobs: int) -> dict:
     results = _run_all([(m, m, settings) for m in methods], jobs)
     return {"settings": asdict(settings), "wall_s": round(time.time() - start, 2),
             "methods": {m: results[m] for m in methods}}
+
+
+def replay(settings: SimSettings) -> dict:
+    """The recorded swarm in `settings.replay`, replayed; its report holds the swarm's own results beside."""
+    start = time.time()
+    result = _run_all([("replay", "streaming_diloco", settings)], 1)["replay"]
+    recorded = read_run(settings.replay)
+    return {"settings": asdict(settings), "wall_s": round(time.time() - start, 2), "methods": {"replay": result},
+            "swarm": recorded.summary(), "comparison": comparison(recorded, result)}
 
 
 def sweep(methods: list[str], settings: SimSettings, inner_lrs: list[float], jobs: int) -> dict:

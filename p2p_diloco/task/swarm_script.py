@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverager, PendingAverage, RoundKey,
-                              RoundReport)
+from ..core.averaging import (AgreedState, AveragingFailed, FragmentAverage, FragmentAverager, PendingAverage,
+                              RoundKey, RoundReport)
 
 AWAY_FIRST_ROUND = 5  # a worker `away` leaves for the first time at this round of every fragment
 AWAY_EVERY = 10  # ... and again every this many rounds
@@ -62,6 +62,14 @@ class SwarmScript:
         `tick` ticks."""
         s = 1.0 if self.speeds is None else self.speeds[worker]
         return math.floor(tick * s + 1e-9) > math.floor((tick - 1) * s + 1e-9)
+
+    def steps(self, worker: int, tick: int) -> int:
+        """Inner steps `worker` makes at `tick` (0 or 1 here; a replayed swarm's fast peer may make more)."""
+        return int(self.trains(worker, tick))
+
+    def ready_at(self, key: RoundKey, worker: int) -> int | None:
+        """The tick at which `worker`'s mean of round `key` lands (None: at once; `simulate --delay` delays all)."""
+        return None
 
     def away_from(self, key: RoundKey, worker: int) -> bool:
         r = key.round - AWAY_FIRST_ROUND
@@ -114,17 +122,35 @@ class Board:
         return None if state is None else AgreedState(state.anchor.clone(), state.momentum.clone())
 
 
-class ScriptedMember(FragmentAverager):
-    """Worker `index` of a scripted swarm: a `LocalGroup` member that misses the rounds the script says, publishes
-    what it applies to the `Board`, and recovers states from it (except those the script keeps from it)."""
+class LatePending(PendingAverage):
+    """A round's mean that is not `done()` before the tick in `clock[0]` reaches `ready_at`: the core trains on
+    meanwhile, as it does while a swarm's result is on its way."""
 
-    def __init__(self, member: FragmentAverager, index: int, script: SwarmScript, board: Board):
-        self.member, self.index, self.script, self.board = member, index, script, board
+    def __init__(self, pending: PendingAverage, clock: list[int], ready_at: int):
+        self.pending, self.clock, self.ready_at = pending, clock, ready_at
+
+    def done(self) -> bool:
+        return self.clock[0] >= self.ready_at
+
+    def result(self) -> FragmentAverage:
+        return self.pending.result()
+
+
+class ScriptedMember(FragmentAverager):
+    """Worker `index` of a scripted swarm: a `LocalGroup` member that misses the rounds the script says, whose
+    means land when the script says (`ready_at`, on the ticks in `clock[0]`), publishes what it applies to the
+    `Board`, and recovers states from it (except those the script keeps from it)."""
+
+    def __init__(self, member: FragmentAverager, index: int, script: SwarmScript, board: Board,
+                 clock: list[int] | None = None):
+        self.member, self.index, self.script, self.board, self.clock = member, index, script, board, clock
 
     def begin(self, key: RoundKey, outer_grad: torch.Tensor, weight: float) -> PendingAverage:
         if self.script.absent(key, self.index):
             raise AveragingFailed(f"{key}: worker {self.index} missed the round (scripted)")
-        return self.member.begin(key, outer_grad, weight)
+        pending = self.member.begin(key, outer_grad, weight)
+        ready = self.script.ready_at(key, self.index)
+        return pending if ready is None or self.clock is None else LatePending(pending, self.clock, ready)
 
     def applied(self, key: RoundKey, anchor: torch.Tensor, momentum: torch.Tensor, digest: str) -> None:
         self.board.publish(self.index, key, anchor, momentum, digest)

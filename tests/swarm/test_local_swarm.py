@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,12 @@ def test_peers_of_different_speeds_on_a_dataset_outlive_their_host(run, tmp_path
         odd = [rec for rec in applied if not (rec["peers"] >= 2 and rec["group_weight"] >= rec["tokens"] > 0 and (
             rec["end_step"] >= rec["start_step"] + 1 or rec["start_step"] == p["global_step"]))]  # (final rounds)
         assert applied and not odd, odd
+        # ...and the global step each inner step trained at (what a replay's workers train at), in order
+        trained_at = [g for line in lines for g in line["trained_at"]]
+        assert len(trained_at) == p["inner_steps"] and trained_at == sorted(trained_at), trained_at
+        assert trained_at[-1] < p["global_step"]
+        # local-swarm gives each trainer a data order of its own, the same in every run (`join --data-seed`)
+        assert {line["data_seed"] for line in lines} == {zlib.crc32(p["name"].encode())}
     drawn = subprocess.run([sys.executable, "-m", "p2p_diloco.cli", "plot", str(r.workdir)], capture_output=True,
                            text=True, timeout=120)
     assert drawn.returncode == 0, drawn.stderr

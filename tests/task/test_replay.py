@@ -1,0 +1,136 @@
+"""`simulate --replay RUN_DIR` (`task/replay.py`): a recorded swarm's schedule read back from its metrics files and
+replayed — each worker makes its inner steps at the global steps its peer made them, takes part in the rounds its
+peer applied and no other, and takes each mean at the step its peer applied it; bad records are refused by name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from p2p_diloco.core.config import ConfigError, DiLoCoConfig
+from p2p_diloco.core.schedule import Schedule
+from p2p_diloco.node.records import RunConfig
+from p2p_diloco.task.data import Corpus, data_seed
+from p2p_diloco.task.model import PRESETS
+from p2p_diloco.task.replay import ReplayScript, check_data, read_run
+from p2p_diloco.task.simulate import SimSettings, run_method
+
+STEPS = 120
+CONFIG = DiLoCoConfig(outer_period=20, fragments=2, tau=1, total_steps=STEPS, warmup_steps=10)
+
+
+def _keys() -> list[tuple[int, int, int]]:
+    """(fragment, round, start step) of every round of the run, the final ones (at STEPS) included."""
+    schedule = Schedule(CONFIG)
+    keys = [(k, r, t) for t in range(1, STEPS + 1) for k, r in schedule.due(t)]
+    final = [(k, schedule.next_round(k, STEPS), STEPS) for k in range(len(CONFIG.offsets()))
+             if schedule.round_at(k, STEPS) is None]
+    return keys + final
+
+
+def record_run(path, trained_at: dict[str, list[int]], missed: dict[str, set], delay: int = 3) -> None:
+    """A run directory as a local swarm leaves it: its run config and a metrics file per peer, whose lines hold
+    `trained_at` and the round records (every round applied `delay` steps after its start, but those in
+    `missed[peer]`)."""
+    path.mkdir(exist_ok=True)
+    (path / "run_config.msgpack").write_bytes(
+        RunConfig("replayed", CONFIG, PRESETS["tiny"], batch_size=2, data="the stdlib sources").encode())
+    keys = _keys()
+    for peer, steps in trained_at.items():
+        takers = {(k, r): sum((k, r) not in missed[p] for p in trained_at) for k, r, _ in keys}
+        records = [{"fragment": k, "round": r, "start_step": t, "end_step": min(t + delay, STEPS),
+                    "outcome": "failed" if (k, r) in missed[peer] else "applied", "tokens": 64,
+                    "peers": takers[(k, r)], "group_weight": 128.0} for k, r, t in keys]
+        lines = []
+        for i in range(0, len(steps), 25):  # a line every 25 inner steps, the last with the eval loss
+            lines.append({"peer_id": peer, "step": i, "global_step": STEPS, "trained_at": steps[i:i + 25],
+                          "round_records": records if i == 0 else [], "eval_loss": None})
+        lines[-1]["eval_loss"] = 3.5
+        (path / f"metrics-{peer}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_a_replay_trains_and_averages_as_the_recorded_peers_did(tmp_path):
+    # QmA at every global step; QmB every other one, twice at step 60, and it missed two rounds
+    fast, slow = list(range(STEPS)), [g for g in range(0, STEPS, 2)] + [60]
+    missed = {"QmA": set(), "QmB": {(0, 2), (1, 3)}}
+    record_run(tmp_path / "run", {"QmA": fast, "QmB": sorted(slow)}, missed)
+    recorded = read_run(str(tmp_path / "run"))
+    assert [p.peer_id for p in recorded.peers] == ["QmA", "QmB"] and recorded.steps == STEPS
+    assert [p.data_seed for p in recorded.peers] == [data_seed("QmA"), data_seed("QmB")]
+    script = ReplayScript(recorded)
+    assert [script.steps(1, t) for t in (60, 61, 62)] == [0, 2, 0]  # (an inner step at global step g: tick g + 1)
+    assert sum(script.steps(0, t) for t in range(1, STEPS + 1)) == STEPS and script.groups_differ == 0
+
+    settings = SimSettings(workers=2, steps=STEPS, batch_size=2, eval_every=40, final_eval_batches=4,
+                           replay=str(tmp_path / "run"))
+    result = run_method("streaming_diloco", settings)
+    assert result["inner_steps"] == [STEPS, len(slow)]
+    rounds = len(_keys())
+    # the peer that missed two rounds took the others' states of them instead (the board: the swarm's records)
+    assert result["rounds_applied_per_worker"] == [rounds, rounds]
+    assert result["rounds_recovered_per_worker"] == [0, 2]
+    assert result["consensus"] and result["groups_differ"] == 0
+    assert result["config"] == CONFIG.to_dict()  # the run's own config, not the simulator's defaults
+
+
+def test_a_replay_counts_the_rounds_whose_recorded_group_it_cannot_rebuild(tmp_path):
+    record_run(tmp_path / "run", {"QmA": list(range(STEPS)), "QmB": list(range(STEPS))}, {"QmA": set(), "QmB": set()})
+    path = tmp_path / "run" / "metrics-QmA.jsonl"
+    lines = [json.loads(t) for t in path.read_text().splitlines()]
+    lines[0]["round_records"][0]["peers"] = 3  # a group with a third peer whose metrics are not there
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert ReplayScript(read_run(str(tmp_path / "run"))).groups_differ == 1
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda d: (d / "run_config.msgpack").unlink(), "no run config"),
+    (lambda d: (d / "run_config.msgpack").write_bytes(b"\x93junk"), "run_config.msgpack"),
+    (lambda d: [f.unlink() for f in d.glob("metrics-*")], "no metrics-"),
+    (lambda d: _edit(d, lambda lines: lines.insert(1, "{not json\n")), "metrics-QmA.jsonl:2: not a metrics line"),
+    (lambda d: _edit(d, lambda lines: lines.__setitem__(0, json.dumps({"peer_id": "QmA", "global_step": 1}) + "\n")),
+     "metrics-QmA.jsonl:1: no trained_at"),
+    (lambda d: _edit(d, lambda lines: lines.__setitem__(0, lines[0].replace('"trained_at": [0', '"trained_at": [-4'))),
+     "trained_at -4 is not a step"),
+    (lambda d: _edit(d, lambda lines: lines.__setitem__(0, lines[0].replace('"round": 0', '"round": "x"'))),
+     "round 'x' is not a step"),
+])
+def test_bad_records_are_refused_by_name(tmp_path, damage, error):
+    run = tmp_path / "run"
+    record_run(run, {"QmA": list(range(STEPS)), "QmB": list(range(STEPS))}, {"QmA": set(), "QmB": set()})
+    damage(run)
+    with pytest.raises(ConfigError, match=error):
+        read_run(str(run))
+
+
+def test_a_replay_that_would_read_other_data_than_the_swarm_is_refused(tmp_path):
+    run = tmp_path / "run"
+    record_run(run, {"QmA": list(range(STEPS))}, {"QmA": set()})
+    _edit(run, lambda lines: lines.__setitem__(0, lines[0].replace('"peer_id": "QmA"',
+                                                                   '"peer_id": "QmA", "data": "dataset d (9 rows)"')))
+    with pytest.raises(ConfigError, match="peer QmA read dataset d .9 rows.; this replay would read Python"):
+        check_data(read_run(str(run)), Corpus.load(None).description)
+
+
+def test_a_torn_last_line_is_what_a_dying_peer_left_and_is_skipped(tmp_path):
+    run = tmp_path / "run"
+    record_run(run, {"QmA": list(range(STEPS)), "QmB": list(range(STEPS))}, {"QmA": set(), "QmB": set()})
+    _edit(run, lambda lines: lines.append('{"peer_id": "QmA", "trained_at": [1'))
+    assert len(read_run(str(run)).peers[0].trained_at) == STEPS
+
+
+def test_the_cli_refuses_a_replay_with_options_the_run_decides(tmp_path):
+    run = tmp_path / "run"
+    record_run(run, {"QmA": list(range(STEPS))}, {"QmA": set()})
+    out = subprocess.run([sys.executable, "-m", "p2p_diloco.cli", "simulate", "--replay", str(run), "--steps", "5",
+                          "--fragments", "2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "drop --steps, --fragments" in out.stderr, out.stderr
+
+
+def _edit(run, change) -> None:
+    path = run / "metrics-QmA.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    change(lines)
+    path.write_text("".join(lines))
