@@ -13,13 +13,14 @@ recorded schedules and data orders explain of the spread, and how far each repla
 `--ideal-from RUN_DIR` measures what the data order alone does: `--runs` schedules as a simulator's ideal swarm runs
 them (every peer an inner step at every global step, every round applied by all at tau), each with other data
 orders, written beside RUN_DIR's run config and replayed.
+`--regular steps|delays` (with `--replay-only`) replays each recorded run with one part of its schedule made
+ideal: every peer an inner step at every global step (steps), or every mean landing at tau (delays).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--replay-only", action="store_true", help="replay the runs recorded in --out")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="replays at a time")
     parser.add_argument("--ideal-from", help="a recorded run whose config ideal schedules are written with")
+    parser.add_argument("--regular", choices=["steps", "delays"], help="replay the runs with that part made ideal")
     parser.add_argument("swarm_args", nargs=argparse.REMAINDER, help="-- then `local-swarm` flags")
     args = parser.parse_args()
     if args.runs < 2:
@@ -45,6 +47,8 @@ def main() -> int:
     if args.replay_only:
         with open(args.out) as f:
             result = json.load(f)
+        if args.regular:
+            return _regular(result, args)
         return _replay(result, args)
     swarm_args = args.swarm_args[1:] if args.swarm_args[:1] == ["--"] else args.swarm_args
     root = args.workdir or os.path.splitext(args.out)[0]
@@ -121,7 +125,8 @@ def _replay(result: dict, args) -> int:
     replays = []
     for run in result["runs"]:
         run.update(schedule(run["workdir"]))  # (the schedule's figures, for a report from before they were kept)
-    result["r_loss_tokens"] = _correlation(result["eval_loss"], [r["total_inner_steps"] for r in result["runs"]])
+    if None not in result["eval_loss"]:
+        result["r_loss_tokens"] = _correlation(result["eval_loss"], [r["total_inner_steps"] for r in result["runs"]])
     for i, run in enumerate(result["runs"]):
         with open(os.path.join(run["workdir"], "replay.json")) as f:
             report = json.load(f)
@@ -131,8 +136,9 @@ def _replay(result: dict, args) -> int:
                         "inner_steps": r["inner_steps"], "rounds_averaged": averaged,
                         "consensus": r["consensus"], "groups_differ": r["groups_differ"]})
         diff = report["comparison"]["difference"]
-        print(f"run {i}: swarm {result['eval_loss'][i]:.4f}  replay {r['eval_loss']:.4f}  "
-              + ("" if diff is None else f"({100 * diff:+.2f} %)"))
+        swarm = result["eval_loss"][i]
+        print(f"run {i}: " + ("" if swarm is None else f"swarm {swarm:.4f}  ") + f"replay {r['eval_loss']:.4f}"
+              + ("" if diff is None else f"  ({100 * diff:+.2f} %)"))
     losses = [r["eval_loss"] for r in replays]
     mean = statistics.mean(losses)
     result["replays"] = {"runs": replays, "eval_loss": losses, "mean": mean, "stdev": statistics.stdev(losses),
@@ -178,11 +184,45 @@ def _ideal(args) -> int:
             with open(os.path.join(workdir, f"metrics-ideal{w}.jsonl"), "w") as f:
                 f.write(json.dumps(line) + "\n")
         runs.append({"workdir": workdir, "data_seeds": seeds})
-    result = {"ideal_from": args.ideal_from, "runs": runs, "eval_loss": [math.nan] * args.runs}  # (no swarm ran)
+    result = {"ideal_from": args.ideal_from, "runs": runs, "eval_loss": [None] * args.runs}  # (no swarm ran)
     code = _replay(result, args)
     if code == 0:
         print(f"ideal schedules, data orders drawn: spread {100 * result['replays']['spread']:.2f} % of the mean")
     return code
+
+
+def _regular(result: dict, args) -> int:
+    """Each run of `result` with its inner steps (or its delays) made those of an ideal swarm, replayed; the
+    report goes to OUT-regular-steps.json (or -delays)."""
+    import shutil
+
+    from p2p_diloco.task.replay import read_run
+
+    runs = []
+    for run in result["runs"]:
+        workdir = f"{run['workdir']}-regular-{args.regular}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        os.makedirs(workdir)
+        shutil.copy(os.path.join(run["workdir"], "run_config.msgpack"), workdir)
+        recorded = read_run(run["workdir"])
+        tau, steps = recorded.run.diloco.tau, recorded.steps
+        for name in os.listdir(run["workdir"]):
+            if not name.startswith("metrics-"):
+                continue
+            with open(os.path.join(run["workdir"], name)) as f:
+                lines = [json.loads(t) for t in f]
+            for i, line in enumerate(lines):
+                if args.regular == "steps":
+                    line["trained_at"] = list(range(steps)) if i == 0 else []
+                else:
+                    for r in line["round_records"]:
+                        r["end_step"] = min(r["start_step"] + tau, steps)
+            with open(os.path.join(workdir, name), "w") as f:
+                f.write("".join(json.dumps(line) + "\n" for line in lines))
+        runs.append({"workdir": workdir})
+    regular = {"regular": args.regular, "runs": runs, "eval_loss": result["eval_loss"]}
+    args.out = f"{os.path.splitext(args.out)[0]}-regular-{args.regular}.json"
+    return _replay(regular, args)
 
 
 def _correlation(xs: list[float], ys: list[float]) -> float | None:
