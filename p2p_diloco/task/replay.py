@@ -2,7 +2,7 @@
 
 `p2p-diloco simulate --replay RUN_DIR` reads RUN_DIR (a `local-swarm` workdir, or any directory holding a run's
 `run_config.msgpack` and its trainers' `metrics-PEER_ID.jsonl`, `node/metrics.py`) and trains the same model from the
-same seed, each worker on its peer's own data order (`data.data_seed` of the peer id), making its inner steps at the
+same seed, each worker on its peer's own data order (its recorded `data_seed`), making its inner steps at the
 global steps its peer made them (`trained_at`: the swarm clock's step each inner step's learning rate followed),
 taking part in the rounds its peer applied and in no other, each round's mean landing at the global step its peer
 applied it (`round_records`: the realized delay). What the swarm left to chance (who was in a group, when a result
