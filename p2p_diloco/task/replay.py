@@ -5,7 +5,9 @@
 same seed, each worker on its peer's own data order (its recorded `data_seed`), making its inner steps at the
 global steps its peer made them (`trained_at`: the swarm clock's step each inner step's learning rate followed),
 taking part in the rounds its peer applied and in no other, each round's mean landing at the global step its peer
-applied it (`round_records`: the realized delay). What the swarm left to chance (who was in a group, when a result
+applied it (`round_records`: the realized delay), and taking from the others the agreed states its peer took
+(`adopted`) and no other (a replayed worker could otherwise fetch every state its peer's slow link never brought
+in: measured, a 1 Mbit/s peer adopted 14 states in its swarm and 29 in a replay that let it). What the swarm left to chance (who was in a group, when a result
 came) is thereby fixed; what remains differs: the order in which a butterfly sums the parts (the simulator
 reduces in one place), and a group split in two (the records give each applied round's group size; a replay puts
 every peer that applied a round in one group, and counts the rounds where that differs, `groups_differ`).
@@ -36,6 +38,7 @@ class RecordedPeer:
     data: str | None  # what it read (the corpus's description; None: not recorded)
     trained_at: tuple[int, ...]  # the global step each inner step trained at, in order
     applied: dict[tuple[int, int], tuple[int, int, int]]  # (fragment, round) -> (start step, end step, group size)
+    adopted: frozenset[tuple[int, int]]  # (fragment, round) of every agreed state it took from the others
     eval_loss: float | None  # what the peer reported at its end (the agreed parameters' held-out loss)
     global_step: int  # where its clock ended
 
@@ -86,6 +89,7 @@ def _read_peer(path: str) -> RecordedPeer:
     if os.path.getsize(path) > MAX_METRICS_BYTES:
         raise ConfigError(f"{path}: over {MAX_METRICS_BYTES} bytes")
     peer_id, seed, data, trained_at, applied, eval_loss, global_step = None, None, None, [], {}, None, 0
+    adopted = set()
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, text in enumerate(f, 1):
             where = f"{path}:{n}"
@@ -109,8 +113,11 @@ def _read_peer(path: str) -> RecordedPeer:
             for r in _field(line, "round_records", list, where):
                 if not isinstance(r, dict):
                     raise ConfigError(f"{where}: a round record is not an object")
-                if r.get("outcome") == "applied":
+                if r.get("outcome") in ("applied", "adopted"):
                     key = (_int(r.get("fragment"), where, "fragment"), _int(r.get("round"), where, "round"))
+                if r.get("outcome") == "adopted":
+                    adopted.add(key)
+                elif r.get("outcome") == "applied":
                     applied[key] = (_int(r.get("start_step"), where, "start_step"),
                                     _int(r.get("end_step"), where, "end_step"), _int(r.get("peers"), where, "peers"))
             if isinstance(line.get("eval_loss"), (int, float)):
@@ -118,7 +125,7 @@ def _read_peer(path: str) -> RecordedPeer:
     if peer_id is None:
         raise ConfigError(f"{path}: no metrics lines")
     return RecordedPeer(peer_id, data_seed(peer_id) if seed is None else seed, data, tuple(trained_at), applied,
-                        eval_loss, global_step)
+                        frozenset(adopted), eval_loss, global_step)
 
 
 def check_data(recorded: RecordedRun, description: str) -> None:
@@ -153,6 +160,7 @@ class ReplayScript:
         self.workers = len(recorded.peers)
         self._steps = [Counter(g + 1 for g in p.trained_at) for p in recorded.peers]
         self._applied = [p.applied for p in recorded.peers]
+        self._adopted = [p.adopted for p in recorded.peers]
         members = Counter(k for a in self._applied for k in a)
         self.groups_differ = sum(1 for a in self._applied for k, (_, _, size) in a.items() if size != members[k])
 
@@ -163,7 +171,9 @@ class ReplayScript:
         return (key.fragment, key.round) not in self._applied[worker]
 
     def away_from(self, key: RoundKey, worker: int) -> bool:
-        return False  # every state a peer applied was served to whoever asked
+        """Whether `worker` cannot fetch the agreed state of round `key`: unless its peer took that state from the
+        others (`adopted`), it could not (a slow link's download that never came in): the replay's does not either."""
+        return (key.fragment, key.round) not in self._adopted[worker]
 
     def ready_at(self, key: RoundKey, worker: int) -> int | None:
         found = self._applied[worker].get((key.fragment, key.round))

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from p2p_diloco.core.averaging import RoundKey
 from p2p_diloco.core.config import ConfigError, DiLoCoConfig
 from p2p_diloco.core.schedule import Schedule
 from p2p_diloco.node.records import RunConfig
@@ -31,10 +32,11 @@ def _keys() -> list[tuple[int, int, int]]:
     return keys + final
 
 
-def record_run(path, trained_at: dict[str, list[int]], missed: dict[str, set], delay: int = 3) -> None:
+def record_run(path, trained_at: dict[str, list[int]], missed: dict[str, set], delay: int = 3,
+               adopted: dict[str, set] | None = None) -> None:
     """A run directory as a local swarm leaves it: its run config and a metrics file per peer, whose lines hold
     `trained_at` and the round records (every round applied `delay` steps after its start, but those in
-    `missed[peer]`)."""
+    `missed[peer]`, which failed; the agreed states of those in `adopted[peer]` were then taken from the others)."""
     path.mkdir(exist_ok=True)
     (path / "run_config.msgpack").write_bytes(
         RunConfig("replayed", CONFIG, PRESETS["tiny"], batch_size=2, data="the stdlib sources").encode())
@@ -44,6 +46,9 @@ def record_run(path, trained_at: dict[str, list[int]], missed: dict[str, set], d
         records = [{"fragment": k, "round": r, "start_step": t, "end_step": min(t + delay, STEPS),
                     "outcome": "failed" if (k, r) in missed[peer] else "applied", "tokens": 64,
                     "peers": takers[(k, r)], "group_weight": 128.0} for k, r, t in keys]
+        records += [{"fragment": k, "round": r, "start_step": t + delay, "end_step": t + delay, "outcome": "adopted",
+                     "tokens": 0, "peers": 0, "group_weight": 0.0}
+                    for k, r, t in keys if (k, r) in (adopted or {}).get(peer, ())]
         lines = []
         for i in range(0, len(steps), 25):  # a line every 25 inner steps, the last with the eval loss
             lines.append({"peer_id": peer, "step": i, "global_step": STEPS, "trained_at": steps[i:i + 25],
@@ -56,7 +61,7 @@ def test_a_replay_trains_and_averages_as_the_recorded_peers_did(tmp_path):
     # QmA at every global step; QmB every other one, twice at step 60, and it missed two rounds
     fast, slow = list(range(STEPS)), [g for g in range(0, STEPS, 2)] + [60]
     missed = {"QmA": set(), "QmB": {(0, 2), (1, 3)}}
-    record_run(tmp_path / "run", {"QmA": fast, "QmB": sorted(slow)}, missed)
+    record_run(tmp_path / "run", {"QmA": fast, "QmB": sorted(slow)}, missed, adopted=missed)
     recorded = read_run(str(tmp_path / "run"))
     assert [p.peer_id for p in recorded.peers] == ["QmA", "QmB"] and recorded.steps == STEPS
     assert [p.data_seed for p in recorded.peers] == [data_seed("QmA"), data_seed("QmB")]
@@ -74,6 +79,22 @@ def test_a_replay_trains_and_averages_as_the_recorded_peers_did(tmp_path):
     assert result["rounds_recovered_per_worker"] == [0, 2]
     assert result["consensus"] and result["groups_differ"] == 0
     assert result["config"] == CONFIG.to_dict()  # the run's own config, not the simulator's defaults
+
+
+def test_a_replayed_worker_takes_only_the_states_its_peer_took(tmp_path):
+    # QmB missed rounds (0, 2) and (1, 3) but only got the others' state of (0, 2): a replay that let it fetch
+    # (1, 3) as well would average it more than the swarm did
+    missed = {"QmA": set(), "QmB": {(0, 2), (1, 3)}}
+    steps = list(range(STEPS))
+    record_run(tmp_path / "run", {"QmA": steps, "QmB": steps}, missed, adopted={"QmB": {(0, 2)}})
+    script = ReplayScript(read_run(str(tmp_path / "run")))
+    assert not script.away_from(RoundKey("replayed", 0, 2), 1) and script.away_from(RoundKey("replayed", 1, 3), 1)
+    settings = SimSettings(workers=2, steps=STEPS, batch_size=2, eval_every=40, final_eval_batches=4,
+                           replay=str(tmp_path / "run"))
+    result = run_method("streaming_diloco", settings)
+    rounds = len(_keys())
+    assert result["rounds_recovered_per_worker"] == [0, 1]
+    assert result["rounds_applied_per_worker"] == [rounds, rounds - 1]
 
 
 def test_a_replay_counts_the_rounds_whose_recorded_group_it_cannot_rebuild(tmp_path):
