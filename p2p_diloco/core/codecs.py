@@ -89,12 +89,19 @@ and top16 also indices that do not strictly increase, nibble 0, and a nonzero va
 padded position past the end.
 Decoded int8/fp4 values are finite whenever the scales are (|code| <= 1 per scale).
 
-Implementation: plain torch, vectorized; block formats run over chunks of
+Implementation: plain torch and numpy, vectorized; block formats run over chunks of
 ``_CHUNK`` elements with reused scratch buffers so every pass stays in cache and no
 full-size temporaries are allocated. fp4 encode uses the fp32 bit pattern of r:
 ``(bits >> 22) + 512`` is sign/exponent/first-mantissa-bit, i.e. exactly the
 linear rounding decision, looked up in a 1024-entry table; decode looks a packed
 byte up in a 256-entry table of fp32 pairs and multiplies by the block scale.
+int2 and sign1 do their per-block arithmetic and their codes in numpy (a call costs
+less than torch's, and these codecs make many short ones): an int2 code is the sum
+of three compares, four of them packed by one integer multiply; sign1's bits go
+through ``np.packbits``; a block whose scale comes out below 2^-99 (or not finite)
+is looked at again after the pass and, if tiny, encoded again prescaled. top4/top16
+select by k passes of a row max over their keys (each winner's key then set to -1),
+which costs a fraction of a per-row ``torch.topk``.
 Scales and values are stored in host byte order, which must be little endian.
 """
 
@@ -634,12 +641,13 @@ class _TopKCodec(Codec):
         # the k largest keys, one at a time: a row's largest, then that element's key set to -1 (below every key);
         # k passes of amax cost a fraction of torch.topk's per-row selection (measured: 22 ms against 57 for top4
         # of 16M values, 67 against 171 for top16)
-        flat, top, base = key.view(-1), torch.empty(self.k, nb, dtype=torch.int32), torch.arange(0, nb * 256, 256)
+        flat, top = key.view(-1), torch.empty(self.k, nb, dtype=torch.int32)
+        last = torch.arange(255, nb * 256, 256)  # each row's last element in `flat`
         for j in range(self.k):
             largest = torch.amax(key, dim=1, out=top[j])
-            flat[base + (255 - (largest & 255))] = -1
-        index = torch.from_numpy(np.sort((255 - (top & 255)).numpy().T, axis=1)).to(torch.int64)  # ascending
-        values = torch.gather(blocks, 1, index)
+            flat.index_fill_(0, last - largest.bitwise_and(255), -1)
+        index = torch.from_numpy(np.sort((255 - (top & 255)).numpy().T, axis=1))  # ascending positions
+        values = blocks.reshape(-1)[(last[:, None] - 255 + index).reshape(-1)].view(nb, self.k)
         s = values.abs().amax(dim=1)
         scales_out.copy_(s)
         r = values / torch.where(s > 0, s, _ONE)[:, None]  # in [-1, 1], one IEEE division
@@ -672,7 +680,8 @@ class _TopKCodec(Codec):
         out = _fresh(numel)
         full = numel // 256
         if full:
-            out[: full * 256].view(full, 256).zero_().scatter_(1, position[:full], values[:full])
+            where = position[:full].add_(torch.arange(0, full * 256, 256)[:, None])  # flat positions
+            out[: full * 256].zero_().index_copy_(0, where.view(-1), values[:full].reshape(-1))
         if full < nb:
             padded = torch.zeros(1, 256).scatter_(1, position[full:], values[full:])
             out[full * 256 :] = padded[0, :tail]

@@ -181,11 +181,16 @@ class ReplayScript:
 
 
 def comparison(recorded: RecordedRun, result: dict) -> dict:
-    """The swarm beside its replay."""
+    """The swarm beside its replay: the replay's eval loss against the mean of the peers' (which agree when the swarm
+    ended in consensus); a swarm that ended apart also worker by worker (`per_peer`: replay / swarm - 1 each)."""
     swarm = recorded.summary()
     mean = swarm["eval_loss_mean"]
-    return {"swarm": swarm, "replay_eval_loss": result["eval_loss"],
-            "difference": None if mean is None else result["eval_loss"] / mean - 1}
+    report = {"swarm": swarm, "replay_eval_loss": result["eval_loss"],
+              "difference": None if mean is None else result["eval_loss"] / mean - 1}
+    if result.get("eval_loss_per_worker"):
+        report["per_peer"] = [None if s is None else r / s - 1
+                              for r, s in zip(result["eval_loss_per_worker"], swarm["eval_loss"])]
+    return report
 
 
 def comparison_table(report: dict) -> str:
@@ -199,6 +204,10 @@ def comparison_table(report: dict) -> str:
     rows.append(f"replay vs swarm: {'-' if diff is None else f'{100 * diff:+.2f} %'} eval loss; "
                 f"consensus {replay['consensus']}; rounds whose recorded group size differs from the replay's: "
                 f"{replay['groups_differ']}")
+    if report["comparison"].get("per_peer"):
+        rows.append("the swarm ended apart; peer by peer (replay worker vs its peer): " + ", ".join(
+            f"{_loss(s)} / {r:.4f} ({'-' if d is None else f'{100 * d:+.2f} %'})" for s, r, d in
+            zip(swarm["eval_loss"], replay["eval_loss_per_worker"], report["comparison"]["per_peer"])))
     return "\n".join(rows)
 
 

@@ -248,6 +248,11 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
             )
         if settings.replay:
             result["groups_differ"] = script.groups_differ
+            if not consensus:  # a swarm that ended apart: each worker beside its own peer
+                result["eval_loss_per_worker"] = []
+                for o in outer:
+                    o.load_anchors_into(eval_model)
+                    result["eval_loss_per_worker"].append(evaluate(eval_model, eval_batches))
     result.update(
         eval_loss=evaluate(global_model(), eval_batches),
         tokens=settings.steps * tokens_per_step if METHODS[method] is None

@@ -16,8 +16,8 @@ from p2p_diloco.core.schedule import Schedule
 from p2p_diloco.node.records import RunConfig
 from p2p_diloco.task.data import Corpus, data_seed
 from p2p_diloco.task.model import PRESETS
-from p2p_diloco.task.replay import ReplayScript, check_data, read_run
-from p2p_diloco.task.simulate import SimSettings, run_method
+from p2p_diloco.task.replay import ReplayScript, check_data, comparison_table, read_run
+from p2p_diloco.task.simulate import SimSettings, replay, run_method
 
 STEPS = 120
 CONFIG = DiLoCoConfig(outer_period=20, fragments=2, tau=1, total_steps=STEPS, warmup_steps=10)
@@ -91,10 +91,16 @@ def test_a_replayed_worker_takes_only_the_states_its_peer_took(tmp_path):
     assert not script.away_from(RoundKey("replayed", 0, 2), 1) and script.away_from(RoundKey("replayed", 1, 3), 1)
     settings = SimSettings(workers=2, steps=STEPS, batch_size=2, eval_every=40, final_eval_batches=4,
                            replay=str(tmp_path / "run"))
-    result = run_method("streaming_diloco", settings)
-    rounds = len(_keys())
+    report = replay(settings)
+    result, rounds = report["methods"]["replay"], len(_keys())
     assert result["rounds_recovered_per_worker"] == [0, 1]
     assert result["rounds_applied_per_worker"] == [rounds, rounds - 1]
+    # it averaged round (1, 4) from a stale anchor and never took the others' state: the replay ends apart, as such
+    # a swarm did, and compares each worker with its own peer
+    assert not result["consensus"] and len(result["eval_loss_per_worker"]) == 2
+    per_peer = report["comparison"]["per_peer"]
+    assert per_peer == [pytest.approx(r / 3.5 - 1) for r in result["eval_loss_per_worker"]]
+    assert "peer by peer" in comparison_table(report)
 
 
 def test_a_replay_counts_the_rounds_whose_recorded_group_it_cannot_rebuild(tmp_path):
