@@ -35,6 +35,7 @@ class FragmentAverage:
     mean: torch.Tensor  # flat fp32 weighted mean of the members' outer gradients
     peers: int  # how many peers the mean covers
     weight: float  # total weight (tokens) the mean covers
+    members: tuple[str, ...] = ()  # who they were (peer ids), where the averager knows them
 
 
 class AveragingFailed(RuntimeError):

@@ -87,8 +87,12 @@ class CatchUp:
                 if self.stale_anchor == "sit_out":
                     self._sit_out(k, round_, "the swarm's state could not be fetched")
                     return False
-                log.warning("fragment %d holds round %d, the swarm's state could not be fetched: averaging "
-                            "round %d with this peer's state", k, self.base_round[k], round_)
+                if self.reconciling:  # (no round left to average: the run ends on this peer's own state)
+                    log.warning("fragment %d holds round %d, the swarm's state could not be fetched: the run ends "
+                                "with this peer's own state of it", k, self.base_round[k])
+                else:
+                    log.warning("fragment %d holds round %d, the swarm's state could not be fetched: averaging "
+                                "round %d with this peer's state", k, self.base_round[k], round_)
                 break
         return self.base_round[k] < round_
 

@@ -36,19 +36,23 @@ class LocalGroup:
     A round is reduced when the first member asks for its result, over the
     members that have begun it by then. `fail(key)` returning True makes that
     round fail for everyone (fault injection); `absent(key, member)` makes a
-    member miss a round (its result fails, the others average without it).
+    member miss a round (its result fails, the others average without it); `split(key, member)` puts the members
+    of a round into separate groups (those with the same value average together: a swarm whose round formed two
+    groups, replayed), one group by default.
     """
 
     def __init__(self, size: int, codec: Codec,
                  fail: Callable[[RoundKey], bool] | None = None,
-                 absent: Callable[[RoundKey, int], bool] | None = None, aggregation: Aggregation | None = None):
+                 absent: Callable[[RoundKey, int], bool] | None = None, aggregation: Aggregation | None = None,
+                 split: Callable[[RoundKey, int], int] | None = None):
         self.size = size
         self.codec = codec
         self.aggregation = aggregation or Aggregation()
         self.refused = [0] * size  # parts of each member's contributions left out as outliers
         self._fail = fail or (lambda key: False)
         self._absent = absent or (lambda key, member: False)
-        self._rounds: dict[RoundKey, _Round] = {}
+        self._split = split or (lambda key, member: 0)
+        self._rounds: dict[tuple[RoundKey, int], _Round] = {}
         self.bytes_sent = [0] * size
         self.bytes_received = [0] * size
 
@@ -56,7 +60,7 @@ class LocalGroup:
         return _LocalMember(self, index)
 
     def _begin(self, member: int, key: RoundKey, grad: torch.Tensor, weight: float) -> PendingAverage:
-        rnd = self._rounds.setdefault(key, _Round())
+        rnd = self._rounds.setdefault((key, self._split(key, member)), _Round())
         if rnd.outcome is not None:
             raise AveragingFailed(f"{key}: member {member} began after the round was reduced")
         rnd.waiting.add(member)
@@ -65,14 +69,15 @@ class LocalGroup:
         return _LocalPending(self, member, key)
 
     def _result(self, member: int, key: RoundKey) -> FragmentAverage:
-        rnd = self._rounds[key]
+        where = (key, self._split(key, member))
+        rnd = self._rounds[where]
         if rnd.outcome is None:
             rnd.outcome = self._reduce(key, rnd)
             rnd.members = frozenset(rnd.contributions)
             rnd.contributions.clear()  # the inputs are not needed once reduced
         rnd.waiting.discard(member)
         if not rnd.waiting:
-            del self._rounds[key]
+            del self._rounds[where]
         if isinstance(rnd.outcome, AveragingFailed):
             raise rnd.outcome
         if member not in rnd.members:

@@ -321,19 +321,20 @@ class StreamingDiLoCo(CatchUp):
         self.stats.failing_streak = 0
         self.stats.peers_last[k] = avg.peers
         self._publish(k, flight.key)
-        self._log_round(k, flight.key.round, "applied", flight.start_step, flight.tokens, avg.peers, avg.weight)
+        self._log_round(k, flight.key.round, "applied", flight.start_step, flight.tokens, avg.peers, avg.weight,
+                        avg.members)
 
     def _log_round(self, k: int, round_: int, outcome: str, start_step: int | None = None, tokens: int = 0,
-                   peers: int = 0, group_weight: float = 0.0) -> None:
+                   peers: int = 0, group_weight: float = 0.0, members: tuple[str, ...] = ()) -> None:
         """One line of `round_log`: fragment, round, the steps it started and ended at (their difference: the
         realized delay), applied / failed / sat_out / adopted (the swarm's state of that round taken instead, at
         once or at a later round's start: `catch_up`), the tokens behind this peer's part, and for an applied
-        round the group's size and total weight."""
+        round the group's size, total weight and (where the averager names them) members' peer ids."""
         if self.round_log is not None:
             self.round_log.append({"fragment": k, "round": round_,
                                    "start_step": self.now if start_step is None else start_step,
                                    "end_step": self.now, "outcome": outcome, "tokens": tokens, "peers": peers,
-                                   "group_weight": group_weight})
+                                   "group_weight": group_weight, **({"members": list(members)} if members else {})})
 
     def _publish(self, k: int, key: RoundKey) -> None:
         """This fragment now holds the agreed state of `key`: hash it once, tell the averager."""

@@ -11,7 +11,7 @@ line to `DIR/metrics-PEER_ID.jsonl`:
 downloaded from the swarm instead, the heals; `eval_loss`: only on the last line, the agreed parameters'). A
 trainer's lines also hold `round_records`: what became of each round since the line before (`StreamingDiLoCo.
 _log_round`: fragment, round, start_step, end_step, outcome applied / failed / sat_out / adopted, tokens, peers,
-group_weight), and `trained_at`: the global step of each inner step since the line before (the step its learning
+group_weight, and an applied round's members: the group's peer ids), and `trained_at`: the global step of each inner step since the line before (the step its learning
 rate followed); the schedule `simulate --replay` reads (`task/replay.py`). A
 line is flushed as it is written, so a crashed peer's file holds everything up to its last report.
 `p2p-diloco plot DIR` (`node.plots`) draws them.

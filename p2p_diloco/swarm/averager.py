@@ -450,4 +450,6 @@ class _SwarmPending(PendingAverage):
         self.owner.audit_bytes += stats.get("audit_bytes", 0)
         with self.av.get_tensors() as tensors:
             mean = tensors[0].clone()
-        return FragmentAverage(mean, int(stats["peers"]), float(stats["weight"]))
+        members = stats.get("members", ())
+        return FragmentAverage(mean, int(stats["peers"]), float(stats["weight"]),
+                               tuple(str(m) for m in members) if isinstance(members, (list, tuple)) else ())

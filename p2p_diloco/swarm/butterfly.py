@@ -435,7 +435,8 @@ class ButterflyProtocol:
                 reduction.fail(AllreduceException(f"this reducer's round failed: {e!r}"))
             self._drop_out(group, group_info.group_id, owner_part)
             raise
-        return {"peers": len(group.peers), "weight": group.total_weight, "began": began, "ended": time.time(),
+        return {"peers": len(group.peers), "members": [str(p) for p in group.peers], "weight": group.total_weight,
+                "began": began, "ended": time.time(),
                 "setup_s": exchange_began - began, "codec": codec.name,
                 # the members whose contributions to our part this reducer left out (chunks each)
                 "refused": {str(p): n for p, n in reduction.refused.items()} if reduction is not None else {},

@@ -4,13 +4,15 @@
 `run_config.msgpack` and its trainers' `metrics-PEER_ID.jsonl`, `node/metrics.py`) and trains the same model from the
 same seed, each worker on its peer's own data order (its recorded `data_seed`), making its inner steps at the
 global steps its peer made them (`trained_at`: the swarm clock's step each inner step's learning rate followed),
-taking part in the rounds its peer applied and in no other, each round's mean landing at the global step its peer
+taking part in the rounds its peer applied and in no other, in the group its peer averaged in (a round the swarm
+split into two groups is split the same way), each round's mean landing at the global step its peer
 applied it (`round_records`: the realized delay), and taking from the others the agreed states its peer took
 (`adopted`) and no other (a replayed worker could otherwise fetch every state its peer's slow link never brought
-in: measured, a 1 Mbit/s peer adopted 14 states in its swarm and 29 in a replay that let it). What the swarm left to chance (who was in a group, when a result
-came) is thereby fixed; what remains differs: the order in which a butterfly sums the parts (the simulator
-reduces in one place), and a group split in two (the records give each applied round's group size; a replay puts
-every peer that applied a round in one group, and counts the rounds where that differs, `groups_differ`).
+in: measured, a 1 Mbit/s peer adopted 14 states in its swarm and 29 in a replay that let it). What the swarm left
+to chance (who was in a group, when a result came) is thereby fixed; what remains differs: the order in which a butterfly sums the parts (the simulator
+reduces in one place), and a group whose members were not recorded (peers older than that: the records give each
+applied round's group size; a replay then puts every peer that applied a round in one group) or left no metrics: the
+replay counts the rounds whose group size it cannot rebuild, `groups_differ`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class RecordedPeer:
     trained_at: tuple[int, ...]  # the global step each inner step trained at, in order
     applied: dict[tuple[int, int], tuple[int, int, int]]  # (fragment, round) -> (start step, end step, group size)
     adopted: frozenset[tuple[int, int]]  # (fragment, round) of every agreed state it took from the others
+    members: dict[tuple[int, int], frozenset[str]]  # (fragment, round) -> an applied round's group (where recorded)
     eval_loss: float | None  # what the peer reported at its end (the agreed parameters' held-out loss)
     global_step: int  # where its clock ended
 
@@ -89,7 +92,7 @@ def _read_peer(path: str) -> RecordedPeer:
     if os.path.getsize(path) > MAX_METRICS_BYTES:
         raise ConfigError(f"{path}: over {MAX_METRICS_BYTES} bytes")
     peer_id, seed, data, trained_at, applied, eval_loss, global_step = None, None, None, [], {}, None, 0
-    adopted = set()
+    adopted, members = set(), {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, text in enumerate(f, 1):
             where = f"{path}:{n}"
@@ -120,12 +123,17 @@ def _read_peer(path: str) -> RecordedPeer:
                 elif r.get("outcome") == "applied":
                     applied[key] = (_int(r.get("start_step"), where, "start_step"),
                                     _int(r.get("end_step"), where, "end_step"), _int(r.get("peers"), where, "peers"))
+                    if "members" in r:
+                        group = r["members"]
+                        if not isinstance(group, list) or not all(isinstance(m, str) for m in group):
+                            raise ConfigError(f"{where}: a round record's members are not a list of peer ids")
+                        members[key] = frozenset(group)
             if isinstance(line.get("eval_loss"), (int, float)):
                 eval_loss = float(line["eval_loss"])
     if peer_id is None:
         raise ConfigError(f"{path}: no metrics lines")
     return RecordedPeer(peer_id, data_seed(peer_id) if seed is None else seed, data, tuple(trained_at), applied,
-                        frozenset(adopted), eval_loss, global_step)
+                        frozenset(adopted), members, eval_loss, global_step)
 
 
 def check_data(recorded: RecordedRun, description: str) -> None:
@@ -161,8 +169,23 @@ class ReplayScript:
         self._steps = [Counter(g + 1 for g in p.trained_at) for p in recorded.peers]
         self._applied = [p.applied for p in recorded.peers]
         self._adopted = [p.adopted for p in recorded.peers]
-        members = Counter(k for a in self._applied for k in a)
-        self.groups_differ = sum(1 for a in self._applied for k, (_, _, size) in a.items() if size != members[k])
+        index = {p.peer_id: w for w, p in enumerate(recorded.peers)}
+        # a round's group as recorded (peers without records left out); a peer that applied it without naming its
+        # members: with every other such peer
+        self._groups = [{key: frozenset(index[m] for m in group if m in index) for key, group in p.members.items()}
+                        for p in recorded.peers]
+        together = Counter((k, self._group(k, w)) for w, a in enumerate(self._applied) for k in a)
+        self.groups_differ = sum(1 for w, a in enumerate(self._applied) for k, (_, _, size) in a.items()
+                                 if size != together[(k, self._group(k, w))])
+
+    def _group(self, key: tuple[int, int], worker: int) -> frozenset[int] | None:
+        return self._groups[worker].get(key)
+
+    def group_of(self, key: RoundKey, worker: int) -> int:
+        """Which group of round `key` `worker` averages in (the same number for the same recorded group; a swarm's
+        round can form two: a 1 Mbit/s peer that answers late, the others gone on without it)."""
+        group = self._group((key.fragment, key.round), worker)
+        return -1 if not group else min(group)
 
     def steps(self, worker: int, tick: int) -> int:
         return self._steps[worker].get(tick, 0)
@@ -182,14 +205,15 @@ class ReplayScript:
 
 def comparison(recorded: RecordedRun, result: dict) -> dict:
     """The swarm beside its replay: the replay's eval loss against the mean of the peers' (which agree when the swarm
-    ended in consensus); a swarm that ended apart also worker by worker (`per_peer`: replay / swarm - 1 each)."""
+    ended in consensus); a swarm that ended apart: the mean of the replay's workers' against it, and worker by worker
+    (`per_peer`: replay / swarm - 1 each)."""
     swarm = recorded.summary()
     mean = swarm["eval_loss_mean"]
-    report = {"swarm": swarm, "replay_eval_loss": result["eval_loss"],
-              "difference": None if mean is None else result["eval_loss"] / mean - 1}
-    if result.get("eval_loss_per_worker"):
-        report["per_peer"] = [None if s is None else r / s - 1
-                              for r, s in zip(result["eval_loss_per_worker"], swarm["eval_loss"])]
+    apart = result.get("eval_loss_per_worker")
+    replayed = sum(apart) / len(apart) if apart else result["eval_loss"]  # (apart: the workers' mean, as the peers')
+    report = {"swarm": swarm, "replay_eval_loss": replayed, "difference": None if mean is None else replayed / mean - 1}
+    if apart:
+        report["per_peer"] = [None if s is None else r / s - 1 for r, s in zip(apart, swarm["eval_loss"])]
     return report
 
 
@@ -199,7 +223,8 @@ def comparison_table(report: dict) -> str:
     rows = [f"{'':>8} {'eval_loss':>9} {'inner steps per worker':>28} {'rounds averaged per worker':>28}",
             f"{'swarm':>8} {_loss(swarm['eval_loss_mean']):>9} {_ints(swarm['inner_steps']):>28} "
             f"{_ints(swarm['rounds_averaged']):>28}",
-            f"{'replay':>8} {replay['eval_loss']:9.4f} {_ints(replay['inner_steps']):>28} {_ints(averaged):>28}"]
+            f"{'replay':>8} {report['comparison']['replay_eval_loss']:9.4f} {_ints(replay['inner_steps']):>28} "
+            f"{_ints(averaged):>28}"]
     diff = report["comparison"]["difference"]
     rows.append(f"replay vs swarm: {'-' if diff is None else f'{100 * diff:+.2f} %'} eval loss; "
                 f"consensus {replay['consensus']}; rounds whose recorded group size differs from the replay's: "

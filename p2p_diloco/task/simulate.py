@@ -176,14 +176,15 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
     else:
         aggregation = Aggregation(config.aggregation) if settings.protected \
             else Aggregation.unprotected(config.aggregation)
-        group = LocalGroup(settings.workers, get_codec(config.codec), aggregation=aggregation)
+        script = settings.script()
+        group = LocalGroup(settings.workers, get_codec(config.codec), aggregation=aggregation,
+                           split=getattr(script, "group_of", None))  # (a replay: the groups its swarm formed)
         models = [build_model(spec, config.seed, weights) for _ in range(settings.workers)]
         trainers = [InnerTrainer(m, config, lm_loss) for m in models]
         members = [group.member(w) for w in range(settings.workers)]
         attack = parse_attack(settings.attack)
         if attack is not None:
             members[-1] = _Attacker(members[-1], attack)
-        script = settings.script()
         clock = [0]  # the step the workers are at
         if script.scripted:
             board = Board()

@@ -74,6 +74,17 @@ def test_absent_member_is_left_out_and_failed_round_fails_for_all():
             p.result()
 
 
+def test_a_split_round_averages_each_group_apart():
+    # a round the swarm split (a replay's recorded groups): {0, 1} and {2, 3} average separately, each all its own
+    group = LocalGroup(4, get_codec("fp32"), split=lambda k, m: 0 if k.round == 1 and m < 2 else m // 2 * 2)
+    xs = [torch.full((10,), float(i)) for i in range(4)]
+    key = RoundKey("r", 0, 1)
+    pend = [group.member(i).begin(key, xs[i], 1.0) for i in range(4)]
+    means = [p.result() for p in pend]
+    assert [m.peers for m in means] == [2, 2, 2, 2]
+    assert [float(m.mean[0]) for m in means] == [0.5, 0.5, 2.5, 2.5]
+
+
 def test_mismatched_sizes_fail():
     group = LocalGroup(2, get_codec("fp32"))
     key = RoundKey("r", 0, 0)

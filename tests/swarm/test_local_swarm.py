@@ -256,6 +256,10 @@ def test_peers_of_different_speeds_on_a_dataset_outlive_their_host(run, tmp_path
         odd = [rec for rec in applied if not (rec["peers"] >= 2 and rec["group_weight"] >= rec["tokens"] > 0 and (
             rec["end_step"] >= rec["start_step"] + 1 or rec["start_step"] == p["global_step"]))]  # (final rounds)
         assert applied and not odd, odd
+        # ...whose members are named (this peer among them; a replay rebuilds a split round's groups from them)
+        names = {q["peer_id"] for q in report["peers"]}
+        assert all(len(rec["members"]) == rec["peers"] and p["peer_id"] in rec["members"]
+                   and set(rec["members"]) <= names for rec in applied), applied
         # ...and the global step each inner step trained at (what a replay's workers train at), in order
         trained_at = [g for line in lines for g in line["trained_at"]]
         assert len(trained_at) == p["inner_steps"] and trained_at == sorted(trained_at), trained_at

@@ -98,9 +98,32 @@ def test_a_replayed_worker_takes_only_the_states_its_peer_took(tmp_path):
     # it averaged round (1, 4) from a stale anchor and never took the others' state: the replay ends apart, as such
     # a swarm did, and compares each worker with its own peer
     assert not result["consensus"] and len(result["eval_loss_per_worker"]) == 2
-    per_peer = report["comparison"]["per_peer"]
-    assert per_peer == [pytest.approx(r / 3.5 - 1) for r in result["eval_loss_per_worker"]]
+    per_peer, apart = report["comparison"]["per_peer"], result["eval_loss_per_worker"]
+    assert per_peer == [pytest.approx(r / 3.5 - 1) for r in apart]
+    assert report["comparison"]["difference"] == pytest.approx(sum(apart) / len(apart) / 3.5 - 1)
     assert "peer by peer" in comparison_table(report)
+
+
+def test_a_round_the_swarm_split_into_two_groups_is_split_the_same_way(tmp_path):
+    steps = list(range(STEPS))
+    record_run(tmp_path / "run", {"QmA": steps, "QmB": steps, "QmC": steps}, {"QmA": set(), "QmB": set(), "QmC": set()})
+    for peer, group in (("QmA", ["QmA", "QmB"]), ("QmB", ["QmA", "QmB"]), ("QmC", ["QmC"])):  # round (0, 2) split
+        path = tmp_path / "run" / f"metrics-{peer}.jsonl"
+        lines = [json.loads(t) for t in path.read_text().splitlines()]
+        for rec in lines[0]["round_records"]:
+            rec["members"] = ["QmA", "QmB", "QmC"]
+            if (rec["fragment"], rec["round"]) == (0, 2):
+                rec["members"], rec["peers"] = group, len(group)
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    script = ReplayScript(read_run(str(tmp_path / "run")))
+    split = RoundKey("replayed", 0, 2)
+    assert script.group_of(split, 0) == script.group_of(split, 1) != script.group_of(split, 2)
+    assert len({script.group_of(RoundKey("replayed", 0, 3), w) for w in range(3)}) == 1
+    assert script.groups_differ == 0  # (one group of 3 would differ from the records on all three)
+    settings = SimSettings(workers=3, steps=STEPS, batch_size=2, eval_every=40, final_eval_batches=4,
+                           replay=str(tmp_path / "run"))
+    result = run_method("streaming_diloco", settings)
+    assert result["groups_differ"] == 0 and not result["consensus"]  # fragment 0 of worker 2 went its own way
 
 
 def test_a_replay_counts_the_rounds_whose_recorded_group_it_cannot_rebuild(tmp_path):
