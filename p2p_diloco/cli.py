@@ -39,6 +39,10 @@ def diloco_options(f):
                           "started): plain merges them as the paper does (a share 1 - alpha of them lost), keep "
                           "keeps them (measured best), eager first merges this peer's own outer step at once and "
                           "corrects it when the mean lands (README: Late results) [default: keep]."),
+        click.option("--max-delay", default=None, type=int,
+                     help="The lateness bound: wait for a round's mean at the latest this many inner steps after the "
+                          "round started (tau..H - 1; smaller costs less loss and more waiting: README, Late "
+                          "results) [default: H - 1, before the fragment's next round]."),
         click.option("--outer-lr", default=None, type=float, help="Outer Nesterov learning rate [default: 0.7]."),
         click.option("--outer-momentum", default=None, type=float, help="Outer Nesterov momentum [default: 0.9]."),
         click.option("--warmup", "warmup_steps", default=None, type=int, help="Inner warmup steps [default: 100]."),
@@ -78,7 +82,7 @@ def diloco_options(f):
 
 _DILOCO_KEYS = ("outer_period", "fragments", "tau", "alpha", "outer_lr", "outer_momentum", "warmup_steps",
                 "inner_optimizer", "error_feedback", "ef_decay", "sync_stride", "aggregation", "audit",
-                "overlap", "weighting")
+                "overlap", "weighting", "max_delay")
 
 
 def _pop_diloco(kwargs: dict) -> dict:
@@ -171,7 +175,8 @@ def main(verbose: bool) -> None:
 @click.option("--replay", "replay_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="A finished swarm's directory (a local-swarm --workdir): train its model on its peers' data orders "
                    "with its schedule (who trained when, who took part in which round, when each mean landed) and "
-                   "report its eval loss beside the swarm's. Give --data if the swarm trained on it.")
+                   "report its eval loss beside the swarm's. Give --data if the swarm trained on it; --overlap and "
+                   "--max-delay replay it as if the run had had them (what-ifs).")
 @click.option("--json", "json_path", default=None, help="Write the report as JSON here.")
 @click.option("--plot", "plot_path", default=None,
               help="PNG of eval loss against tokens [default: next to --json, else ./simulate.png].")
@@ -182,7 +187,8 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
     from .task.model import model_spec
 
     if replay_dir:
-        _replay(replay_dir, data, eval_every, stale_anchor, json_path, plot_path)
+        _replay(replay_dir, data, eval_every, stale_anchor, json_path, plot_path,
+                {k: v for k in _REPLAY_WHAT_IF if (v := diloco.get(k)) is not None})
         return
     method_list = [m.strip() for m in methods.split(",")] if methods else list(sim.DEFAULT_METHODS)
     given = _pop_diloco(diloco)
@@ -236,11 +242,12 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
         click.echo(f"plot: {plot_path}")
 
 
+_REPLAY_WHAT_IF = ("overlap", "max_delay")  # what a replay may change of the run's config, to see what it would do
 _REPLAY_TAKES = ("workers", "steps", "methods", "model", "batch_size", "inner_lr", "seed", "delay", "speeds",
-                 "fail_chance", "group", "away", *_DILOCO_KEYS)
+                 "fail_chance", "group", "away", *(k for k in _DILOCO_KEYS if k not in _REPLAY_WHAT_IF))
 
 
-def _replay(replay_dir, data, eval_every, stale_anchor, json_path, plot_path) -> None:
+def _replay(replay_dir, data, eval_every, stale_anchor, json_path, plot_path, what_if: dict) -> None:
     from .task import simulate as sim
     from .task.data import Corpus
     from .task.model import PRESETS
@@ -263,7 +270,11 @@ def _replay(replay_dir, data, eval_every, stale_anchor, json_path, plot_path) ->
     name = next((n for n, s in PRESETS.items() if s == spec), f"{spec.describe()} (the run's)")
     settings = sim.SimSettings(workers=len(recorded.peers), steps=recorded.steps, batch_size=recorded.run.batch_size,
                                model=name, eval_every=eval_every, data=list(data),
-                               stale_anchor=stale_anchor, replay=recorded.path)
+                               stale_anchor=stale_anchor, replay=recorded.path, base=what_if)
+    try:
+        settings.config_for("streaming_diloco")  # (a what-if the run's config cannot take: said before it starts)
+    except ConfigError as e:
+        raise fail(e, usage=True) from None
     try:
         report = sim.replay(settings)
     except ConfigError as e:

@@ -15,6 +15,8 @@ them (every peer an inner step at every global step, every round applied by all 
 orders, written beside RUN_DIR's run config and replayed.
 `--regular steps|delays` (with `--replay-only`) replays each recorded run with one part of its schedule made
 ideal: every peer an inner step at every global step (steps), or every mean landing at tau (delays).
+`--max-delay L` (with `--replay-only`) replays each recorded run as if it had had that lateness bound (every mean
+that landed later than L global steps after its round's start waited for at L): OUT-max-delayL.json.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="replays at a time")
     parser.add_argument("--ideal-from", help="a recorded run whose config ideal schedules are written with")
     parser.add_argument("--regular", choices=["steps", "delays"], help="replay the runs with that part made ideal")
+    parser.add_argument("--max-delay", type=int, help="replay the runs as if they had had this lateness bound")
     parser.add_argument("swarm_args", nargs=argparse.REMAINDER, help="-- then `local-swarm` flags")
     args = parser.parse_args()
     if args.runs < 2:
@@ -49,6 +52,8 @@ def main() -> int:
             result = json.load(f)
         if args.regular:
             return _regular(result, args)
+        if args.max_delay is not None:
+            args.out = f"{os.path.splitext(args.out)[0]}-max-delay{args.max_delay}.json"
         return _replay(result, args)
     swarm_args = args.swarm_args[1:] if args.swarm_args[:1] == ["--"] else args.swarm_args
     root = args.workdir or os.path.splitext(args.out)[0]
@@ -108,12 +113,15 @@ def _replay(result: dict, args) -> int:
     todo = [(i, run["workdir"]) for i, run in enumerate(result["runs"])]
     running: list[tuple[int, subprocess.Popen]] = []
     failed = False
+    bound = getattr(args, "max_delay", None)
+    what_if = [] if bound is None else ["--max-delay", str(bound)]
+    name = "replay.json" if bound is None else f"replay-max-delay{bound}.json"
     while todo or running:
         while todo and len(running) < args.jobs:
             i, workdir = todo.pop(0)
             running.append((i, subprocess.Popen(
-                [sys.executable, "-m", "p2p_diloco.cli", "simulate", "--replay", workdir,
-                 "--json", os.path.join(workdir, "replay.json")],
+                [sys.executable, "-m", "p2p_diloco.cli", "simulate", "--replay", workdir, *what_if,
+                 "--json", os.path.join(workdir, name)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
         i, proc = running.pop(0)
         err = proc.communicate()[1]
@@ -128,7 +136,7 @@ def _replay(result: dict, args) -> int:
     if None not in result["eval_loss"]:
         result["r_loss_tokens"] = _correlation(result["eval_loss"], [r["total_inner_steps"] for r in result["runs"]])
     for i, run in enumerate(result["runs"]):
-        with open(os.path.join(run["workdir"], "replay.json")) as f:
+        with open(os.path.join(run["workdir"], name)) as f:
             report = json.load(f)
         r = report["methods"]["replay"]
         averaged = [a - b for a, b in zip(r["rounds_applied_per_worker"], r["rounds_recovered_per_worker"])]

@@ -47,6 +47,9 @@ class DiLoCoConfig:
     # paper's merge), "keep" (the merge keeps them; measured best at every delay but tau's, where it is within
     # 0.3 %: README, Late results) or "eager" (merged at once with this peer's own outer step)
     overlap: str = "keep"
+    # the lateness bound: a round's mean is waited for at the latest this many inner steps after the round started
+    # (None: H - 1, just before the fragment's next round; README, Late results)
+    max_delay: int | None = None
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     inner_lr: float = 8e-3  # best of the sweep on the embedded 0.2M model; the paper's 1B model used 4e-4
@@ -112,6 +115,13 @@ class DiLoCoConfig:
             raise bad("tau", f"must be < H/(P+1) = {self.outer_period}/{self.total_fragments} -> {spacing}, "
                              "so that a fragment's average lands before its next round and at most one "
                              "fragment is in flight at a time")
+        if self.max_delay is not None:
+            if isinstance(self.max_delay, bool) or not isinstance(self.max_delay, int):
+                raise bad("max_delay", "must be an integer (inner steps)")
+            if not self.tau <= self.max_delay <= self.outer_period - 1:
+                raise bad("max_delay", f"must lie in tau..H - 1 = {self.tau}..{self.outer_period - 1}: a mean lands "
+                                       "tau steps after its round's start at the earliest and before the fragment's "
+                                       "next round at the latest")
         if not 0.0 <= self.alpha <= 1.0:
             raise bad("alpha", "the merge weight must lie in [0, 1]")
         if self.outer_lr <= 0:

@@ -14,6 +14,7 @@ Eval loss is the held-out loss of the anchor (global) parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import sys
@@ -108,8 +109,9 @@ class SimSettings:
         return read_run(self.replay).run.model if self.replay else model_spec(self.model)
 
     def config_for(self, method: str) -> DiLoCoConfig:
-        if self.replay:
-            return read_run(self.replay).run.diloco
+        if self.replay:  # the run's own config (with a replay's what-ifs, `base`: --overlap, --max-delay)
+            config = read_run(self.replay).run.diloco
+            return dataclasses.replace(config, **self.base) if self.base else config
         values = dict(self.base)
         values.setdefault("total_steps", self.steps)
         overrides = METHODS[method]
@@ -191,8 +193,9 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
             members = [ScriptedMember(m, w, script, board, clock) for w, m in enumerate(members)]
         if settings.delay is not None:
             members = [LateResults(m, clock, settings.delay) for m in members]
-            result["delay"] = min(max(settings.delay, config.tau), max(config.tau, config.outer_period - 1))
         outer = [StreamingDiLoCo(m, config, a, run_id=f"sim-{method}") for m, a in zip(models, members)]
+        if settings.delay is not None:  # what a result asked to land `delay` steps late does: tau..the bound
+            result["delay"] = min(max(settings.delay, config.tau), outer[0].max_delay)
         for o in outer:
             o.stale_anchor = settings.stale_anchor or o.stale_anchor
         trained = [0] * settings.workers  # inner steps of each worker

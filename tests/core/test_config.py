@@ -35,6 +35,10 @@ from p2p_diloco.task.model import build_model, model_spec
     (dict(sync_stride=2.0), "sync_stride", "integer"),
     (dict(inner_optimizer="sgd"), "inner_optimizer", "adamw, muon"),
     (dict(codec="top16"), "codec", "unknown codec"),
+    (dict(max_delay=60), "max_delay", "tau..H - 1 = 1..59"),
+    (dict(tau=2, max_delay=1), "max_delay", "tau..H - 1 = 2..59"),
+    (dict(max_delay=2.5), "max_delay", "integer"),
+    (dict(max_delay=True), "max_delay", "integer"),
 ])
 def test_bad_values_are_refused_with_a_reason(changes, field, reason):
     with pytest.raises(ConfigError) as e:

@@ -179,6 +179,18 @@ def test_the_cli_refuses_a_replay_with_options_the_run_decides(tmp_path):
     assert out.returncode == 2 and "drop --steps, --fragments" in out.stderr, out.stderr
 
 
+def test_a_replay_can_ask_what_a_lateness_bound_would_have_done(tmp_path):
+    # the recorded means landed 3 steps late; with --max-delay 2 (a what-if on the run's config) they land at 2
+    run = tmp_path / "run"
+    record_run(run, {"QmA": list(range(STEPS)), "QmB": list(range(STEPS))}, {"QmA": set(), "QmB": set()}, delay=3)
+    settings = SimSettings(workers=2, steps=STEPS, batch_size=2, eval_every=40, final_eval_batches=4,
+                           replay=str(run), base={"max_delay": 2})
+    assert settings.config_for("streaming_diloco").max_delay == 2
+    out = subprocess.run([sys.executable, "-m", "p2p_diloco.cli", "simulate", "--replay", str(run), "--max-delay",
+                          "25"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "max_delay=25: must lie in tau..H - 1 = 1..19" in out.stderr, out.stderr
+
+
 def _edit(run, change) -> None:
     path = run / "metrics-QmA.jsonl"
     lines = path.read_text().splitlines(keepends=True)

@@ -59,10 +59,12 @@ def test_unknown_method_is_refused():
         run_method("ring_allreduce", SimSettings(model="tiny"))
 
 
-@pytest.mark.parametrize("delay,expected", [(0, 1), (4, 4), (30, 11)])
-def test_late_results_land_at_their_delay_within_tau_and_the_period(delay, expected):
+@pytest.mark.parametrize("delay,expected,bound", [(0, 1, None), (4, 4, None), (30, 11, None), (30, 3, 3),
+                                                 (2, 2, 3)])
+def test_late_results_land_at_their_delay_within_tau_and_the_period(delay, expected, bound):
     """`LateResults`: a round's mean is applied `delay` steps after the round started, no earlier than tau and no
-    later than H - 1 (where the core waits for it), on every worker alike."""
+    later than the run's lateness bound (`max_delay`; by default H - 1), where the core waits for it, on every
+    worker alike."""
     import torch
 
     from p2p_diloco.core.codecs import get_codec
@@ -73,7 +75,7 @@ def test_late_results_land_at_their_delay_within_tau_and_the_period(delay, expec
     from p2p_diloco.task.model import build_model, lm_loss, model_spec
     from p2p_diloco.task.simulate import LateResults
 
-    config = DiLoCoConfig(outer_period=12, fragments=1, tau=1, codec="fp32", warmup_steps=1)
+    config = DiLoCoConfig(outer_period=12, fragments=1, tau=1, codec="fp32", warmup_steps=1, max_delay=bound)
     spec = model_spec("tiny")
     group, clock = LocalGroup(2, get_codec("fp32")), [0]
     models = [build_model(spec, 0) for _ in range(2)]
