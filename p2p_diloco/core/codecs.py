@@ -699,8 +699,7 @@ class Top16Codec(_TopKCodec):
 # ---- helpers ----------------------------------------------------------------------------
 
 _EMPTY_U8 = torch.empty(0, dtype=torch.uint8)
-_ONE, _127, _65536, _1_5 = torch.tensor(1.0), torch.tensor(127.0), torch.tensor(65536.0), torch.tensor(1.5)
-_7, _255 = torch.tensor(7.0), torch.tensor(255, dtype=torch.int32)
+_ONE, _127, _7 = torch.tensor(1.0), torch.tensor(127.0), torch.tensor(7.0)
 _REVERSED_256 = 255 - torch.arange(256, dtype=torch.int32)  # the tie-break part of a top-k key: the lower index ranks first
 _NIBBLE_VALUES = (torch.arange(16, dtype=torch.float32) - 8) / 7  # a top-k code -> its value in units of the scale
 _TINY_SCALE, _TINY_RESCALE = 2.0**-100, 2.0**64

@@ -53,8 +53,8 @@ round, start + H - 1), where the worker waits (the averager bounds that wait by
 its timeouts). The bound changes when a mean is applied, never what: members
 stay bit-identical whatever their delays. Measured (README, Late results): on
 loopback a bound of 3 steps gains ~1 % and costs no time; on slow links, where a
-mean lands ~30 steps late, it would stall every peer: off by default. With an averager that answers at
-once (the simulator) this is exactly start + tau. The plain merge discards
+mean lands ~30 steps late, it would stall every peer: off by default. With an
+averager that answers at once (the simulator) this is exactly start + tau. The plain merge discards
 the share (1 - alpha) of the steps trained meanwhile, however many; `overlap`
 "keep" and "eager" do not (README: Late results, measured).
 """

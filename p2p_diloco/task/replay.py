@@ -9,10 +9,11 @@ split into two groups is split the same way), each round's mean landing at the g
 applied it (`round_records`: the realized delay), and taking from the others the agreed states its peer took
 (`adopted`) and no other (a replayed worker could otherwise fetch every state its peer's slow link never brought
 in: measured, a 1 Mbit/s peer adopted 14 states in its swarm and 29 in a replay that let it). What the swarm left
-to chance (who was in a group, when a result came) is thereby fixed; what remains differs: the order in which a butterfly sums the parts (the simulator
-reduces in one place), and a group whose members were not recorded (peers older than that: the records give each
-applied round's group size; a replay then puts every peer that applied a round in one group) or left no metrics: the
-replay counts the rounds whose group size it cannot rebuild, `groups_differ`.
+to chance (who was in a group, when a result came) is thereby fixed; what remains differs: the order in which a
+butterfly sums the parts (the simulator reduces in one place), and a group whose members were not recorded (peers
+older than that: the records give each applied round's group size; a replay then puts every peer that applied a
+round in one group) or left no metrics: the replay counts the rounds whose group size it cannot rebuild,
+`groups_differ`.
 """
 
 from __future__ import annotations
