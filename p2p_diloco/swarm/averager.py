@@ -192,6 +192,8 @@ class SwarmAverager(FragmentAverager):
         self._drops_asked = -math.inf
         # live peers in client mode (others cannot connect to them): their hashes count, they serve no state
         self.unreachable_peers: set[str] = set()
+        if codec_name != AUTO_CODEC:  # (loaded here, the averagers' processes start with it)
+            get_codec(codec_name).prepare()
         previous = signal.getsignal(signal.SIGINT)
         self.averagers = [
             CodecAverager(self.round_sizes[k], codec_name, state_numel=numel, dht=dht, prefix=f"{run_id}_f{k}",

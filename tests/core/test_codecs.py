@@ -8,7 +8,9 @@ Error bounds are the ones derived in the module docstring, checked per element.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import struct
 import zlib
 
@@ -532,8 +534,78 @@ def test_sparse_inputs_match_the_reference(name, data):
     assert_same_bits(decoded, reference(name, values))
 
 
+# ---- the compiled kernels (`codec_kernels`) and the vectorized code: the same bytes ----------------------------
+
+KERNEL_NAMES = ["int2", "sign1", "top4", "top16"]
+PATHS = ["kernels", "vectorized"]
+
+
+@contextlib.contextmanager
+def codec_path(path: str):
+    """Run the codecs on `path`: their compiled kernels (numba is a dependency: they must load) or the vectorized
+    torch/numpy code (where numba is missing, or P2P_DILOCO_CODEC_KERNELS=0)."""
+    saved = codecs._kernels()
+    if path == "kernels":
+        assert saved is not None or os.environ.get("P2P_DILOCO_CODEC_KERNELS") == "0", "the codec kernels did not load"
+        if saved is None:
+            pytest.skip("P2P_DILOCO_CODEC_KERNELS=0")
+    codecs._KERNELS = saved if path == "kernels" else None
+    try:
+        yield
+    finally:
+        codecs._KERNELS = saved
+
+
+def outcome(do):
+    try:
+        return do()
+    except CodecError as e:
+        return f"CodecError: {e}"
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+@FEW
+@given(data=st.data())
+def test_the_kernels_and_the_vectorized_code_write_and_read_the_same_bytes(name, data):
+    # every magnitude (tiny blocks are encoded again prescaled), signed zeros, subnormals, sometimes NaN or Inf
+    special = st.sampled_from([0.0, -0.0, 1e-42, -3e-39, 1e-31, 2.0**-101, 3e38])
+    elements = st.one_of(finite_f32, scaled_f32, special)
+    values = data.draw(vectors(elements, max_size=600))
+    if len(values) and data.draw(st.integers(0, 9)) == 0:
+        values[data.draw(st.integers(0, len(values) - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    codec = get_codec(name)
+    runs = []
+    for path in PATHS:
+        with codec_path(path):
+            payload = outcome(lambda: bytes(codec.encode(as_tensor(values))))
+            decoded = payload if isinstance(payload, str) else bits(codec.decode(payload, len(values)))
+            runs.append((payload, decoded))
+    (payload, decoded), (vectorized_payload, vectorized_decoded) = runs
+    assert payload == vectorized_payload
+    if not isinstance(payload, str):  # (the default path against the reference: the tests above)
+        assert np.array_equal(decoded, vectorized_decoded)
+
+
+@pytest.mark.parametrize("name", KERNEL_NAMES)
+def test_both_paths_agree_over_many_chunks(name):
+    numel = 3 * codecs._TOPK_CHUNK + 300  # (chunks of both kinds, a partial last block, magnitudes 1e-40..1e30)
+    x = torch.randn(numel) * torch.logspace(-40, 30, numel).to(torch.float32)
+    codec, runs = get_codec(name), []
+    for path in PATHS:
+        with codec_path(path):
+            payload = bytes(codec.encode(x))
+            runs.append((payload, bits(codec.decode(payload, numel))))
+    assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", SPARSE_NAMES)
-def test_invalid_sparse_payloads_with_valid_crc_are_rejected(name):
+def test_invalid_sparse_payloads_with_valid_crc_are_rejected(name, path):
+    with codec_path(path):
+        refused_on_this_path(name)
+
+
+def refused_on_this_path(name):
     codec = get_codec(name)
     k = SPARSE_K[name]
     numel = 600  # blocks: 256, 256, 88
