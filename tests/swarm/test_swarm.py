@@ -105,6 +105,26 @@ def test_two_peers_average_exactly_in_fp32(dhts):
             av.shutdown()
 
 
+def test_a_member_that_comes_late_in_the_leaders_search_averages_with_it(dhts):
+    """Peer b begins its round 4 s into peer a's 6 s search (their searches overlap by 2 s): b follows a, and a
+    assembles their group at its search's deadline, the moment hivemind's own wait for a group used to end (then
+    the round failed on both: 1 round in 14 measured at 3.5-5 s, `CodecAverager`'s grace past the deadline)."""
+    a, b = dhts(2)
+    avs = [SwarmAverager(d, "run1", [5000], "fp32", round_timeout=20, min_matchmaking_time=3.0) for d in (a, b)]
+    try:
+        assert avs[0].search_timeout == 6.0
+        x = torch.randn(5000)
+        first = avs[0].begin(RoundKey("run1", 0, 0), x, 1.0)
+        time.sleep(4.0)
+        second = avs[1].begin(RoundKey("run1", 0, 0), 3 * x, 1.0)
+        results = [first.result(), second.result()]
+        assert all(r.peers == 2 for r in results) and torch.equal(results[0].mean, results[1].mean)
+        assert torch.allclose(results[0].mean, 2 * x)
+    finally:
+        for av in avs:
+            av.shutdown()
+
+
 def test_malformed_dht_records_are_ignored_with_a_warning(dhts, caplog):
     """Records signed by their own peers (`signed_records`), but malformed or naming another peer."""
     a, b, c = dhts(3)
