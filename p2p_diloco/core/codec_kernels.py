@@ -9,7 +9,8 @@ whose values are not finite gets a NaN scale, a block with 0 < absmax < 2^-100 (
 encoded again prescaled, and a decoder that finds a malformed block returns its number.
 
 Compiled on first use (a second or two per kernel) and cached beside this file, or under NUMBA_CACHE_DIR where
-that is not writable. `codecs` uses its own code where numba is missing or P2P_DILOCO_CODEC_KERNELS=0.
+that is not writable. `codecs` uses its own code where numba is missing, P2P_DILOCO_CODEC_KERNELS=0, or these
+kernels fail its check on first use (`codecs._kernels_problem`: the same bytes as its own code, or not used).
 """
 
 from __future__ import annotations

@@ -791,7 +791,8 @@ _KERNELS = _KERNELS_UNSET
 
 
 def _kernels():
-    """`codec_kernels` (the compiled per-block loops), or None: numba missing, or P2P_DILOCO_CODEC_KERNELS=0.
+    """`codec_kernels` (the compiled per-block loops), or None: numba missing, P2P_DILOCO_CODEC_KERNELS=0, or kernels
+    that fail `_kernels_problem` on this machine (then with a warning: every peer must write the same bytes).
     Imported on first use: a run of the codecs without kernels (fp4, the default) never loads numba."""
     global _KERNELS
     if _KERNELS is _KERNELS_UNSET:
@@ -799,12 +800,44 @@ def _kernels():
         if os.environ.get("P2P_DILOCO_CODEC_KERNELS", "1") != "0":
             try:
                 from p2p_diloco.core import codec_kernels
-
-                _KERNELS = codec_kernels
             except ImportError as e:
-                warnings.warn(f"codecs int2/sign1/top4/top16 run without their compiled kernels ({e}): slower, "
-                              "same bytes", RuntimeWarning, stacklevel=3)
+                problem = f"numba is not installed ({e})"
+            else:
+                problem = _kernels_problem(codec_kernels)
+            if problem is None:
+                _KERNELS = codec_kernels
+            else:
+                warnings.warn(f"codecs int2/sign1/top4/top16 run without their compiled kernels: {problem}; "
+                              "slower, the same bytes", RuntimeWarning, stacklevel=3)
     return _KERNELS
+
+
+def _kernels_problem(kernels) -> str | None:
+    """What is wrong with `kernels` on this machine, or None: each codec that has them encodes and decodes values of
+    every kind (magnitudes 1e-40..1e30, zeros, a tiny block, a partial last block) to the same bytes and values as
+    the vectorized code."""
+    global _KERNELS
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, generator=generator) * torch.logspace(-40, 30, 3000, dtype=torch.float64).float()
+    x[256:512] = 0.0
+    x[600:700] *= 2.0**-80
+    for codec in CODECS.values():
+        if not isinstance(codec, (_MeanScaledCodec, _TopKCodec)):
+            continue
+        results = []
+        for path in (kernels, None):
+            _KERNELS = path
+            try:
+                payload = codec.encode(x)
+                results.append((bytes(payload), codec.decode(payload, x.numel()).view(torch.int32)))
+            except Exception as e:  # a kernel that does not compile here, or a bug
+                return f"{codec.name}: {type(e).__name__}: {e}"
+            finally:
+                _KERNELS = _KERNELS_UNSET
+        (fast, fast_values), (slow, slow_values) = results
+        if fast != slow or not torch.equal(fast_values, slow_values):
+            return f"{codec.name}'s kernels write other bytes than its vectorized code"
+    return None
 
 
 def _check_scales(name: str, scales: torch.Tensor) -> None:

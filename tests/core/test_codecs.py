@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import types
 import struct
 import zlib
 
@@ -596,6 +597,26 @@ def test_both_paths_agree_over_many_chunks(name):
             payload = bytes(codec.encode(x))
             runs.append((payload, bits(codec.decode(payload, numel))))
     assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1])
+
+
+def test_kernels_that_write_other_bytes_on_this_machine_are_not_used(monkeypatch):
+    from p2p_diloco.core import codec_kernels
+
+    def off_by_one_bit(x, scales, codes, int2):
+        codec_kernels.mean_scaled_encode(x, scales, codes, int2)
+        codes[:1] ^= 1
+
+    wrong = types.SimpleNamespace(**{name: getattr(codec_kernels, name) for name in codec_kernels.__all__})
+    wrong.mean_scaled_encode = off_by_one_bit
+    monkeypatch.setattr(codecs, "_KERNELS", codecs._KERNELS)  # (restored afterwards)
+    assert codecs._kernels_problem(wrong) == "int2's kernels write other bytes than its vectorized code"
+    assert codecs._kernels_problem(codec_kernels) is None
+    monkeypatch.setattr(codecs, "_KERNELS", codecs._KERNELS_UNSET)
+    monkeypatch.setattr(codecs, "_kernels_problem", lambda kernels: "a problem")
+    with pytest.warns(RuntimeWarning, match="without their compiled kernels: a problem; slower, the same bytes"):
+        assert codecs._kernels() is None
+    int2 = get_codec("int2")  # the vectorized code, once and for all in this process
+    assert torch.equal(int2.decode(int2.encode(torch.ones(200)), 200), torch.ones(200)) and codecs._KERNELS is None
 
 
 @pytest.mark.parametrize("path", PATHS)
