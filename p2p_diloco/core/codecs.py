@@ -113,6 +113,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import threading
 import warnings
 import zlib
 from abc import ABC, abstractmethod
@@ -788,6 +789,8 @@ def _fresh_zeros(numel: int) -> torch.Tensor:
 
 _KERNELS_UNSET = object()
 _KERNELS = _KERNELS_UNSET
+_KERNELS_LOCK = threading.Lock()  # (one thread loads and checks them; the others wait for its verdict)
+_FORCED = threading.local()  # a path forced in this thread only: `_kernels_problem` runs both
 
 
 def _kernels():
@@ -795,20 +798,24 @@ def _kernels():
     that fail `_kernels_problem` on this machine (then with a warning: every peer must write the same bytes).
     Imported on first use: a run of the codecs without kernels (fp4, the default) never loads numba."""
     global _KERNELS
+    forced = getattr(_FORCED, "kernels", _KERNELS_UNSET)
+    if forced is not _KERNELS_UNSET:
+        return forced
     if _KERNELS is _KERNELS_UNSET:
-        _KERNELS = None
-        if os.environ.get("P2P_DILOCO_CODEC_KERNELS", "1") != "0":
-            try:
-                from p2p_diloco.core import codec_kernels
-            except ImportError as e:
-                problem = f"numba is not installed ({e})"
-            else:
-                problem = _kernels_problem(codec_kernels)
-            if problem is None:
-                _KERNELS = codec_kernels
-            else:
-                warnings.warn(f"codecs int2/sign1/top4/top16 run without their compiled kernels: {problem}; "
-                              "slower, the same bytes", RuntimeWarning, stacklevel=3)
+        with _KERNELS_LOCK:
+            if _KERNELS is _KERNELS_UNSET:
+                problem = "P2P_DILOCO_CODEC_KERNELS=0"
+                if os.environ.get("P2P_DILOCO_CODEC_KERNELS", "1") != "0":
+                    try:
+                        from p2p_diloco.core import codec_kernels
+                    except ImportError as e:
+                        problem = f"numba is not installed ({e})"
+                    else:
+                        problem = _kernels_problem(codec_kernels)
+                    if problem is not None:
+                        warnings.warn(f"codecs int2/sign1/top4/top16 run without their compiled kernels: {problem}; "
+                                      "slower, the same bytes", RuntimeWarning, stacklevel=3)
+                _KERNELS = codec_kernels if problem is None else None
     return _KERNELS
 
 
@@ -816,7 +823,6 @@ def _kernels_problem(kernels) -> str | None:
     """What is wrong with `kernels` on this machine, or None: each codec that has them encodes and decodes values of
     every kind (magnitudes 1e-40..1e30, zeros, a tiny block, a partial last block) to the same bytes and values as
     the vectorized code."""
-    global _KERNELS
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3000, generator=generator) * torch.logspace(-40, 30, 3000, dtype=torch.float64).float()
     x[256:512] = 0.0
@@ -826,14 +832,14 @@ def _kernels_problem(kernels) -> str | None:
             continue
         results = []
         for path in (kernels, None):
-            _KERNELS = path
+            _FORCED.kernels = path
             try:
                 payload = codec.encode(x)
                 results.append((bytes(payload), codec.decode(payload, x.numel()).view(torch.int32)))
             except Exception as e:  # a kernel that does not compile here, or a bug
                 return f"{codec.name}: {type(e).__name__}: {e}"
             finally:
-                _KERNELS = _KERNELS_UNSET
+                del _FORCED.kernels
         (fast, fast_values), (slow, slow_values) = results
         if fast != slow or not torch.equal(fast_values, slow_values):
             return f"{codec.name}'s kernels write other bytes than its vectorized code"
