@@ -13,6 +13,9 @@ Against another revision's codecs (a machine this noisy needs the two interleave
 
 prints, per codec the two share, the best encode+decode time of each over --repeats rounds that alternate them.
 
+int2, sign1, top4 and top16 run their compiled kernels (core/codec_kernels.py); P2P_DILOCO_CODEC_KERNELS=0 times
+their vectorized fallback instead.
+
 (with the package installed, `pip install -e .`, or from the repo root with PYTHONPATH=.)
 """
 
@@ -26,6 +29,7 @@ import time
 
 import torch
 
+from p2p_diloco.core import codecs
 from p2p_diloco.core.codecs import CODECS
 
 
@@ -133,7 +137,10 @@ def main() -> None:
     if hivemind_row:
         rows.append(hivemind_row)
 
-    print(f"{args.numel:,} fp32 elements ({4 * args.numel / 2**20:.0f} MiB), 1 thread, best of {args.repeats}")
+    kernels = codecs._kernels()  # (int2/sign1/top4/top16: compiled, or the vectorized fallback)
+    compiled = f"numba {kernels.numba.__version__}" if kernels is not None else "none (vectorized code)"
+    print(f"{args.numel:,} fp32 elements ({4 * args.numel / 2**20:.0f} MiB), 1 thread, best of {args.repeats}; "
+          f"codec kernels: {compiled}")
     header = (f"{'codec':<28} {'encode ms':>9} {'decode ms':>9} {'enc+dec ms':>10} {'GB/s':>6} "
               f"{'wire bytes':>12} {'x fp32':>7} {'rel err':>9}")
     print(header)
@@ -152,6 +159,7 @@ def main() -> None:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": platform.processor() or platform.machine(),
+            "codec_kernels": compiled,
         }
         with open(args.json, "w") as file:
             json.dump({"meta": meta, "rows": rows}, file, indent=2)
