@@ -810,6 +810,8 @@ def _kernels():
                         from p2p_diloco.core import codec_kernels
                     except ImportError as e:
                         problem = f"numba is not installed ({e})"
+                    except Exception as e:  # e.g. numba finds nowhere to cache them (set NUMBA_CACHE_DIR)
+                        problem = f"they do not load ({type(e).__name__}: {e})"
                     else:
                         problem = _kernels_problem(codec_kernels)
                     if problem is not None:

@@ -139,20 +139,23 @@ class CodecAverager(ButterflyProtocol, AuditProtocol, StateServing, Decentralize
         matchmaking = self._matchmaking
         look_for_group = matchmaking.look_for_group
 
-        async def nobody_to_wait_for(step):
-            timeout = step.get_timeout()
+        async def nobody_to_wait_for(graced):
+            timeout = graced._step.get_timeout()
             if timeout is None or not math.isfinite(timeout):
                 return
             await asyncio.sleep(timeout)
             async with matchmaking.lock_request_join_group:  # (no member is being let in meanwhile)
                 group = matchmaking.assembled_group
+                if matchmaking.step_control is not graced:  # (this search's own group only)
+                    return
                 if not (group.done() or matchmaking.current_followers or matchmaking.was_accepted_to_group.is_set()):
                     group.set_result(None)  # what hivemind's wait returns at its deadline: no group
 
         async def look_past_the_deadline(step):
-            deadline = asyncio.create_task(nobody_to_wait_for(step))
+            graced = _PastTheDeadline(step, ASSEMBLY_GRACE_S)
+            deadline = asyncio.create_task(nobody_to_wait_for(graced))
             try:
-                return await look_for_group(_PastTheDeadline(step, ASSEMBLY_GRACE_S))
+                return await look_for_group(graced)
             finally:
                 deadline.cancel()
         matchmaking.look_for_group = look_past_the_deadline

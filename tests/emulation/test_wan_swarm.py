@@ -12,6 +12,7 @@ namespace and process is gone afterwards, whatever happened.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -59,14 +60,20 @@ def test_a_swarm_on_links_of_different_speeds_and_delays_one_behind_nat_ends_in_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
     assert report["consensus"] and len(report["peers"]) == 2
+    failures = {p["name"]: [line for line in (tmp_path / "swarm" / f"{p['name']}.log").read_text().splitlines()
+                            if "round not applied" in line] for p in report["peers"]}
     for p in report["peers"]:
         assert all(r >= 2 for r in p["rounds"]), p["rounds"]
         # no round fails for lack of time on the slow link; matchmaking may lose one (a member that gave up its
-        # search as the leader counted it in: the reducer fails that round within seconds, on no deadline)
-        failures = [line for line in (tmp_path / "swarm" / f"{p['name']}.log").read_text().splitlines()
-                    if "round not applied" in line]
+        # search as the leader counted it in: the reducer fails that round within seconds, when the member opened
+        # no stream to it or at the first chunk's deadline, whichever comes first: a TimeoutError then, but only
+        # for a round that the other member failed in matchmaking: one CI run)
         assert sum(p["rounds_failed"]) <= 1, (p["name"], p["rounds_failed"], failures)
-        assert not [line for line in failures if "TimeoutError" in line], failures
+        other = next(failures[name] for name in failures if name != p["name"])
+        for line in failures[p["name"]]:
+            if "TimeoutError" in line:
+                key = re.search(r"default/fragment\d+/round\d+", line).group()
+                assert any(key in o and "could not find a group" in o for o in other), (line, other)
         # the interface carried at least the averaging payloads (plus headers, DHT, progress records)
         assert p["link_tx_bytes"] >= p["wire_bytes_sent"] > 0
         assert p["link_rx_bytes"] >= p["wire_bytes_received"] > 0
