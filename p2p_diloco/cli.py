@@ -172,6 +172,15 @@ def main(verbose: bool) -> None:
 @click.option("--stale-anchor", default=None, type=click.Choice(["average", "sit_out"]),
               help="A worker behind the swarm that cannot fetch its newer state: average with its own older anchor, "
                    "or sit the round out (measured: README, Stale anchors) [default: the core's rule].")
+@click.option("--lr-by-speed", is_flag=True,
+              help="Each worker's inner lr divided by its --speeds value (Rescaled ASGD, arXiv 2605.13434; measured: "
+                   "README, Unequal peers).")
+@click.option("--correction", default=None, type=click.Choice(["heloco"]),
+              help="Correct each outer gradient against the outer momentum before it is averaged (HeLoCo, arXiv "
+                   "2606.00271; measured: README, Unequal peers) [default: none].")
+@click.option("--age-decay", default=0.0, type=click.FloatRange(min=0),
+              help="A part averaged from a stale anchor a rounds old weighs exp(-RATE a) under a cosine cutoff "
+                   "(CGAD, arXiv 2605.09126; measured: README, Stale anchors) [default: 0, off].")
 @click.option("--replay", "replay_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="A finished swarm's directory (a local-swarm --workdir): train its model on its peers' data orders "
                    "with its schedule (who trained when, who took part in which round, when each mean landed) and "
@@ -181,7 +190,8 @@ def main(verbose: bool) -> None:
 @click.option("--plot", "plot_path", default=None,
               help="PNG of eval loss against tokens [default: next to --json, else ./simulate.png].")
 def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, eval_every, jobs, delay, speeds,
-             fail_chance, group, away, stale_anchor, replay_dir, json_path, plot_path, **diloco):
+             fail_chance, group, away, stale_anchor, lr_by_speed, correction, age_decay, replay_dir, json_path,
+             plot_path, **diloco):
     """Compare data-parallel, DiLoCo and Streaming DiLoCo in one process on the same token budget."""
     from .task import simulate as sim
     from .task.model import model_spec
@@ -197,7 +207,11 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
                                eval_every=eval_every, data=list(data), base=base,
                                inner_lr=dict(sim.DEFAULT_INNER_LR), delay=delay,
                                speeds=_floats(speeds) if speeds else None, fail=fail_chance, group=group, away=away,
-                               stale_anchor=stale_anchor)
+                               stale_anchor=stale_anchor, lr_by_speed=lr_by_speed, correction=correction,
+                               age_decay=age_decay)
+    if lr_by_speed and not speeds:
+        raise fail(ConfigError("--lr-by-speed divides each worker's lr by its --speeds value: give --speeds"),
+                   usage=True)
     lrs = _floats(inner_lr) if inner_lr else []
     for option, path in (("--json", json_path), ("--plot", plot_path)):
         check_output_file(path, option)
@@ -244,7 +258,7 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
 
 _REPLAY_WHAT_IF = ("overlap", "max_delay")  # what a replay may change of the run's config, to see what it would do
 _REPLAY_TAKES = ("workers", "steps", "methods", "model", "batch_size", "inner_lr", "seed", "delay", "speeds",
-                 "fail_chance", "group", "away", *(k for k in _DILOCO_KEYS if k not in _REPLAY_WHAT_IF))
+                 "fail_chance", "group", "away", "lr_by_speed", "correction", "age_decay", *(k for k in _DILOCO_KEYS if k not in _REPLAY_WHAT_IF))
 
 
 def _replay(replay_dir, data, eval_every, stale_anchor, json_path, plot_path, what_if: dict) -> None:

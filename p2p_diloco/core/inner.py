@@ -170,18 +170,20 @@ class InnerTrainer:
             self.optimizer = MuonWithAdamW(model, self.adamw, self.muon)
         self.step_count = 0
 
-    def step(self, tokens: torch.Tensor, schedule_step: int | None = None) -> float:
+    def step(self, tokens: torch.Tensor, schedule_step: int | None = None, lr_scale: float = 1.0) -> float:
         """One forward/backward/optimizer step on a batch (for the embedded task a [batch, seq_len + 1] token window);
         returns the loss.
 
         `schedule_step`: where the lr schedule stands (the swarm's global step);
         a peer that joins late still warms its fresh optimizer state up over its own
-        first `warmup_steps` steps.
+        first `warmup_steps` steps. `lr_scale`: the schedule's lr times this (the simulator's Rescaled ASGD
+        what-if: a slow worker's lr grown by its slowness).
         """
         lr = inner_lr(self.config, self.step_count)
         if schedule_step is not None:
             lr = min(inner_lr(self.config, max(schedule_step, self.config.warmup_steps)), lr) \
                 if self.step_count < self.config.warmup_steps else inner_lr(self.config, schedule_step)
+        lr *= lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss = self._backward(tokens)

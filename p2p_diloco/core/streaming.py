@@ -72,6 +72,7 @@ from .catch_up import CATCH_UP_WAIT_S, CatchUp, StateFetch
 from .codecs import get_codec
 from .config import AUTO_CODEC, DiLoCoConfig
 from .fragments import Fragment, split_fragments
+from .outer_corrections import age_weight, heloco
 from .round_stats import RoundStats
 from .round_subset import covered, gather, subset_size, subset_slice
 from .schedule import Schedule
@@ -124,6 +125,11 @@ class StreamingDiLoCo(CatchUp):
         # a newer state that cannot be fetched: "average" with ours (the rule), or "sit_out" (the simulator's
         # alternative, measured within 0.2 % of it: README, Stale anchors)
         self.stale_anchor = "average"
+        # the simulator's what-ifs for unequal and stale peers (`outer_corrections`; measured, README: Unequal
+        # peers): "heloco" corrects this peer's outer gradient against the outer momentum, and an age decay > 0
+        # lowers the weight of a part averaged from a stale anchor (CGAD). Off in every swarm.
+        self.correction: str | None = None
+        self.age_decay = 0.0
         self.now = 0  # the latest step the rounds were started or finished at
         # what became of each round here, one dict each (`_log_round`; None: not kept); its reader empties it
         self.round_log: list[dict] | None = None
@@ -224,6 +230,10 @@ class StreamingDiLoCo(CatchUp):
         outer_grad = self.anchors[k] - theta0
         if scale != 1.0:
             outer_grad.mul_(scale)
+        if self.correction == "heloco":
+            outer_grad = heloco(outer_grad, self.momenta[k], [p.numel() for p in self.fragments[k].params])
+        if self.age_decay > 0.0:  # rounds this anchor is behind the round before this one
+            weight *= age_weight(round_ - 1 - self.base_round[k], self.age_decay)
         stride = self.config.sync_stride
         subset = None if stride == 1 else subset_slice(stride, round_)
         residual_after = None

@@ -95,6 +95,13 @@ class SimSettings:
     group: int | None = None
     away: int = 0
     stale_anchor: str | None = None
+    # rules for unequal and stale peers, measured against the defaults (README: Unequal peers): each worker's inner
+    # lr divided by its speed (Rescaled ASGD, arXiv 2605.13434); "heloco": each outer gradient corrected against the
+    # outer momentum (arXiv 2606.00271); an age decay rate > 0: a part averaged from a stale anchor weighs less (CGAD,
+    # arXiv 2605.09126). See `core/outer_corrections.py`
+    lr_by_speed: bool = False
+    correction: str | None = None
+    age_decay: float = 0.0
     # a finished swarm's directory whose schedule, config, model, seeds and data order to replay (`task/replay.py`);
     # it sets workers, steps and the batch, and the method's config is the run's own
     replay: str | None = None
@@ -198,6 +205,9 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
             result["delay"] = min(max(settings.delay, config.tau), outer[0].max_delay)
         for o in outer:
             o.stale_anchor = settings.stale_anchor or o.stale_anchor
+            o.correction, o.age_decay = settings.correction, settings.age_decay
+        speeds = getattr(script, "speeds", None) or [1.0] * settings.workers
+        lr_scale = [1.0 / s if settings.lr_by_speed else 1.0 for s in speeds]
         trained = [0] * settings.workers  # inner steps of each worker
 
         def global_model():
@@ -208,9 +218,9 @@ def run_method(method: str, settings: SimSettings, progress: Callable[[int, floa
             losses = []
             for w, (t, s, o) in enumerate(zip(trainers, streams, outer)):
                 for _ in range(script.steps(w, step)):
-                    # a replay's learning rates follow the swarm's clock, as its peers' did (tick t: global step
-                    # t - 1); otherwise each worker's own steps
-                    losses.append(t.step(s.next(), schedule_step=step - 1 if settings.replay else None))
+                    # learning rates follow the swarm's clock, as a swarm's peers' do (tick t: global step t - 1;
+                    # a worker that makes every step is where its own count is)
+                    losses.append(t.step(s.next(), schedule_step=step - 1, lr_scale=lr_scale[w]))
                     o.record_tokens(settings.batch_size * spec.seq_len)
                     trained[w] += 1
             clock[0] = step

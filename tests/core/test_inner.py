@@ -169,6 +169,8 @@ def test_the_lr_schedule_reaches_both_optimizers():
         assert [g["lr"] for g in trainer.optimizer.param_groups] == [inner_lr(config, step)] * 2
     trainer.step(_batch(2), schedule_step=10)  # a peer following the swarm's schedule
     assert [g["lr"] for g in trainer.muon.param_groups + trainer.adamw.param_groups] == [inner_lr(config, 10)] * 2
+    trainer.step(_batch(2), schedule_step=10, lr_scale=4.0)  # the simulator's Rescaled ASGD what-if
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [4.0 * inner_lr(config, 10)] * 2
     # the lr the schedule sets is the one each optimizer steps with: the first step of a half-as-long warmup moves
     # every parameter (Muon's and AdamW's, no weight decay) twice as far, its direction the same
     moves = []

@@ -175,8 +175,11 @@ def test_the_cli_refuses_a_replay_with_options_the_run_decides(tmp_path):
     run = tmp_path / "run"
     record_run(run, {"QmA": list(range(STEPS))}, {"QmA": set()})
     out = subprocess.run([sys.executable, "-m", "p2p_diloco.cli", "simulate", "--replay", str(run), "--steps", "5",
-                          "--fragments", "2"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "drop --steps, --fragments" in out.stderr, out.stderr
+                          "--fragments", "2", "--correction", "heloco"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "drop --steps, --fragments, --correction" in out.stderr, out.stderr
+    out = subprocess.run([sys.executable, "-m", "p2p_diloco.cli", "simulate", "--lr-by-speed"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "--lr-by-speed divides each worker's lr by its --speeds value" in out.stderr
 
 
 def test_a_replay_can_ask_what_a_lateness_bound_would_have_done(tmp_path):

@@ -96,3 +96,38 @@ def test_a_worker_away_comes_back_by_the_stale_anchor_rule_and_ends_in_consensus
     # adopts 7's state at round 8, or averages 7 with its own stale anchor (then re-downloads: not a recovery)
     assert failed[3] == 3 * 2 + (3 if rule == "sit_out" else 0)
     assert recovered[3] == (3 if rule == "sit_out" else 0)
+
+
+def test_a_slow_worker_s_lr_follows_the_swarm_clock_and_lr_by_speed_divides_it_by_its_speed(monkeypatch):
+    from p2p_diloco.core.inner import InnerTrainer
+    from p2p_diloco.task import simulate
+
+    calls: list[tuple[int, int, float]] = []  # (trainer, schedule step, lr scale)
+    step = InnerTrainer.step
+
+    def spy(self, tokens, schedule_step=None, lr_scale=1.0):
+        calls.append((id(self), schedule_step, lr_scale))
+        return step(self, tokens, schedule_step, lr_scale)
+
+    monkeypatch.setattr(simulate.InnerTrainer, "step", spy)
+    scripted(speeds=[1.0, 1.0, 0.5, 0.25], lr_by_speed=True)
+    trainers = list(dict.fromkeys(c[0] for c in calls))
+    slowest = [(s, scale) for t, s, scale in calls if t == trainers[3]]
+    assert [s for s, _ in slowest] == [t - 1 for t in range(4, 121, 4)]  # ticks 4, 8, ...: global steps 3, 7, ...
+    assert {scale for _, scale in slowest} == {4.0}
+    assert {scale for t, _, scale in calls if t == trainers[0]} == {1.0}
+
+
+@pytest.mark.parametrize("rule", [dict(correction="heloco"), dict(lr_by_speed=True)])
+def test_the_rules_for_unequal_peers_change_the_run_and_keep_consensus(rule):
+    base = scripted(speeds=[1.0, 1.0, 0.5, 0.25])
+    r = scripted(speeds=[1.0, 1.0, 0.5, 0.25], **rule)
+    assert r["consensus"] is True and r["rounds_failed_per_worker"] == [0, 0, 0, 0]
+    assert r["eval_loss"] != base["eval_loss"]
+
+
+def test_an_age_decay_weighs_a_stale_part_less_and_keeps_consensus():
+    base = scripted(away=2)
+    r = scripted(away=2, age_decay=0.5)
+    assert r["consensus"] is True and r["rounds_failed_per_worker"] == base["rounds_failed_per_worker"]
+    assert r["eval_loss"] != base["eval_loss"]
