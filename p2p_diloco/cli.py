@@ -159,7 +159,8 @@ def main(verbose: bool) -> None:
                    "in a swarm (taken at tau at the earliest, waited for at H - 1 at the latest) [default: at once].")
 @click.option("--speeds", default=None,
               help="Comma list, one per worker: inner steps per tick of the swarm's clock, in (0, 1] (e.g. "
-                   "1,1,0.5,0.1); rounds follow the clock, a slow worker's part weighs its tokens [default: all 1].")
+                   "1,1,0.5,0.1); rounds and learning rates follow the clock, a slow worker's part weighs its tokens "
+                   "[default: all 1].")
 @click.option("--fail", "fail_chance", default=0.0, type=click.FloatRange(0, 1, max_open=True),
               help="Chance that a worker misses a round (its part never arrives; it catches up from the swarm's "
                    "state, as in a swarm) [default: 0].")
