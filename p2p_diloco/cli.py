@@ -259,7 +259,8 @@ def simulate(workers, steps, methods, model, batch_size, inner_lr, seed, data, e
 
 _REPLAY_WHAT_IF = ("overlap", "max_delay")  # what a replay may change of the run's config, to see what it would do
 _REPLAY_TAKES = ("workers", "steps", "methods", "model", "batch_size", "inner_lr", "seed", "delay", "speeds",
-                 "fail_chance", "group", "away", "lr_by_speed", "correction", "age_decay", *(k for k in _DILOCO_KEYS if k not in _REPLAY_WHAT_IF))
+                 "fail_chance", "group", "away", "lr_by_speed", "correction", "age_decay",
+                 *(k for k in _DILOCO_KEYS if k not in _REPLAY_WHAT_IF))
 
 
 def _replay(replay_dir, data, eval_every, stale_anchor, json_path, plot_path, what_if: dict) -> None:
